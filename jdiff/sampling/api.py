@@ -1,0 +1,260 @@
+"""`jdiff.sample` and `jdiff.ddim_invert`: validation on the host, then one jitted `lax.scan`.
+
+Static (a change recompiles): model_fn, shape, sampler, num_steps, prediction, spacing, variance, rho,
+trajectory interval, and whether params / labels / guidance / clipping / thresholding / x_init are given.
+Traced (a change never recompiles): params, the schedule's values, rng, eta, guidance_scale, labels,
+null_label, clip range, threshold percentile, x_init.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jdiff.forward import check_prediction
+from jdiff.sampling.base import Options, Step, get_sampler
+from jdiff.sampling.ddpm import VARIANCES
+from jdiff.sampling.denoiser import Guidance, make_denoiser
+from jdiff.sampling.timesteps import SPACINGS, make_grid
+from jdiff.schedules import Schedule
+
+Array = jax.Array
+
+
+def _concrete(x) -> Optional[np.ndarray]:
+    """x as numpy if it is a concrete value, None while tracing."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except Exception:  # pragma: no cover - abstract values
+        return None
+
+
+def _check_common(schedule, shape, num_steps, spacing, prediction, labels, guidance_scale, null_label):
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a jdiff Schedule (see jdiff.get_schedule), got {type(schedule)}.")
+    if not (isinstance(shape, (tuple, list)) and len(shape) >= 1 and all(
+            isinstance(d, (int, np.integer)) and d >= 1 for d in shape)):
+        raise ValueError(f"shape must be a tuple of positive ints (B, ...), got {shape!r}.")
+    big_t = schedule.num_timesteps
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= big_t:
+        raise ValueError(f"num_steps must be an int in [1, {big_t}] (the schedule's T), got {num_steps!r}.")
+    if spacing not in SPACINGS:
+        raise ValueError(f"Unknown spacing {spacing!r}; allowed values: {list(SPACINGS)}.")
+    check_prediction(prediction)
+    b = shape[0]
+    if labels is not None and jnp.shape(labels) != (b,):
+        raise ValueError(f"labels must have shape ({b},) (the batch size of shape), got {jnp.shape(labels)}.")
+    if guidance_scale is not None:
+        if labels is None or null_label is None:
+            raise ValueError("guidance_scale needs labels=(B,) ints and null_label=<the model's null class>.")
+        g = _concrete(guidance_scale)
+        if g is not None and (g.shape != () or not np.isfinite(g)):
+            raise ValueError(f"guidance_scale must be a finite scalar or None, got {guidance_scale!r}.")
+    abar = _concrete(schedule.alphas_cumprod)
+    zero_snr = abar is not None and abar[-1] == 0.0
+    if zero_snr and prediction == "eps":
+        raise ValueError(
+            'prediction="eps" cannot be used with a zero-terminal-SNR schedule (x0 is undefined at abar=0); '
+            'allowed: prediction="v" or "x0".'
+        )
+    return zero_snr
+
+
+def _guidance(labels, guidance_scale, null_label) -> Guidance:
+    return Guidance(
+        labels=None if labels is None else jnp.asarray(labels, jnp.int32),
+        null_label=None if guidance_scale is None else jnp.asarray(null_label, jnp.int32),
+        scale=None if guidance_scale is None else jnp.asarray(guidance_scale, jnp.float32),
+    )
+
+
+def _scan_steps(sampler, denoise, grid, carry, rng, opts, start, length):
+    def body(c, i):
+        s = Step(
+            index=i,
+            is_first=i == 0,
+            is_last=i == grid.t.shape[0] - 1,
+            t=grid.t[i], alpha=grid.alpha[i], sigma=grid.sigma[i],
+            t_next=grid.t_next[i], alpha_next=grid.alpha_next[i], sigma_next=grid.sigma_next[i],
+        )
+        return sampler.step(denoise, c, s, jax.random.fold_in(rng, i), opts), None
+
+    carry, _ = lax.scan(body, carry, start + lax.iota(jnp.int32, length))
+    return carry
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model_fn", "shape", "sampler", "num_steps", "prediction", "spacing", "variance", "rho",
+                     "trajectory_every"),
+)
+def _sample_jit(model_fn, params, schedule, rng, eta, guidance, clip_range, threshold, x_init, *, shape,
+                sampler, num_steps, prediction, spacing, variance, rho, trajectory_every):
+    smp = get_sampler(sampler)
+    grid = make_grid(schedule, spacing, num_steps, rho=rho)
+    denoise = make_denoiser(model_fn, params, prediction=prediction, guidance=guidance,
+                            clip_range=clip_range, threshold_percentile=threshold)
+    init_key, loop_key = jax.random.split(rng)
+    if x_init is None:
+        x_init = jax.random.normal(init_key, shape, jnp.float32)
+    opts = Options(eta=eta, variance=variance)
+    carry = smp.init(x_init)
+    if trajectory_every is None:
+        return smp.output(_scan_steps(smp, denoise, grid, carry, loop_key, opts, 0, num_steps))
+    # Trajectory: an outer scan over chunks of k steps keeps only N/k snapshots in memory.
+    k = trajectory_every
+    n_chunks, rest = divmod(num_steps, k)
+
+    def chunk(c, j):
+        c = _scan_steps(smp, denoise, grid, c, loop_key, opts, j * k, k)
+        return c, smp.output(c)
+
+    carry, snaps = lax.scan(chunk, carry, lax.iota(jnp.int32, n_chunks))
+    if rest:
+        carry = _scan_steps(smp, denoise, grid, carry, loop_key, opts, n_chunks * k, rest)
+        snaps = jnp.concatenate([snaps, smp.output(carry)[None]])
+    return smp.output(carry), jnp.concatenate([x_init[None], snaps])
+
+
+def sample(
+    model_fn: Callable[..., Array],
+    schedule: Schedule,
+    shape: Sequence[int],
+    rng: Array,
+    *,
+    sampler: str = "ddim",
+    num_steps: int = 50,
+    eta: float = 0.0,
+    prediction: str = "eps",
+    guidance_scale: Optional[float] = None,
+    labels: Optional[Array] = None,
+    null_label: Optional[int] = None,
+    params: Any = None,
+    spacing: str = "linspace",
+    variance: str = "posterior",
+    clip_x0: Optional[tuple[float, float]] = None,
+    dynamic_threshold: Optional[float] = None,
+    karras_rho: float = 7.0,
+    x_init: Optional[Array] = None,
+    return_trajectory_every: Optional[int] = None,
+):
+    """Draws samples by running `sampler` for `num_steps` steps from x_T ~ N(0, I) (one `lax.scan`).
+
+    Args:
+      model_fn: model_fn(x (B, ...) float32, t (B,) float32[, y (B,) int32]) -> prediction (B, ...) (or 2x
+        channels for learned variance). t are training-timestep indices in [0, T-1], fractional for the
+        Karras spacing. With `params`, it is called as model_fn(params, x, t[, y]) (e.g. `model.apply`
+        with params={"params": p}) so the parameters are traced arguments, not compile-time constants.
+        Must be hashable (it is a static argument; keep the same object to reuse the compilation).
+      schedule: the training noise schedule (`jdiff.get_schedule`).
+      shape: (B, ...) of the output, e.g. (B, H, W, C).
+      rng: PRNG key for x_T and the per-step noise (step i uses fold_in(key, i)).
+      sampler: "ddpm", "ddim", "dpmpp_2m", "euler" or "heun" (see jdiff.sampling.SAMPLERS).
+      num_steps: N in [1, T]; model evaluations are N (2N - 1 for "heun").
+      eta: DDIM stochasticity in [0, 1] (DDIM eq. 16); only "ddim" uses it.
+      prediction: what the model predicts: "eps", "x0" or "v".
+      guidance_scale: classifier-free guidance scale w (Ho & Salimans 2022), uncond + w (cond - uncond):
+        1 is purely conditional. Needs labels and null_label; one model call on a batch of 2B.
+      labels: (B,) int class labels passed to the model as y.
+      null_label: the model's "no class" label for the unconditional half of guidance.
+      params: optional first argument of model_fn (traced).
+      spacing: timestep selection for N < T: "linspace", "leading", "trailing" or "karras" (Karras et al.
+        2022 eq. 5, fractional t).
+      variance: the "ddpm" sampler's variance: "posterior" (beta-tilde), "beta", or "learned".
+      clip_x0: (lo, hi) to clip the predicted x0 to (e.g. (-1, 1) for images), or None.
+      dynamic_threshold: Imagen's percentile p in (0, 1) (e.g. 0.995), or None.
+      karras_rho: rho of the Karras spacing.
+      x_init: optional x_T of `shape` instead of drawing it from rng.
+      return_trajectory_every: k >= 1 to also return the states every k steps.
+
+    Returns:
+      x_0 of `shape`, float32; with return_trajectory_every=k, (x_0, trajectory) where trajectory has shape
+      (1 + ceil(N/k), *shape): x_T, then the state after every k steps, ending with x_0.
+    """
+    smp = get_sampler(sampler)
+    shape = tuple(int(d) for d in shape) if isinstance(shape, (tuple, list)) else shape
+    zero_snr = _check_common(schedule, shape, num_steps, spacing, prediction, labels, guidance_scale, null_label)
+    if variance not in VARIANCES:
+        raise ValueError(f"Unknown variance {variance!r}; allowed values: {list(VARIANCES)}.")
+    e = _concrete(eta)
+    if e is not None and (e.shape != () or not 0.0 <= float(e) <= 1.0):
+        raise ValueError(f"eta must be a scalar in [0, 1], got {eta!r}.")
+    if zero_snr and (spacing == "karras" or smp.name in ("euler", "heun")):
+        raise ValueError(
+            f'sampler {smp.name!r} with spacing {spacing!r} needs a finite terminal SNR; with a zero-terminal-SNR '
+            'schedule use sampler "ddim", "ddpm" or "dpmpp_2m" with spacing "linspace", "leading" or "trailing".'
+        )
+    if clip_x0 is not None:
+        if len(clip_x0) != 2 or not clip_x0[0] < clip_x0[1]:
+            raise ValueError(f"clip_x0 must be (lo, hi) with lo < hi, or None; got {clip_x0!r}.")
+        clip_x0 = jnp.asarray(clip_x0, jnp.float32)
+    if dynamic_threshold is not None:
+        p = _concrete(dynamic_threshold)
+        if p is not None and not 0.0 < float(p) <= 1.0:
+            raise ValueError(f"dynamic_threshold must be a percentile in (0, 1], got {dynamic_threshold!r}.")
+        dynamic_threshold = jnp.asarray(dynamic_threshold, jnp.float32)
+    if x_init is not None and jnp.shape(x_init) != shape:
+        raise ValueError(f"x_init must have shape {shape}, got {jnp.shape(x_init)}.")
+    if return_trajectory_every is not None and (
+            not isinstance(return_trajectory_every, (int, np.integer)) or return_trajectory_every < 1):
+        raise ValueError(f"return_trajectory_every must be an int >= 1 or None, got {return_trajectory_every!r}.")
+    try:
+        hash(model_fn)
+    except TypeError:
+        raise ValueError("model_fn must be hashable (a function or bound method); pass weights via params=.")
+    guidance = _guidance(labels, guidance_scale, null_label)
+    return _sample_jit(
+        model_fn, params, schedule, rng, jnp.asarray(eta, jnp.float32), guidance, clip_x0, dynamic_threshold,
+        None if x_init is None else jnp.asarray(x_init, jnp.float32),
+        shape=shape, sampler=smp.name, num_steps=int(num_steps), prediction=prediction, spacing=spacing,
+        variance=variance, rho=float(karras_rho), trajectory_every=return_trajectory_every,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "num_steps", "prediction", "spacing"))
+def _invert_jit(model_fn, params, schedule, x0, guidance, *, num_steps, prediction, spacing):
+    grid = make_grid(schedule, spacing, num_steps)
+    denoise = make_denoiser(model_fn, params, prediction=prediction, guidance=guidance)
+
+    def body(x, i):
+        # From level i+1 (alpha_next; the clean level for i = N-1) up to level i, with the model evaluated
+        # at level i's timestep on the current x.
+        d = denoise(x, grid.t[i], grid.alpha[i], grid.sigma[i])
+        x0 = (x - grid.sigma_next[i] * d.eps) / grid.alpha_next[i]
+        return grid.alpha[i] * x0 + grid.sigma[i] * d.eps, None
+
+    x, _ = lax.scan(body, x0, num_steps - 1 - lax.iota(jnp.int32, num_steps))
+    return x
+
+
+def ddim_invert(
+    model_fn: Callable[..., Array],
+    schedule: Schedule,
+    x0: Array,
+    *,
+    num_steps: int = 50,
+    prediction: str = "eps",
+    spacing: str = "linspace",
+    params: Any = None,
+    labels: Optional[Array] = None,
+    guidance_scale: Optional[float] = None,
+    null_label: Optional[int] = None,
+) -> Array:
+    """DDIM inversion (Song et al. 2021, sec. 4.3; eta = 0 run backwards): encodes x0 (B, ...) into the x_T
+    from which `sample(..., sampler="ddim", eta=0, x_init=x_T)` with the same grid returns ~x0.
+
+    Uses the grid of `sample`; the model at level i is evaluated on the state of level i+1 (the usual
+    approximation, exact as N -> T). Arguments as in `sample`. Returns x_T, float32 (B, ...).
+    """
+    x0 = jnp.asarray(x0, jnp.float32)
+    _check_common(schedule, tuple(x0.shape), num_steps, spacing, prediction, labels, guidance_scale, null_label)
+    guidance = _guidance(labels, guidance_scale, null_label)
+    return _invert_jit(model_fn, params, schedule, x0, guidance, num_steps=int(num_steps),
+                       prediction=prediction, spacing=spacing)

@@ -1,0 +1,26 @@
+"""DDIM (Song et al. 2021, eq. 12):
+
+x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z,
+s = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev)   (eq. 16).
+eta = 0 is the deterministic probability-flow sampler; eta = 1 on the full grid is DDPM with the posterior
+variance.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jdiff.sampling.base import Sampler, register
+
+
+def ddim_step(denoise, x, s, key, opts):
+    d = denoise(x, s.t, s.alpha, s.sigma)
+    abar, abar_prev = s.alpha**2, s.alpha_next**2
+    std = opts.eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+    dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev - std**2, 0.0))
+    z = jax.random.normal(key, x.shape, x.dtype)
+    return s.alpha_next * d.x0 + dir_coef * d.eps + std * z
+
+
+DDIM = register(Sampler(name="ddim", step=ddim_step, nfe=lambda n: n, stochastic=True))

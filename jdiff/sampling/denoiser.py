@@ -1,0 +1,92 @@
+"""Turns a user's model function into the denoiser every sampler calls: (x, t, alpha, sigma) -> (x0, eps).
+
+It applies, in order: the model call (with classifier-free guidance as one batched call of 2B examples),
+the split of a learned-variance output, the conversion of the model's prediction type to (x0, eps), and
+x0 clipping or dynamic thresholding (with eps re-derived from the clipped x0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jdiff.forward import eps_from_x0, to_x0_eps
+
+Array = jax.Array
+
+
+class Denoised(NamedTuple):
+    x0: Array  # (B, ...) predicted clean data
+    eps: Array  # (B, ...) predicted noise, consistent with x0: x = alpha x0 + sigma eps
+    var_values: Optional[Array]  # (B, ...) learned-variance output in [-1, 1] (Nichol & Dhariwal), or None
+
+
+class Guidance(NamedTuple):
+    """Traced conditioning inputs: labels (B,) int32 or None, null_label () int32, scale () float32."""
+
+    labels: Optional[Array]
+    null_label: Optional[Array]
+    scale: Optional[Array]
+
+
+def dynamic_threshold(x0: Array, percentile: Array) -> Array:
+    """Imagen (Saharia et al. 2022, sec. 2.3): s = max(1, quantile_p(|x0|)) per example; x0 <- clip(x0, -s, s)/s."""
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
+    s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) / s
+
+
+def make_denoiser(
+    model_fn: Callable[..., Array],
+    params: Any,
+    *,
+    prediction: str,
+    guidance: Guidance,
+    clip_range: Optional[Array] = None,
+    threshold_percentile: Optional[Array] = None,
+) -> Callable[[Array, Array, Array, Array], Denoised]:
+    """Builds denoise(x (B, ...), t () float32, alpha (), sigma ()) -> Denoised.
+
+    model_fn is called as model_fn([params,] x, t_batch[, y]) with t_batch a (B,) float32 array of
+    training-timestep indices; `params` is passed first when it is not None.
+    clip_range: (2,) float32 [lo, hi] to clip x0 to, or None. threshold_percentile: () float32 or None.
+    """
+
+    def call(x, t, y):
+        args = (x, t) if y is None else (x, t, y)
+        return model_fn(*args) if params is None else model_fn(params, *args)
+
+    def denoise(x: Array, t: Array, alpha: Array, sigma: Array) -> Denoised:
+        b, c = x.shape[0], x.shape[-1]
+        tb = jnp.full((b,), t, jnp.float32)
+        if guidance.scale is not None:
+            null = jnp.full((b,), guidance.null_label, jnp.int32)
+            out = call(
+                jnp.concatenate([x, x]), jnp.concatenate([tb, tb]), jnp.concatenate([guidance.labels, null])
+            )
+            cond, uncond = out[:b], out[b:]
+        else:
+            cond = call(x, tb, guidance.labels)
+            uncond = None
+        var_values = None
+        if cond.shape[-1] == 2 * c:
+            var_values = cond[..., c:].astype(jnp.float32)
+            cond = cond[..., :c]
+            uncond = None if uncond is None else uncond[..., :c]
+        out = cond.astype(jnp.float32)
+        if uncond is not None:
+            # Ho & Salimans 2022, eq. 6 with w = scale - 1: uncond + scale (cond - uncond).
+            out = uncond.astype(jnp.float32) + guidance.scale * (out - uncond.astype(jnp.float32))
+        x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+        if clip_range is not None or threshold_percentile is not None:
+            if threshold_percentile is not None:
+                x0 = dynamic_threshold(x0, threshold_percentile)
+            if clip_range is not None:
+                x0 = jnp.clip(x0, clip_range[0], clip_range[1])
+            eps = eps_from_x0(x, x0, alpha, sigma)
+        return Denoised(x0, eps, var_values)
+
+    return denoise

@@ -1,0 +1,85 @@
+"""Which noise levels a sampler visits when it takes N <= T steps.
+
+A sampler's *grid* is N model-evaluation levels, from the noisiest to the cleanest, followed by the clean
+level (abar = 1). Every array here is built from `lax.iota` inside the trace (no N-sized constants), so the
+lowered program of a sampler does not grow with N and the grid depends on the schedule's values only as
+traced data.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jdiff.schedules import Schedule, t_from_log_snr
+
+Array = jax.Array
+
+SPACINGS = ("linspace", "leading", "trailing", "karras")
+
+
+class Grid(NamedTuple):
+    """Per-step data of a sampling run of N steps; every field has shape (N,), float32.
+
+    Step i goes from level i (model timestep `t[i]`, x = alpha[i] x0 + sigma[i] eps) to level i+1, the
+    last step to the clean level (alpha = 1, sigma = 0, t = -1).
+    """
+
+    t: Array
+    alpha: Array
+    sigma: Array
+    t_next: Array
+    alpha_next: Array
+    sigma_next: Array
+
+
+def discrete_timesteps(spacing: str, num_steps: int, num_timesteps: int) -> Array:
+    """N integer timesteps in [0, T-1], decreasing (Lin et al. 2024, Table 2):
+
+    linspace: round(linspace(T-1, 0, N));  leading: (N-1-i) * (T // N);  trailing: round(T - i T/N) - 1.
+    Returns int32 (N,).
+    """
+    n, big_t = num_steps, num_timesteps
+    i = lax.iota(jnp.float32, n)
+    if spacing == "linspace":
+        step = (big_t - 1) / max(n - 1, 1)
+        t = jnp.round((big_t - 1) - i * step)
+    elif spacing == "leading":
+        t = (n - 1 - i) * (big_t // n)
+    elif spacing == "trailing":
+        t = jnp.round(big_t - i * (big_t / n)) - 1
+    else:
+        raise ValueError(f"Unknown spacing {spacing!r}; allowed values: {list(SPACINGS)}.")
+    return t.astype(jnp.int32)
+
+
+def karras_sigmas(sigma_min: Array, sigma_max: Array, num_steps: int, rho: float = 7.0) -> Array:
+    """Karras et al. 2022, eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho.
+
+    sigma is the EDM noise level sqrt((1 - abar)/abar). Returns float32 (N,), decreasing.
+    """
+    i = lax.iota(jnp.float32, num_steps) / max(num_steps - 1, 1)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + i * (lo - hi)) ** rho
+
+
+def make_grid(schedule: Schedule, spacing: str, num_steps: int, *, rho: float = 7.0) -> Grid:
+    """The sampling grid of `num_steps` levels for `spacing` (see module docstring)."""
+    big_t = schedule.num_timesteps
+    if spacing == "karras":
+        abar = schedule.alphas_cumprod
+        edm = jnp.sqrt((1.0 - abar) / abar)  # EDM sigma at each integer step
+        s = karras_sigmas(edm[0], edm[big_t - 1], num_steps, rho)
+        t = t_from_log_snr(schedule, -2.0 * jnp.log(s))
+        alpha = 1.0 / jnp.sqrt(1.0 + s**2)
+        sigma = s * alpha
+    else:
+        ti = discrete_timesteps(spacing, num_steps, big_t)
+        t = ti.astype(jnp.float32)
+        alpha = schedule.sqrt_alphas_cumprod[ti]
+        sigma = schedule.sqrt_one_minus_alphas_cumprod[ti]
+    nxt = lambda a, last: jnp.concatenate([a[1:], jnp.full((1,), last, a.dtype)])
+    return Grid(t, alpha, sigma, nxt(t, -1.0), nxt(alpha, 1.0), nxt(sigma, 0.0))
