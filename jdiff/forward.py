@@ -32,11 +32,21 @@ def _gather(arr: Array, t: Array, x: Array) -> Array:
     return broadcast_to(arr[t], x)
 
 
+def check_shapes(x: Array, t: Array, **others: Array) -> None:
+    """ValueError unless t is (B,) or scalar for x of shape (B, ...) and every other array has x's shape."""
+    if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] != jnp.shape(x)[0]):
+        raise ValueError(f"t must have shape ({jnp.shape(x)[0]},) to match the batch, got {jnp.shape(t)}.")
+    for name, a in others.items():
+        if jnp.shape(a) != jnp.shape(x):
+            raise ValueError(f"{name} must have shape {jnp.shape(x)}, got {jnp.shape(a)}.")
+
+
 def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (DDPM eq. 4).
 
     Args: x0 and noise (B, ...) float; t (B,) int in [0, T-1]. Returns x_t (B, ...).
     """
+    check_shapes(x0, t, noise=noise)
     return _gather(schedule.sqrt_alphas_cumprod, t, x0) * x0 + _gather(
         schedule.sqrt_one_minus_alphas_cumprod, t, x0
     ) * noise
@@ -47,6 +57,7 @@ def q_posterior(schedule: Schedule, x0: Array, x_t: Array, t: Array) -> tuple[Ar
 
     Returns (mean (B, ...), variance (B, 1...), clipped log variance (B, 1...)).
     """
+    check_shapes(x_t, t, x0=x0)
     mean = _gather(schedule.posterior_mean_coef1, t, x_t) * x0 + _gather(
         schedule.posterior_mean_coef2, t, x_t
     ) * x_t

@@ -175,3 +175,13 @@ def test_loss_bad_input(kwargs, match):
     sch = jdiff.get_schedule("linear", 10)
     with pytest.raises(ValueError, match=match):
         jdiff.diffusion_loss(lambda x, t: x, sch, jnp.zeros((4, 2)), jax.random.key(0), **kwargs)
+
+
+def test_shape_mismatches_are_value_errors():
+    x0 = jnp.zeros((4, 2, 2, 1))
+    with pytest.raises(ValueError, match="noise must have shape"):
+        jdiff.q_sample(T3, x0, jnp.zeros(4, jnp.int32), jnp.zeros((4, 2, 2, 3)))
+    with pytest.raises(ValueError, match=r"t must have shape \(4,\)"):
+        jdiff.q_sample(T3, x0, jnp.zeros(3, jnp.int32), x0)
+    with pytest.raises(ValueError, match="x0 must have shape"):
+        jdiff.q_posterior(T3, x0[:2], x0, jnp.zeros(4, jnp.int32))

@@ -279,3 +279,8 @@ def test_zero_terminal_snr_rejects_eps_and_karras():
         jdiff.sample(GAUSS, z, (4, 2), jax.random.key(0))
     with pytest.raises(ValueError, match="terminal SNR"):
         jdiff.sample(GAUSS, z, (4, 2), jax.random.key(0), prediction="v", sampler="heun")
+
+
+def test_model_output_shape_mismatch_is_a_value_error():
+    with pytest.raises(ValueError, match="model_fn returned shape"):
+        jdiff.sample(lambda x, t: x[:, :1], LIN, (4, 2), jax.random.key(0), num_steps=3)

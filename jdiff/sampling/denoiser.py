@@ -71,6 +71,11 @@ def make_denoiser(
         else:
             cond = call(x, tb, guidance.labels)
             uncond = None
+        if cond.shape[:-1] != x.shape[:-1] or cond.shape[-1] not in (c, 2 * c):
+            raise ValueError(
+                f"model_fn returned shape {cond.shape} for x of shape {x.shape}; expected {x.shape} "
+                f"(or {x.shape[:-1] + (2 * c,)} with a learned variance)."
+            )
         var_values = None
         if cond.shape[-1] == 2 * c:
             var_values = cond[..., c:].astype(jnp.float32)
