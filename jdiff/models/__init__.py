@@ -1,0 +1,22 @@
+"""Model zoo: DDPM/ADM U-Net, DiT, embeddings, a registry of named configs and model stats.
+
+Every model is a Flax Linen module with a pure ``apply``:
+``model.apply({'params': p}, x, t, y=None, train=False, rngs={'dropout': k})``
+with NHWC float ``x``, (B,) float timesteps ``t`` and optional (B,) int32 labels
+``y``; the output is float32 NHWC.
+"""
+
+from jdiff.models.dit import DiT, DiTBlock
+from jdiff.models.embeddings import (LabelEmbedder, TimestepEmbedder, check_labels, drop_labels,
+                                     sincos_1d, sincos_2d, timestep_embedding)
+from jdiff.models.registry import get_model, list_models, model_config, model_input_shape
+from jdiff.models.stats import abstract_params, count_params, forward_flops
+from jdiff.models.unet import UNet
+
+__all__ = [
+    'UNet', 'DiT', 'DiTBlock',
+    'get_model', 'list_models', 'model_config', 'model_input_shape',
+    'count_params', 'forward_flops', 'abstract_params',
+    'timestep_embedding', 'TimestepEmbedder', 'LabelEmbedder', 'check_labels', 'drop_labels',
+    'sincos_1d', 'sincos_2d',
+]

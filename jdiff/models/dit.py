@@ -1,0 +1,130 @@
+"""Diffusion Transformer, DiT (Peebles & Xie 2023, Sec. 3.2, adaLN-Zero blocks).
+
+``DiT(...).apply({'params': p}, x, t, y=None, train=False)`` maps NHWC ``x``
+(B, H, W, C) float (typically a 32x32x4 VAE latent), ``t`` (B,) float timesteps
+and optional ``y`` (B,) int32 labels to a float32 (B, H, W, out) prediction.
+H and W must be multiples of ``patch_size``; the fixed 2-D sin-cos position
+embedding is built for the (H/p, W/p) grid at trace time (a constant, so it is not
+in the parameter count; the reference code stores it as a frozen parameter).
+Untrained, the model outputs exactly zeros (adaLN-Zero + zero final linear).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jdiff.models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
+from jdiff.models.layers import MultiHeadSelfAttention, modulate
+
+Dtype = Any
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block (DiT Fig. 3): with (shift, scale, gate) x 2 = Dense(SiLU(c)),
+    ``x += gate1 * Attn(modulate(LN(x), shift1, scale1))``;
+    ``x += gate2 * MLP(modulate(LN(x), shift2, scale2))``, MLP = Dense(4D), GELU(tanh), Dense(D).
+    (B, L, D), (B, D) -> (B, L, D)."""
+    hidden: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mod = nn.Dense(6 * self.hidden, kernel_init=zeros, name='adaLN_modulation', **kw)(nn.silu(c))
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+        ln = lambda name: nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name=name, **kw)
+        h = MultiHeadSelfAttention(self.num_heads, kernel_init=xavier, name='attn', **kw)(
+            modulate(ln('norm1')(x), shift1, scale1))
+        x = x + gate1[:, None] * h
+        h = modulate(ln('norm2')(x), shift2, scale2)
+        h = nn.Dense(int(self.hidden * self.mlp_ratio), kernel_init=xavier, name='mlp_fc1', **kw)(h)
+        h = nn.Dense(self.hidden, kernel_init=xavier, name='mlp_fc2', **kw)(nn.gelu(h, approximate=True))
+        return x + gate2[:, None] * h
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + LayerNorm + zero-initialised Dense to p*p*out per token.
+    (B, L, D), (B, D) -> (B, L, p*p*out)."""
+    hidden: int
+    patch_out: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mod = nn.Dense(2 * self.hidden, kernel_init=zeros, name='adaLN_modulation', **kw)(nn.silu(c))
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        x = modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name='norm', **kw)(x),
+                     shift, scale)
+        return nn.Dense(self.patch_out, kernel_init=zeros, name='linear', **kw)(x)
+
+
+class DiT(nn.Module):
+    """DiT with adaLN-Zero conditioning on ``c = t_emb (+ y_emb)``.
+
+    Fields: patch_size, hidden_size, depth, num_heads, mlp_ratio (4), num_classes
+    (None = unconditional; else ``num_classes + 1`` label rows, the last = null label,
+    used when ``y`` is None), class_dropout (label -> null probability when
+    ``train=True``, uses the ``'dropout'`` rng; 0 = off), learn_sigma (doubles output
+    channels: [eps | v]), out_channels (None = input channels), remat (rematerialise
+    blocks to save memory), dtype / param_dtype. Output is float32.
+    """
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int | None = 1000
+    class_dropout: float = 0.0
+    learn_sigma: bool = True
+    out_channels: int | None = None
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
+                 train: bool = False) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f'x must be NHWC (B, H, W, C), got shape {x.shape}')
+        b, hgt, wid, c_in = x.shape
+        p = self.patch_size
+        if hgt % p or wid % p:
+            raise ValueError(f'DiT with patch_size={p} needs image height and width that are multiples '
+                             f'of {p} (allowed: {p}, {2 * p}, {3 * p}, ...); got x.shape={tuple(x.shape)}')
+        if y is not None and self.num_classes is None:
+            raise ValueError('y was given but the model is unconditional (num_classes=None)')
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gh, gw, d = hgt // p, wid // p, self.hidden_size
+
+        # Patchify: conv with kernel = stride = p (== linear on flattened patches).
+        h = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', name='x_embedder',
+                    kernel_init=nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2)),
+                    **kw)(x.astype(self.dtype))
+        h = h.reshape(b, gh * gw, d) + jnp.asarray(sincos_2d(d, gh, gw), self.dtype)[None]
+
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        c = TimestepEmbedder(d, freq_dim=256, cos_first=True, kernel_init=nn.initializers.normal(0.02),
+                             name='t_embedder', **kw)(t)
+        if self.num_classes is not None:
+            c = c + LabelEmbedder(self.num_classes, d, self.class_dropout, name='y_embedder', **kw)(y, b, train)
+
+        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        for i in range(self.depth):
+            h = block_cls(d, self.num_heads, self.mlp_ratio, name=f'blocks_{i}', **kw)(h, c)
+
+        out_ch = (self.out_channels or c_in) * (2 if self.learn_sigma else 1)
+        h = FinalLayer(d, p * p * out_ch, name='final_layer', **kw)(h, c)
+        # Unpatchify: (B, gh*gw, p*p*out) -> (B, gh*p, gw*p, out).
+        h = h.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hgt, wid, out_ch)
+        return h.astype(jnp.float32)
