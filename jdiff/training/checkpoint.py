@@ -1,0 +1,188 @@
+"""Checkpoints of the `TrainState` with orbax, and loading a trained model for inference.
+
+Layout: <workdir>/checkpoints/<step>/default/... (orbax), <workdir>/config.json. The data position is the
+step itself (batches are a pure function of (seed, step)), so the state is all that is saved.
+Restoring uses an abstract target (shapes, dtypes and the *current* mesh's shardings), so a checkpoint
+written on N devices restores onto M devices, and optax namedtuples come back as namedtuples.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """Missing, corrupted or incompatible checkpoint; the message is one readable line."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # local: importing orbax is slow and noisy
+
+    return ocp
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+
+
+def with_shardings(abstract: Any, sharding: Any) -> Any:
+    """ShapeDtypeStructs of `abstract` carrying `sharding` (one sharding for every leaf)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+
+
+class Checkpointer:
+    """Saves / restores one `TrainState` pytree per step with an orbax CheckpointManager.
+
+    Args:
+      workdir: run directory; checkpoints go to workdir/checkpoints.
+      keep: number of most recent checkpoints kept.
+      async_save: write in a background thread (the device-to-host copy is still synchronous, so the
+        state may be donated to the next step right after `save` returns).
+      create: create the directory (False: read only; a missing directory is a CheckpointError).
+    """
+
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, create: bool = True):
+        ocp = _ocp()
+        self.directory = checkpoint_dir(workdir)
+        if not create and not os.path.isdir(self.directory):
+            raise CheckpointError(f"no checkpoint directory at {self.directory}")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=create, enable_async_checkpointing=async_save, read_only=not create,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {_one_line(e)}") from None
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any) -> bool:
+        """Starts saving `state` as checkpoint `step` (a no-op if it exists). Callers check finiteness."""
+        ocp = _ocp()
+        if step in self._manager.all_steps():
+            return False
+        return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
+        """Restores checkpoint `step` (default: latest) onto `abstract_state` (ShapeDtypeStructs with
+        shardings). Raises CheckpointError if there is none or it cannot be read."""
+        ocp = _ocp()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        if step not in self._manager.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
+                                  f"(available: {self.all_steps()})")
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(
+                f"checkpoint {os.path.join(self.directory, str(step))} is corrupted or does not match "
+                f"this model/optimizer: {_one_line(e)}") from None
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inference.
+
+
+def read_run_config(workdir: str):
+    """(TrainConfig, derived dict) saved in workdir/config.json; CheckpointError if missing or bad."""
+    from jdiff.training.config import ConfigError
+    from jdiff.training.run_config import load_run_config
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no config.json in {os.path.abspath(workdir)} (not a jdiff training run?)")
+    try:
+        return load_run_config(path)
+    except (ConfigError, ValueError, KeyError) as e:
+        raise CheckpointError(f"bad {path}: {_one_line(e)}") from None
+
+
+def load_for_inference(workdir: str, *, step: Optional[int] = None, which: str = "ema", device: Any = None):
+    """Loads a trained model for sampling.
+
+    Args:
+      workdir: a training run directory (with config.json and checkpoints/).
+      step: checkpoint step (default: latest).
+      which: "ema" (the EMA parameters, what samples should use) or "params" (the raw parameters).
+      device: where to put the parameters (default: jax.devices()[0]).
+
+    Returns:
+      (config: TrainConfig, model: flax Module, schedule: jdiff.Schedule, params pytree) with only the
+      requested parameters restored from disk. Call `jdiff.sample(model.apply, schedule, shape, rng,
+      params={"params": params}, prediction=config.objective, labels=..., clip_x0=(-1, 1))`.
+
+    Raises:
+      CheckpointError: missing/corrupted run directory or checkpoint (one-line message).
+    """
+    from jdiff.models import abstract_params
+    from jdiff.training.factory import build_model, build_schedule
+
+    if which not in ("ema", "params"):
+        raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
+    config, derived = read_run_config(workdir)
+    model = build_model(config, derived.get("num_classes"))
+    schedule = build_schedule(config)
+    image_shape = tuple(derived["image_shape"])
+    key = "ema_params" if which == "ema" else "params"
+    abstract = abstract_params(model, (1, *image_shape), with_labels=model.num_classes is not None)
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    params = restore_subtree(workdir, key, abstract, sharding, step=step)
+    return config, model, schedule, params
+
+
+def restore_subtree(workdir: str, key: str, abstract: Any, sharding: Any, *, step: Optional[int] = None) -> Any:
+    """Restores only `state.<key>` (e.g. "ema_params") of a checkpoint, placed with `sharding`."""
+    ocp = _ocp()
+    ckpt = Checkpointer(workdir, create=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint found in {ckpt.directory}")
+    if step not in ckpt.all_steps():
+        raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory} (available: {ckpt.all_steps()})")
+    path = os.path.join(ckpt.directory, str(step), "default")
+    item = {key: abstract}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape,
+                                                               dtype=a.dtype), item)
+    try:
+        with ocp.PyTreeCheckpointer() as ck:
+            out = ck.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                               partial_restore=True))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {os.path.dirname(path)} is corrupted or does not match the saved "
+                              f"config: {_one_line(e)}") from None
+    tree = out[key]
+    shapes_ok = jax.tree.map(lambda a, b: tuple(np.shape(a)) == tuple(b.shape), tree, abstract)
+    if not all(jax.tree.leaves(shapes_ok)):
+        raise CheckpointError(f"checkpoint {os.path.dirname(path)} has parameter shapes that do not match the model")
+    return tree

@@ -1,0 +1,199 @@
+"""sample.py end to end on a tiny checkpoint (written with the training module's own functions; the weights
+are random, filled from the abstract TrainState so that no init program has to compile)."""
+
+import concurrent.futures
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jdiff.training import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_PY = os.path.join(REPO, "sample.py")
+T = 100  # the tiny runs' number of diffusion steps
+TILE = 8 * 8 + 1  # an 8x8 image upscaled 8x plus the 1 px grid padding
+
+
+def _make_run(workdir: str, class_conditional: bool) -> str:
+    import jax
+
+    from jdiff.training.config import get_preset, replace_fields, validate
+    from jdiff.training.factory import build_model
+    from jdiff.training.optim import make_optimizer
+    from jdiff.training.run_config import save_run_config
+    from jdiff.training.state import init_train_state
+
+    over = {"workdir": workdir, "class_conditional": str(class_conditional), "num_timesteps": str(T),
+            "sample_steps": "10", "model.ch": "8", "model.ch_mult": "(1,)", "model.attention_resolutions": "()",
+            "model.num_heads": "1"}
+    config = validate(replace_fields(get_preset("digits"), over))
+    num_classes = 10 if class_conditional else None
+    save_run_config(workdir, config, {"num_classes": num_classes, "image_shape": [8, 8, 1]})
+    model = build_model(config, num_classes)
+    abstract = jax.eval_shape(lambda: init_train_state(model, make_optimizer(config), (8, 8, 1), 0))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
+                         if np.issubdtype(a.dtype, np.floating) else np.zeros(a.shape, a.dtype), abstract)
+    with checkpoint.Checkpointer(workdir, async_save=False) as ck:
+        ck.save(0, state)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample_cli")
+    cond = _make_run(str(root / "cond"), True)
+    uncond = _make_run(str(root / "uncond"), False)
+    # A config without checkpoints, and a checkpoint with a deleted data file.
+    import shutil
+
+    empty, corrupt = root / "empty", root / "corrupt"
+    empty.mkdir()
+    shutil.copy(os.path.join(cond, "config.json"), empty / "config.json")
+    shutil.copytree(cond, corrupt)
+    shutil.rmtree(corrupt / "checkpoints" / "0" / "default" / "d")
+    return dict(root=root, cond=cond, uncond=uncond, empty=str(empty), corrupt=str(corrupt))
+
+
+def _cli(*args, env=None, timeout=300):
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    e.update(env or {})
+    return subprocess.run([sys.executable, SAMPLE_PY, *map(str, args), "--no-progress"], capture_output=True,
+                          text=True, cwd=REPO, env=e, timeout=timeout)
+
+
+def _compile_seconds(stdout: str) -> float:
+    line = next(l for l in stdout.splitlines() if l.startswith("compile:"))
+    return float(line.split(", compile ")[1].split(" s")[0])
+
+
+COMMON = ("--num", 20, "--steps", 10, "--batch-size", 8)
+TRAJ = ("--trajectory", "--trajectory-every", 3)
+
+
+def _npz(out_dir):
+    return np.load(os.path.join(out_dir, "ddim_10steps_seed0.npz"))
+
+
+# Tests that need several runs of the CLI do them inside one test (module fixtures would be rebuilt on
+# every pytest-xdist worker).
+
+
+def test_same_seed_same_samples_files_and_warm_cache(runs):
+    """The same command twice on a fresh persistent cache: identical samples, the expected files, and a
+    cache hit with a much shorter compile on the second run."""
+    cache = runs["root"] / "xla_cache"
+    out_a, out_b = runs["root"] / "out_a", runs["root"] / "out_b"
+    first, second = (_cli("--workdir", runs["cond"], *COMMON, *TRAJ, "--cache-dir", cache, "--out", o)
+                     for o in (out_a, out_b))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    a, b = _npz(out_a), _npz(out_b)
+    assert a["images"].shape == (20, 8, 8, 1) and a["images"].dtype == np.float32
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["labels"], np.arange(20) % 10)  # default labels cycle the classes
+    assert np.isfinite(a["images"]).all() and np.abs(a["images"]).max() <= 1.0  # x0 clipping is on
+    from PIL import Image
+
+    # Grid: one column per class (10), 2 rows, 8x8 tiles upscaled 8x with 1 px padding.
+    assert Image.open(out_a / "ddim_10steps_seed0.png").size == (10 * TILE + 1, 2 * TILE + 1)
+    # Trajectory of the first 8 samples: x_T, after steps 3, 6, 9, and x_0 = 1 + ceil(10 / 3) frames.
+    frames = 1 + math.ceil(10 / 3)
+    assert Image.open(out_a / "ddim_10steps_seed0_trajectory.png").size == (frames * TILE + 1, 8 * TILE + 1)
+    gif = Image.open(out_a / "ddim_10steps_seed0_trajectory.gif")
+    assert gif.n_frames == frames and gif.size == (8 * TILE + 1, TILE + 1)
+    assert first.stderr.strip() == "" and "wrote" in first.stdout
+    # Persistent compilation cache: a miss, then a hit (JAX's cache-hit event) with a much shorter compile.
+    assert "persistent cache miss" in first.stdout, first.stdout
+    assert "persistent cache hit" in second.stdout, second.stdout
+    assert "cold compile was" in second.stdout and "saved" in second.stdout, second.stdout
+    assert _compile_seconds(second.stdout) < 0.5 * _compile_seconds(first.stdout)
+    # A new program on the now-warm cache directory is still reported as a miss.
+    third = _cli("--workdir", runs["cond"], "--num", 4, "--steps", 5, "--cache-dir", cache, "--out", out_b)
+    assert third.returncode == 0 and "persistent cache miss" in third.stdout, third.stdout + third.stderr
+
+
+def test_two_devices_shard_the_batch_and_agree_with_one(runs):
+    outs = {}
+    for n in (1, 2):
+        outs[n] = runs["root"] / f"out_{n}dev"
+        r = _cli("--workdir", runs["cond"], *COMMON, "--no-cache", "--out", outs[n],
+                 env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        assert r.returncode == 0, r.stderr
+        assert f"{n} device(s), batch 8" in r.stdout
+    # Different partitioned programs: equal up to float reassociation.
+    np.testing.assert_allclose(_npz(outs[2])["images"], _npz(outs[1])["images"], atol=1e-5)
+
+
+# Request errors are checked from config.json before any JAX work: run them in this process (fast);
+# errors at the process boundary (checkpoint loading with orbax, argument parsing) in subprocesses.
+PROCESS_ERRORS = {
+    "missing_workdir": (("--workdir", "{root}/nope"), 1, "no config.json"),
+    "no_checkpoint": (("--workdir", "{empty}"), 1, "no checkpoint"),
+    "corrupted_checkpoint": (("--workdir", "{corrupt}", "--no-cache"), 1, "corrupted"),
+    "unknown_sampler": (("--workdir", "{cond}", "--sampler", "nope"), 2, "invalid choice"),
+    "unknown_spacing": (("--workdir", "{cond}", "--spacing", "nope"), 2, "invalid choice"),
+}
+REQUEST_ERRORS = {
+    "guidance_unconditional": (("--workdir", "{uncond}", "--guidance", "3"), 2, "unconditional"),
+    "labels_out_of_range": (("--workdir", "{cond}", "--labels", "0,10"), 2, "out of range"),
+    "class_out_of_range": (("--workdir", "{cond}", "--class", "-1"), 2, "out of range"),
+    "steps_above_T": (("--workdir", "{cond}", "--steps", str(T + 1)), 2, f"T={T}"),
+    "eta_above_1": (("--workdir", "{cond}", "--eta", "1.5"), 2, "eta"),
+    "eta_below_0": (("--workdir", "{cond}", "--eta", "-0.1"), 2, "eta"),
+}
+
+
+@pytest.fixture(scope="module")
+def process_errors(runs):
+    """Every boundary error case, run concurrently (each a separate process)."""
+    def one(args):
+        return _cli(*(a.format(**runs) for a in args), "--num", 4, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROCESS_ERRORS)) as pool:
+        futures = {k: pool.submit(one, v[0]) for k, v in PROCESS_ERRORS.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def _check_one_line(code, stderr, stdout, expected_code, words):
+    lines = stderr.strip().splitlines()
+    assert code == expected_code, (code, stderr)
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error: "), stderr
+    assert words in lines[0], lines[0]
+    assert "Traceback" not in stderr + stdout
+
+
+@pytest.mark.parametrize("case", sorted(PROCESS_ERRORS))
+def test_boundary_errors_are_one_line_without_traceback(process_errors, case):
+    _, code, words = PROCESS_ERRORS[case]
+    r = process_errors[case]
+    _check_one_line(r.returncode, r.stderr, r.stdout, code, words)
+
+
+@pytest.fixture(scope="module")
+def sample_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_cli_under_test", SAMPLE_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("case", sorted(REQUEST_ERRORS))
+def test_request_errors_are_one_line(runs, sample_cli, capsys, case):
+    args, code, words = REQUEST_ERRORS[case]
+    with pytest.raises(SystemExit) as exc:
+        sample_cli.main([a.format(**runs) for a in args] + ["--num", "4", "--no-progress"])
+    out = capsys.readouterr()
+    _check_one_line(exc.value.code, out.err, out.out, code, words)
+
+
+def test_cli_choices_match_the_library(sample_cli):
+    import jdiff
+
+    assert set(sample_cli.SAMPLERS) == set(jdiff.SAMPLERS)
+    assert set(sample_cli.SPACINGS) == set(jdiff.SPACINGS)

@@ -1,0 +1,204 @@
+"""train.py as users run it: end to end, clean stops on SIGTERM/SIGINT, one-line errors, resume rules,
+an image-folder dataset, and two processes on localhost (jax.distributed with CPU collectives)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, TINY_FLAGS, run_train_py
+
+from jdiff.training import cli
+from jdiff.training.checkpoint import Checkpointer, load_for_inference
+from jdiff.training.loop import train
+
+QUIET = dict(progress=False, log=lambda s: None)
+
+
+def _read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_py_end_to_end_then_extend(tmp_path):
+    """`python train.py` on the embedded digits: config, metrics, checkpoint and sample grid; running again
+    with a larger --steps resumes from the saved checkpoint instead of starting over."""
+    wd = tmp_path / "run"
+    r = run_train_py([*TINY_FLAGS, "--steps", "4", "--checkpoint_every", "2", "--workdir", str(wd)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((wd / "config.json").read_text())
+    assert saved["config"]["steps"] == 4 and saved["config"]["model_overrides"]["ch"] == 8
+    assert saved["derived"] == {**saved["derived"], "num_classes": 10, "image_shape": [8, 8, 1]}
+    assert [m["step"] for m in _read_metrics(wd)] == [2, 4]
+    assert all(np.isfinite(m["loss"]) and m["lr"] > 0 for m in _read_metrics(wd))
+    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4"]
+    from PIL import Image
+
+    grid = Image.open(wd / "samples" / "step_000004.png")
+    assert grid.size == (4 * (8 * 4 + 1) + 1, 8 * 4 + 2)  # 4 tiles of 8x8 upscaled 4x, 1 px padding
+
+    r = run_train_py(["--workdir", str(wd), "--steps", "6", "--no_progress"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from checkpoint step 4" in r.stderr
+    assert [m["step"] for m in _read_metrics(wd)] == [2, 4, 6]
+    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    wd = tmp_path / "run"
+    args = [*TINY_FLAGS, "--steps", "100000", "--checkpoint_every", "0", "--log_every", "1", "--workdir", str(wd)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if (wd / "metrics.jsonl").exists() and len(_read_metrics(wd)) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    with Checkpointer(str(wd), create=False) as ck:
+        step = ck.latest_step()
+    assert step is not None and step >= 3
+    assert f"saved checkpoint {step}" in err
+    assert not (wd / "samples").exists()  # an interrupted run writes no final grid
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_signal_in_process_stops_at_a_checkpoint_on_an_image_folder(tmp_path, tiny_config, sig):
+    """A signal during training (sent from the data hook at step 3) finishes that step, saves it and
+    returns; the run trains on an image folder with two class subfolders."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    config = tiny_config(dataset=str(root), image_size=8, channels=3, steps=50, checkpoint_every=0,
+                         sample_every=0, num_samples=4)
+
+    def hook(step, batch):
+        assert batch["image"].shape == (8, 8, 8, 3) and int(np.max(batch["label"])) <= 1
+        if step == 3:
+            os.kill(os.getpid(), sig)
+        return batch
+
+    result = train(config, devices=jax.devices()[:2], batch_hook=hook, **QUIET)
+    assert (result.step, result.stopped_by, result.last_checkpoint) == (4, sig.name, 4)
+    assert result.sample_path is None
+    assert signal.getsignal(sig) is not None  # handlers restored
+    cfg, model, _, _ = load_for_inference(config.workdir)
+    assert model.num_classes == 2 and cfg.dataset == str(root)
+
+
+def _fail(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), err
+    return e.value.code, lines[0]
+
+
+BAD_FLAGS = {
+    "unknown_flag": (["--lrr", "1e-3"], "did you mean --lr"),
+    "bad_float": (["--lr", "fast"], "bad value 'fast' for lr"),
+    "bad_choice": (["--sampler", "nope"], "allowed: ddpm, ddim"),
+    "bad_range": (["--batch_size", "0"], "batch_size must be >= 1"),
+    "bad_preset": (["--preset", "imagenet"], "invalid choice"),
+    "unknown_model": (["--model", "resnet"], "unknown model"),
+    "unknown_model_field": (["--model.chanels", "8"], "unknown model field(s) ['chanels']"),
+    "model_flag_without_value": (["--model.ch"], "needs a value"),
+    "bad_set": (["--set", "lr"], "KEY=VALUE"),
+    "steps_above_T": (["--sample_steps", "2000"], "sample_steps (2000) must be <= num_timesteps"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags_exit_2_with_one_line(case, capsys, tmp_path):
+    argv, words = BAD_FLAGS[case]
+    code, line = _fail([*argv, "--workdir", str(tmp_path / "w")], capsys)
+    assert code == 2 and words in line, line
+    assert not (tmp_path / "w").exists()  # nothing is created for a rejected command
+
+
+def test_run_time_errors_exit_with_one_line(tmp_path, capsys):
+    """Errors found once the run starts: a missing dataset, a batch that does not split over the devices,
+    --resume without a checkpoint."""
+    code, line = _fail(["--dataset", str(tmp_path / "no_such_dir"), "--workdir", str(tmp_path / "a"),
+                        "--image_size", "8"], capsys)
+    assert code == 2 and "cannot open dataset" in line, line
+    code, line = _fail([*TINY_FLAGS, "--batch_size", "12", "--workdir", str(tmp_path / "b")], capsys)
+    assert code == 2 and f"number of devices ({jax.device_count()})" in line, line
+    code, line = _fail(["--resume", "--workdir", str(tmp_path / "c")], capsys)
+    assert code == 1 and "no checkpoint" in line, line
+
+
+def test_resume_keeps_the_saved_model_and_data(tmp_path, capsys):
+    """In a workdir with config.json, flags override the saved config, but a change of model/data is refused."""
+    from jdiff.training.config import get_preset, replace_fields
+    from jdiff.training.run_config import resolve_config, save_run_config
+
+    wd = str(tmp_path / "run")
+    saved = replace_fields(get_preset("digits"), {"workdir": wd, "lr": "1e-3", "model.ch": "16"})
+    save_run_config(wd, saved, {"num_classes": 10, "image_shape": [8, 8, 1]})
+    config, resumed = resolve_config(None, {"workdir": wd, "steps": "50"})
+    assert resumed and config.lr == 1e-3 and config.steps == 50 and config.model_overrides == {"ch": 16}
+    code, line = _fail(["--workdir", wd, "--model.ch", "32"], capsys)
+    assert code == 2 and "model_overrides: {'ch': 16} -> {'ch': 32}" in line, line
+    code, line = _fail(["--workdir", wd, "--preset", "mnist"], capsys)
+    assert code == 2 and "dataset: 'digits' -> 'mnist'" in line, line
+
+
+def test_print_config(capsys):
+    assert cli.main(["--preset", "cifar10", "--lr", "1e-4", "--print_config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "unet_ddpm_cifar10" and out["lr"] == 1e-4 and out["random_flip"] is True
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config):
+    """Two train.py processes (2 CPU devices each) joined by jax.distributed train the same model as one
+    process on 4 devices: same global batch, same noise, gradients all-reduced across processes."""
+    wd = tmp_path / "mp"
+    flags = [*TINY_FLAGS, "--steps", "3", "--checkpoint_every", "0", "--num_samples", "0", "--lr", "1e-3",
+             "--workdir", str(wd), "--coordinator_address", f"localhost:{_free_port()}", "--num_processes", "2"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags, "--process_id", str(i)],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert "4 device(s)" in errs[0]
+    ref = tiny_config(workdir=tmp_path / "one", steps=3, checkpoint_every=0, num_samples=0, log_every=2)
+    train(ref, devices=jax.devices()[:4], **QUIET)
+    _, _, _, p_mp = load_for_inference(str(wd), which="params")
+    _, _, _, p_one = load_for_inference(ref.workdir, which="params")
+    for a, b in zip(jax.tree.leaves(p_mp), jax.tree.leaves(p_one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    m_mp, m_one = _read_metrics(wd), _read_metrics(ref.workdir)
+    assert [m["step"] for m in m_mp] == [2, 3]
+    np.testing.assert_allclose([m["loss"] for m in m_mp], [m["loss"] for m in m_one], rtol=1e-5)

@@ -1,0 +1,125 @@
+"""The pure train step: data parallelism over 8 devices equals 1 device; rng use; bf16 compute."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdiff
+from jdiff.training import mesh as mesh_lib
+from jdiff.training.config import get_preset, replace_fields
+from jdiff.training.optim import make_optimizer
+from jdiff.training.state import init_train_state
+from jdiff.training.step import accumulate, init_accumulator, make_step_fn, train_step
+
+
+class TinyNet(nn.Module):
+    """Conv denoiser with time and label embeddings and dropout: (B, H, W, C), (B,), (B,) -> (B, H, W, C)."""
+    num_classes: int | None = 10
+    dropout: float = 0.2
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t, y=None, train=False):
+        from jdiff.models import timestep_embedding
+
+        emb = nn.Dense(16, dtype=self.dtype)(timestep_embedding(t, 16))
+        if self.num_classes is not None:
+            y = jnp.full((x.shape[0],), self.num_classes, jnp.int32) if y is None else y
+            emb = emb + nn.Embed(self.num_classes + 1, 16, dtype=self.dtype)(y)
+        h = nn.Conv(16, (3, 3), dtype=self.dtype)(x.astype(self.dtype)) + emb[:, None, None, :]
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype)(h).astype(jnp.float32)
+
+
+def _config(**kw):
+    base = dict(batch_size=16, num_timesteps=100, lr=1e-2, warmup_steps=0, label_dropout=0.3, ema_decay=0.9)
+    base.update(kw)
+    return replace_fields(get_preset("digits"), base)
+
+
+def _batch(n=16, seed=0):
+    r = np.random.default_rng(seed)
+    return {"image": r.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32),
+            "label": r.integers(0, 10, n).astype(np.int32)}
+
+
+def _run_steps(devices, config, model, num_steps=2):
+    mesh = mesh_lib.make_mesh(devices)
+    rep = mesh_lib.replicated(mesh)
+    tx = make_optimizer(config)
+    state = jax.jit(functools.partial(init_train_state, model, tx, (8, 8, 1), 0), out_shardings=rep)()
+    step = make_step_fn(model, config, mesh)
+    schedule = jax.device_put(jdiff.get_schedule("linear", config.num_timesteps), rep)
+    acc = jax.device_put(init_accumulator(), rep)
+    for i in range(num_steps):
+        batch = jax.device_put(_batch(seed=i), mesh_lib.batch_sharding(mesh))
+        assert len(batch["image"].sharding.device_set) == len(devices)
+        state, acc = step(state, batch, schedule, acc)
+    return jax.device_get(state), jax.device_get(acc)
+
+
+def test_eight_devices_equal_one_device():
+    assert jax.device_count() >= 8, "tests/conftest.py should give 8 host devices"
+    config = _config()
+    model = TinyNet()
+    s8, a8 = _run_steps(jax.devices()[:8], config, model)
+    s1, a1 = _run_steps(jax.devices()[:1], config, model)
+    assert int(s8.step) == int(s1.step) == 2
+    for name in ("params", "ema_params", "opt_state"):
+        for x8, x1 in zip(jax.tree.leaves(getattr(s8, name)), jax.tree.leaves(getattr(s1, name))):
+            np.testing.assert_allclose(x8, x1, rtol=2e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(a8["loss"], a1["loss"], rtol=1e-5)
+    # The step really changed the parameters (so the comparison is not vacuous).
+    s0 = jax.jit(functools.partial(init_train_state, model, make_optimizer(config), (8, 8, 1), 0))()
+    moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params))]
+    assert max(moved) > 1e-3
+
+
+def test_step_rng_and_metrics():
+    config = _config(lr=1e-3, warmup_steps=10)
+    model = TinyNet()
+    tx = make_optimizer(config)
+    state = jax.jit(functools.partial(init_train_state, model, tx, (8, 8, 1), 0))()
+    schedule = jdiff.get_schedule("linear", 100)
+    batch = jax.tree.map(jnp.asarray, _batch())
+    step = jax.jit(functools.partial(train_step, model=model, config=config))
+    s1, m1 = step(state, batch, schedule=schedule)
+    s2, m2 = step(s1.replace(params=state.params, opt_state=state.opt_state, ema_params=state.ema_params),
+                  batch, schedule=schedule)
+    # Same params and batch but step 1 instead of 0: different noise/timesteps -> different loss.
+    assert float(m1["loss"]) != float(m2["loss"])
+    assert int(s1.step) == 1 and int(s2.step) == 2
+    assert float(m1["lr"]) == 0.0 and float(m2["lr"]) == pytest.approx(1e-4)
+    assert np.isfinite(float(m1["grad_norm"])) and float(m1["grad_norm"]) > 0
+    # Same step twice: deterministic.
+    _, m1b = step(state, batch, schedule=schedule)
+    assert float(m1b["loss"]) == float(m1["loss"])
+    # EMA after the first update: decay min(0.9, 1/10) = 0.1.
+    for e, p0, p1 in zip(jax.tree.leaves(s1.ema_params), jax.tree.leaves(state.params), jax.tree.leaves(s1.params)):
+        np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    config = _config(dtype="bfloat16")
+    model = TinyNet(dtype=jnp.bfloat16)
+    tx = make_optimizer(config)
+    state = jax.jit(functools.partial(init_train_state, model, tx, (8, 8, 1), 0))()
+    new, m = jax.jit(functools.partial(train_step, model=model, config=config))(
+        state, jax.tree.map(jnp.asarray, _batch()), schedule=jdiff.get_schedule("linear", 100))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.ema_params))
+    assert np.isfinite(float(m["loss"]))
+
+
+def test_accumulator_records_first_nonfinite_step():
+    acc = init_accumulator()
+    ok = {"loss": jnp.float32(1.0), "mse": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "lr": jnp.float32(0.1)}
+    bad = dict(ok, loss=jnp.float32(jnp.nan))
+    acc = accumulate(acc, ok, jnp.int32(3))
+    acc = accumulate(acc, bad, jnp.int32(4))
+    acc = accumulate(acc, bad, jnp.int32(5))
+    assert int(acc["first_bad"]) == 4 and int(acc["count"]) == 3
