@@ -57,6 +57,11 @@ def _labels(text: str) -> tuple[int, ...]:
     return out
 
 
+def _both(flag: str) -> tuple[str, str]:
+    """A hyphenated flag and its underscore spelling (train.py's style): --batch-size, --batch_size."""
+    return flag, "--" + flag[2:].replace("-", "_")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
@@ -72,21 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="class labels, cycled over the samples (default: 0..C-1 repeated)")
     lab.add_argument("--class", dest="class_", type=int, default=None, metavar="C", help="one class for all samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256,
+    p.add_argument(*_both("--batch-size"), type=int, default=256,
                    help="global batch (rounded up to a multiple of the device count; default 256)")
     p.add_argument("--params", choices=("ema", "raw"), default="ema", help="EMA (default) or raw parameters")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--out", default=None, help="output directory (default: WORKDIR/samples)")
     p.add_argument("--trajectory", action="store_true", help="also write the denoising steps (PNG strip + GIF)")
-    p.add_argument("--trajectory-every", type=int, default=None, metavar="K",
+    p.add_argument(*_both("--trajectory-every"), type=int, default=None, metavar="K",
                    help="keep every K-th step in the trajectory (default: steps // 10)")
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--cache-dir", default=DEFAULT_CACHE,
+    cache.add_argument(*_both("--cache-dir"), default=DEFAULT_CACHE,
                        help=f"persistent compilation cache (default {DEFAULT_CACHE})")
-    cache.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
+    cache.add_argument(*_both("--no-cache"), action="store_true", help="no persistent compilation cache")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                    help="clip the predicted x0 to [-1, 1] at every step (default on)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(*_both("--no-progress"), action="store_true", help="no progress bar")
     return p
 
 

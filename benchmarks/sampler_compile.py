@@ -417,6 +417,7 @@ class Bench:
             down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
             downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, dropout=0.1,
+            attention_head_dim=None,  # one head over all channels, as in DDPM and jdiff (default: width 8)
         ).eval()
         n_params = sum(p.numel() for p in unet.parameters())
         sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
