@@ -138,6 +138,8 @@ def test_missing_checkpoints_give_clear_errors(tmp_path, trained_run):
     _one_line_error(e, "step 3", "available: [2, 4]")
 
 
+# After a failed read, tensorstore callbacks can fire on orbax's closed event loop ("Event loop is closed").
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["delete_data", "garbage_metadata"])
 def test_corrupted_checkpoint_gives_clear_error(tmp_path, trained_run, damage):
     wd = tmp_path / "copy"

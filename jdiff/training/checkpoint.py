@@ -8,6 +8,8 @@ written on N devices restores onto M devices, and optax namedtuples come back as
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any, Optional
 
@@ -30,6 +32,19 @@ def _ocp():
 def _one_line(e: BaseException, limit: int = 300) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_absl(quiet: bool):
+    """Raises the absl logger's level to ERROR inside the block (when `quiet`)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -57,11 +72,11 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         if not create and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=create, enable_async_checkpointing=async_save, read_only=not create,
-        )
         try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options)
+            with _quiet_absl(not create):  # orbax warns about every option that read-only mode turns off
+                options = ocp.CheckpointManagerOptions(
+                    max_to_keep=keep, create=create, enable_async_checkpointing=async_save, read_only=not create)
+                self._manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {_one_line(e)}") from None
 
