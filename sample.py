@@ -38,15 +38,6 @@ def _fail(message, code: int):
     sys.exit(code)
 
 
-def _drop_closed_loop_noise(unraisable, _default=sys.unraisablehook):
-    """After a failed orbax restore, tensorstore callbacks may still fire on the closed asyncio loop and
-    report "Event loop is closed" as unraisable exceptions (tracebacks on stderr); drop exactly those."""
-    e = unraisable.exc_value
-    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-        return
-    _default(unraisable)
-
-
 def _labels(text: str) -> tuple[int, ...]:
     try:
         out = tuple(int(s) for s in text.split(",") if s.strip())
@@ -119,7 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _fail("--trajectory-every needs --trajectory", 2)
 
     from jdiff import inference
-    from jdiff.training.checkpoint import CheckpointError, load_for_inference, read_run_config
+    from jdiff.training.checkpoint import (CheckpointError, load_for_inference, read_run_config,
+                                           silence_closed_loop_noise)
 
     labels = (args.class_,) if args.class_ is not None else args.labels
     every = None
@@ -138,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _fail(e, 2)
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only-manager notices
-    sys.unraisablehook = _drop_closed_loop_noise
+    silence_closed_loop_noise()
     try:
         cache_dir = None if args.no_cache else inference.enable_compilation_cache(args.cache_dir)
     except OSError as e:

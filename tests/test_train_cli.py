@@ -49,6 +49,17 @@ def test_train_py_end_to_end_then_extend(tmp_path):
     assert [m["step"] for m in _read_metrics(wd)] == [2, 4, 6]
     assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6"]
 
+    # A damaged latest checkpoint: one line naming it and the older one to fall back to, no traceback.
+    import shutil
+
+    shutil.rmtree(wd / "checkpoints" / "6" / "default" / "d")
+    r = run_train_py(["--workdir", str(wd), "--steps", "8", "--no_progress"], cwd=tmp_path)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("train.py: error: checkpoint ") and "Traceback" not in r.stderr, r.stderr
+    assert "corrupted" in lines[-1] and "resume from checkpoint 4" in lines[-1], lines[-1]
+    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6"]  # nothing deleted
+
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     wd = tmp_path / "run"

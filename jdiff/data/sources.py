@@ -25,179 +25,181 @@ DIGITS_SPLIT_SEED = 0
 
 @runtime_checkable
 class Source(Protocol):
-  """Random-access dataset of images (and labels)."""
+    """Random-access dataset of images (and labels)."""
 
-  num_classes: int | None
-  image_shape: tuple[int, int, int]
+    num_classes: int | None
+    image_shape: tuple[int, int, int]
 
-  def __len__(self) -> int: ...
+    def __len__(self) -> int: ...
 
-  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
+    def get(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 def _as_indices(indices, n: int) -> np.ndarray:
-  idx = np.asarray(indices)
-  if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-    raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
-  if idx.size and (idx.min() < 0 or idx.max() >= n):
-    raise IndexError(f"indices out of range [0, {n})")
-  return idx
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"indices out of range [0, {n})")
+    return idx
 
 
 def _check_channels(channels: int) -> int:
-  if channels not in (1, 3):
-    raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-  return channels
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    return channels
 
 
 class ArraySource:
-  """In-memory source over already-prepared arrays.
+    """In-memory source over already-prepared arrays.
 
-  Args:
-    images: float32-convertible (N, H, W, C), values in [-1, 1].
-    labels: optional int (N,); None -> all zeros and ``num_classes=None``.
-    num_classes: defaults to ``labels.max() + 1`` when labels are given.
-  """
+    Args:
+      images: float32-convertible (N, H, W, C), values in [-1, 1].
+      labels: optional int (N,); None -> all zeros and ``num_classes=None``.
+      num_classes: defaults to ``labels.max() + 1`` when labels are given.
+    """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None):
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4:
-      raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
-    if labels is None:
-      labels = np.zeros(len(images), np.int32)
-    else:
-      labels = np.asarray(labels, np.int32)
-      if labels.shape != (len(images),):
-        raise ValueError(f"labels must be ({len(images)},), got shape {labels.shape}")
-      if num_classes is None:
-        num_classes = int(labels.max()) + 1 if labels.size else 0
-    self._images, self._labels = images, labels
-    self.num_classes = num_classes
-    self.image_shape = tuple(int(d) for d in images.shape[1:])
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None):
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
+        if labels is None:
+            labels = np.zeros(len(images), np.int32)
+        else:
+            labels = np.asarray(labels, np.int32)
+            if labels.shape != (len(images),):
+                raise ValueError(f"labels must be ({len(images)},), got shape {labels.shape}")
+            if num_classes is None:
+                num_classes = int(labels.max()) + 1 if labels.size else 0
+        self._images, self._labels = images, labels
+        self.num_classes = num_classes
+        self.image_shape = tuple(int(d) for d in images.shape[1:])
 
-  def __len__(self) -> int:
-    return len(self._images)
+    def __len__(self) -> int:
+        return len(self._images)
 
-  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    idx = _as_indices(indices, len(self))
-    return {"image": self._images[idx], "label": self._labels[idx]}
+    def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        idx = _as_indices(indices, len(self))
+        return {"image": self._images[idx], "label": self._labels[idx]}
 
 
 def digits_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
-  """Sorted example indices of a digits split.
+    """Sorted example indices of a digits split.
 
-  The held-out split is fixed: per class, ``round(0.2 * n_class)`` examples
-  chosen by ``np.random.default_rng([DIGITS_SPLIT_SEED, class]).permutation``
-  form "test" (359 examples), the rest "train" (1,438); "all" is everything.
-  """
-  if split not in DIGITS_SPLITS:
-    raise ValueError(f"split must be one of {DIGITS_SPLITS} for digits, got {split!r}")
-  if split == "all":
-    return np.arange(len(labels))
-  test = []
-  for c in np.unique(labels):
-    members = np.flatnonzero(labels == c)
-    perm = np.random.default_rng([DIGITS_SPLIT_SEED, int(c)]).permutation(len(members))
-    test.append(members[perm[: round(DIGITS_TEST_FRACTION * len(members))]])
-  is_test = np.zeros(len(labels), bool)
-  is_test[np.concatenate(test)] = True
-  return np.flatnonzero(is_test if split == "test" else ~is_test)
+    The held-out split is fixed: per class, ``round(0.2 * n_class)`` examples
+    chosen by ``np.random.default_rng([DIGITS_SPLIT_SEED, class]).permutation``
+    form "test" (359 examples), the rest "train" (1,438); "all" is everything.
+    """
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"split must be one of {DIGITS_SPLITS} for digits, got {split!r}")
+    if split == "all":
+        return np.arange(len(labels))
+    test = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        perm = np.random.default_rng([DIGITS_SPLIT_SEED, int(c)]).permutation(len(members))
+        test.append(members[perm[: round(DIGITS_TEST_FRACTION * len(members))]])
+    is_test = np.zeros(len(labels), bool)
+    is_test[np.concatenate(test)] = True
+    return np.flatnonzero(is_test if split == "test" else ~is_test)
 
 
 class DigitsSource(ArraySource):
-  """scikit-learn's embedded 8x8 handwritten digits (1,797 images, 10 classes).
+    """scikit-learn's embedded 8x8 handwritten digits (1,797 images, 10 classes).
 
-  Pixel values 0..16 map linearly to [-1, 1] (``x / 8 - 1``). Native shape is
-  (8, 8, 1); ``image_size``/``channels`` optionally resize (bicubic) or
-  repeat to RGB. Splits: "train" (1,438), "test" (359, the fixed held-out
-  set, see ``digits_split_indices``), "all" (1,797). Loaded fully in memory.
-  """
+    Pixel values 0..16 map linearly to [-1, 1] (``x / 8 - 1``). Native shape is
+    (8, 8, 1); ``image_size``/``channels`` optionally resize (bicubic) or
+    repeat to RGB. Splits: "train" (1,438), "test" (359, the fixed held-out
+    set, see ``digits_split_indices``), "all" (1,797). Loaded fully in memory.
+    """
 
-  def __init__(self, split: str = "train", image_size: int | None = None, channels: int | None = None):
-    from sklearn.datasets import load_digits  # local: sklearn import is slow-ish
+    def __init__(self, split: str = "train", image_size: int | None = None, channels: int | None = None):
+        from sklearn.datasets import load_digits  # local: sklearn import is slow-ish
 
-    bunch = load_digits()
-    idx = digits_split_indices(bunch.target, split)
-    images = (bunch.images[idx] / 8.0 - 1.0).astype(np.float32)[..., None]
-    channels = _check_channels(1 if channels is None else channels)
-    if channels != 1:
-      images = np.repeat(images, channels, axis=-1)
-    if image_size is not None and image_size != 8:
-      images = np.stack([np.clip(image_ops.resize_center_crop(x, image_size), -1.0, 1.0) for x in images])
-    super().__init__(images, bunch.target[idx].astype(np.int32), num_classes=10)
-    self.split = split
+        bunch = load_digits()
+        idx = digits_split_indices(bunch.target, split)
+        images = (bunch.images[idx] / 8.0 - 1.0).astype(np.float32)[..., None]
+        channels = _check_channels(1 if channels is None else channels)
+        if channels != 1:
+            images = np.repeat(images, channels, axis=-1)
+        if image_size is not None and image_size != 8:
+            images = np.stack([np.clip(image_ops.resize_center_crop(x, image_size), -1.0, 1.0) for x in images])
+        super().__init__(images, bunch.target[idx].astype(np.int32), num_classes=10)
+        self.split = split
 
 
 def _visible(rel: pathlib.PurePath) -> bool:
-  return not any(part.startswith(".") for part in rel.parts)
+    return not any(part.startswith(".") for part in rel.parts)
 
 
 def list_image_files(root: pathlib.Path) -> list[pathlib.Path]:
-  """Image files (PNG/JPEG, case-insensitive) under ``root``, recursive, hidden entries skipped, sorted."""
-  return sorted(
-      p
-      for p in root.rglob("*")
-      if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and _visible(p.relative_to(root))
-  )
+    """Image files (PNG/JPEG, case-insensitive) under ``root``, recursive, hidden entries skipped, sorted."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and _visible(p.relative_to(root))
+    )
 
 
 class ImageFolderSource:
-  """PNG/JPEG files from a directory tree or a single image file.
+    """PNG/JPEG files from a directory tree or a single image file.
 
-  Labels: if images live in subfolders, the class of an image is its
-  top-level subfolder and ``class_names`` are the sorted names of the
-  subfolders that contain images (labels index into it). If all images lie
-  directly in ``path`` (or ``path`` is a file) the source is unlabelled:
-  ``num_classes=None``, labels 0. Mixing loose root images with class
-  subfolders is a ValueError. Hidden files/folders (".name") are skipped.
+    Labels: if images live in subfolders, the class of an image is its
+    top-level subfolder and ``class_names`` are the sorted names of the
+    subfolders that contain images (labels index into it). If all images lie
+    directly in ``path`` (or ``path`` is a file) the source is unlabelled:
+    ``num_classes=None``, labels 0. Mixing loose root images with class
+    subfolders is a ValueError. Hidden files/folders (".name") are skipped.
 
-  Images are decoded lazily in ``get`` (nothing is cached, so memory stays
-  flat for large folders; the prefetch thread hides decode time): converted
-  to L (``channels=1``) or RGB (``channels=3``), shorter side resized to
-  ``image_size``, centre-cropped -> float32 (image_size, image_size, channels).
-  """
+    Images are decoded lazily in ``get`` (nothing is cached, so memory stays
+    flat for large folders; the prefetch thread hides decode time): converted
+    to L (``channels=1``) or RGB (``channels=3``), shorter side resized to
+    ``image_size``, centre-cropped -> float32 (image_size, image_size, channels).
+    """
 
-  def __init__(self, path: str | os.PathLike, image_size: int, channels: int = 3):
-    root = pathlib.Path(path).expanduser()
-    if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
-      raise ValueError(f"image_size must be a positive int for an image folder, got {image_size!r}")
-    self.channels = _check_channels(channels)
-    if root.is_file():
-      if root.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(f"path {str(path)!r} is not a PNG/JPEG file ({IMAGE_EXTENSIONS})")
-      files, rel = [root], [pathlib.PurePath(root.name)]
-    elif root.is_dir():
-      files = list_image_files(root)
-      rel = [f.relative_to(root) for f in files]
-    else:
-      raise ValueError(f"path {str(path)!r} does not exist")
-    if not files:
-      raise ValueError(f"path {str(path)!r} contains no images with extensions {IMAGE_EXTENSIONS}")
-    nested = [len(r.parts) > 1 for r in rel]
-    if any(nested) and not all(nested):
-      loose = [str(r) for r, n in zip(rel, nested) if not n][:3]
-      raise ValueError(
-          f"path {str(path)!r} mixes class subfolders with images directly in the root (e.g. {loose}); "
-          "move them into a subfolder or remove them"
-      )
-    if all(nested):
-      self.class_names = tuple(sorted({r.parts[0] for r in rel}))
-      lookup = {name: i for i, name in enumerate(self.class_names)}
-      labels = [lookup[r.parts[0]] for r in rel]
-      self.num_classes = len(self.class_names)
-    else:
-      self.class_names, labels, self.num_classes = (), [0] * len(files), None
-    self.files = tuple(files)
-    self._labels = np.asarray(labels, np.int32)
-    self.image_size = int(image_size)
-    self.image_shape = (self.image_size, self.image_size, self.channels)
+    def __init__(self, path: str | os.PathLike, image_size: int, channels: int = 3):
+        root = pathlib.Path(path).expanduser()
+        if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
+            raise ValueError(f"image_size must be a positive int for an image folder, got {image_size!r}")
+        self.channels = _check_channels(channels)
+        if root.is_file():
+            if root.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ValueError(f"path {str(path)!r} is not a PNG/JPEG file ({IMAGE_EXTENSIONS})")
+            files, rel = [root], [pathlib.PurePath(root.name)]
+        elif root.is_dir():
+            files = list_image_files(root)
+            rel = [f.relative_to(root) for f in files]
+        else:
+            raise ValueError(f"path {str(path)!r} does not exist")
+        if not files:
+            raise ValueError(f"path {str(path)!r} contains no images with extensions {IMAGE_EXTENSIONS}")
+        nested = [len(r.parts) > 1 for r in rel]
+        if any(nested) and not all(nested):
+            loose = [str(r) for r, n in zip(rel, nested) if not n][:3]
+            raise ValueError(
+                f"path {str(path)!r} mixes class subfolders with images directly in the root (e.g. {loose}); "
+                "move them into a subfolder or remove them"
+            )
+        if all(nested):
+            self.class_names = tuple(sorted({r.parts[0] for r in rel}))
+            lookup = {name: i for i, name in enumerate(self.class_names)}
+            labels = [lookup[r.parts[0]] for r in rel]
+            self.num_classes = len(self.class_names)
+        else:
+            self.class_names, labels, self.num_classes = (), [0] * len(files), None
+        self.files = tuple(files)
+        self._labels = np.asarray(labels, np.int32)
+        self.image_size = int(image_size)
+        self.image_shape = (self.image_size, self.image_size, self.channels)
 
-  def __len__(self) -> int:
-    return len(self.files)
+    def __len__(self) -> int:
+        return len(self.files)
 
-  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    idx = _as_indices(indices, len(self))
-    images = np.empty((len(idx),) + self.image_shape, np.float32)
-    for out, i in zip(images, idx):
-      out[...] = image_ops.prepare(image_ops.read_image(self.files[i], self.channels), self.image_size, self.channels)
-    return {"image": images, "label": self._labels[idx]}
+    def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        idx = _as_indices(indices, len(self))
+        images = np.empty((len(idx),) + self.image_shape, np.float32)
+        for out, i in zip(images, idx):
+            out[...] = image_ops.prepare(
+                image_ops.read_image(self.files[i], self.channels), self.image_size, self.channels
+            )
+        return {"image": images, "label": self._labels[idx]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -45,6 +46,26 @@ def _quiet_absl(quiet: bool):
         yield
     finally:
         logger.setLevel(level)
+
+
+def silence_closed_loop_noise() -> None:
+    """After a failed orbax read, tensorstore callbacks can still fire on orbax's closed asyncio loop and
+    print "Event loop is closed" tracebacks as unraisable exceptions. For command-line tools, which report
+    the failure themselves in one line: drop exactly those (process-wide; other exceptions pass through)."""
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _orbax_reason(e: BaseException) -> str:
+    """The readable head of an orbax/tensorstore error (without the JSON spec it appends)."""
+    return _one_line(e).split(" [tensorstore_spec", 1)[0]
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -106,9 +127,11 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:  # noqa: BLE001
+            older = [s for s in self.all_steps() if s < step]
+            hint = (f"; move it away to resume from checkpoint {older[-1]}" if older else "")
             raise CheckpointError(
                 f"checkpoint {os.path.join(self.directory, str(step))} is corrupted or does not match "
-                f"this model/optimizer: {_one_line(e)}") from None
+                f"this model/optimizer{hint} ({_orbax_reason(e)})") from None
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
@@ -195,7 +218,7 @@ def restore_subtree(workdir: str, key: str, abstract: Any, sharding: Any, *, ste
                                                                partial_restore=True))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {os.path.dirname(path)} is corrupted or does not match the saved "
-                              f"config: {_one_line(e)}") from None
+                              f"config ({_orbax_reason(e)})") from None
     tree = out[key]
     shapes_ok = jax.tree.map(lambda a, b: tuple(np.shape(a)) == tuple(b.shape), tree, abstract)
     if not all(jax.tree.leaves(shapes_ok)):

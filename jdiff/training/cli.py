@@ -107,8 +107,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Optional[str], 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of train.py; returns the exit status."""
     ns, preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    from jdiff.training.checkpoint import CheckpointError
+    from jdiff.training.checkpoint import CheckpointError, silence_closed_loop_noise
     from jdiff.training.run_config import resolve_config
+
+    silence_closed_loop_noise()
 
     from jdiff.training.factory import check_model_fields
 
