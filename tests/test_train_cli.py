@@ -148,11 +148,14 @@ def test_bad_flags_exit_2_with_one_line(case, capsys, tmp_path):
 
 
 def test_run_time_errors_exit_with_one_line(tmp_path, capsys):
-    """Errors found once the run starts: a missing dataset, a batch that does not split over the devices,
+    """Errors found once the run starts: a missing dataset or an unprepared tfds one (no download), a batch that does not split over the devices,
     --resume without a checkpoint."""
     code, line = _fail(["--dataset", str(tmp_path / "no_such_dir"), "--workdir", str(tmp_path / "a"),
                         "--image_size", "8"], capsys)
     assert code == 2 and "cannot open dataset" in line, line
+    code, line = _fail(["--dataset", "mnist", "--data_dir", str(tmp_path / "tfds"), "--workdir", str(tmp_path / "a")],
+                       capsys)
+    assert code == 2 and "not prepared" in line and "tfds build mnist" in line, line
     code, line = _fail([*TINY_FLAGS, "--batch_size", "12", "--workdir", str(tmp_path / "b")], capsys)
     assert code == 2 and f"number of devices ({jax.device_count()})" in line, line
     code, line = _fail(["--resume", "--workdir", str(tmp_path / "c")], capsys)

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from jdiff._logs import quiet_absl
 from jdiff.data import image_ops
 from jdiff.data.sources import _as_indices, _check_channels
 
@@ -53,13 +54,15 @@ class TfdsSource:
         import tensorflow_datasets as tfds  # local: ~0.4 s import
 
         try:
-            builder = tfds.builder(name, data_dir=data_dir)
+            with quiet_absl():  # tfds warns about missing folders; the error below says it better
+                builder = tfds.builder(name, data_dir=data_dir)
+                prepared = builder.is_prepared()
         except tfds.core.registered.DatasetNotFoundError as e:
             raise ValueError(
                 f"name {name!r} is not a known TFDS dataset and no prepared copy was found in "
                 f"data_dir={data_dir!r} ({str(e).splitlines()[0]})"
             ) from None
-        if not builder.is_prepared():
+        if not prepared:
             raise ValueError(
                 f"TFDS dataset name={name!r} is not prepared in {os.fspath(builder.data_dir)!r}; "
                 f"jdiff never downloads data. {_prepare_hint(name, data_dir)}"

@@ -8,14 +8,14 @@ written on N devices restores onto M devices, and optax namedtuples come back as
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import sys
 from typing import Any, Optional
 
 import jax
 import numpy as np
+
+from jdiff._logs import quiet_absl
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -33,19 +33,6 @@ def _ocp():
 def _one_line(e: BaseException, limit: int = 300) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@contextlib.contextmanager
-def _quiet_absl(quiet: bool):
-    """Raises the absl logger's level to ERROR inside the block (when `quiet`)."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    if quiet:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def silence_closed_loop_noise() -> None:
@@ -94,7 +81,7 @@ class Checkpointer:
         if not create and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         try:
-            with _quiet_absl(not create):  # orbax warns about every option that read-only mode turns off
+            with quiet_absl(not create):  # orbax warns about every option that read-only mode turns off
                 options = ocp.CheckpointManagerOptions(
                     max_to_keep=keep, create=create, enable_async_checkpointing=async_save, read_only=not create)
                 self._manager = ocp.CheckpointManager(self.directory, options=options)
