@@ -27,10 +27,12 @@ def _read_metrics(workdir):
 
 
 def test_train_py_end_to_end_then_extend(tmp_path):
-    """`python train.py` on the embedded digits: config, metrics, checkpoint and sample grid; running again
-    with a larger --steps resumes from the saved checkpoint instead of starting over."""
+    """`python train.py` on the embedded digits: config, metrics, checkpoints (the last K kept) and sample grid;
+    running again with a larger --steps resumes from the saved checkpoint instead of starting over; a damaged
+    checkpoint is reported in one line."""
     wd = tmp_path / "run"
-    r = run_train_py([*TINY_FLAGS, "--steps", "4", "--checkpoint_every", "2", "--workdir", str(wd)], cwd=tmp_path)
+    r = run_train_py([*TINY_FLAGS, "--steps", "4", "--checkpoint_every", "2", "--keep_checkpoints", "2",
+                      "--workdir", str(wd)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     saved = json.loads((wd / "config.json").read_text())
     assert saved["config"]["steps"] == 4 and saved["config"]["model_overrides"]["ch"] == 8
@@ -47,7 +49,7 @@ def test_train_py_end_to_end_then_extend(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resumed from checkpoint step 4" in r.stderr
     assert [m["step"] for m in _read_metrics(wd)] == [2, 4, 6]
-    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6"]
+    assert sorted(os.listdir(wd / "checkpoints")) == ["4", "6"]  # --keep_checkpoints 2
 
     # A damaged latest checkpoint: one line naming it and the older one to fall back to, no traceback.
     import shutil
@@ -58,7 +60,7 @@ def test_train_py_end_to_end_then_extend(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("train.py: error: checkpoint ") and "Traceback" not in r.stderr, r.stderr
     assert "corrupted" in lines[-1] and "resume from checkpoint 4" in lines[-1], lines[-1]
-    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6"]  # nothing deleted
+    assert sorted(os.listdir(wd / "checkpoints")) == ["4", "6"]  # nothing deleted
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
