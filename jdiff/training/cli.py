@@ -2,7 +2,8 @@
 `--model.FIELD VALUE` for model overrides, `--set KEY=VALUE` (applied last, in order).
 
 Errors in flags or values print one line on stderr and exit with status 2; training errors (non-finite
-loss, unreadable checkpoint) print one line and exit with status 1; a SIGTERM/SIGINT stop exits 0.
+loss, unreadable checkpoint) print one line and exit with status 1; a SIGTERM/SIGINT stop exits 0 (a second
+Ctrl-C: status 130).
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train(config, progress=not ns.no_progress)
     except (NonFiniteLossError, CheckpointError) as e:
         _fail(e, 1)
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was being written
+        _fail("interrupted twice: stopped without saving the current step (earlier checkpoints are kept)", 130)
     except ValueError as e:  # ConfigError and other bad settings found once the run starts
         _fail(e, 2)
     return 0
