@@ -3,37 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from model_testing import assert_adam_reduces_loss, assert_bf16_close_to_f32, fast_jit, inputs, jit_fwd, perturb
 
 from jdiff.models import DiT, count_params, get_model
 
 TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=None, learn_sigma=False)
 POS = lambda d: 256 * d  # the reference stores the (frozen) 16x16-patch pos-embed as a parameter
-
-
-def perturb(params, seed=0, scale=0.05):
-    """Numpy noise on every leaf (no JAX RNG compile): moves params off the zero init."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: (np.asarray(a) + scale * rng.standard_normal(a.shape)).astype(a.dtype), params)
-
-
-# Tests only: XLA's -O0 backend cuts CPU compile time (mostly the params' RNG code) ~4x.
-FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-
-
-def fast_jit(f, **kw):
-    return jax.jit(f, compiler_options=FAST if jax.default_backend() == 'cpu' else None, **kw)
-
-
-def jit_fwd(m):
-    """Jitted ``(params, x, t, y, key, train) -> out``: one compile per (shapes, train) for all tests."""
-    return fast_jit(lambda p, x, t, y, key, train: m.apply({'params': p}, x, t, y, train=train,
-                                                           rngs={'dropout': key}), static_argnames='train')
-
-
-def inputs(shape, seed=0):
-    return jax.random.normal(jax.random.key(seed), shape), jnp.linspace(0.0, 999.0, shape[0])
 
 
 @pytest.mark.parametrize('name,paper,official', [
@@ -101,28 +77,10 @@ def test_class_dropout_uses_dropout_rng(tiny):
 
 
 def test_bf16_compute_close_to_f32(tiny):
-    m, p, _, x, t, y, f = tiny
-    p, k = perturb(p), jax.random.key(0)
-    o16 = jit_fwd(m.clone(dtype=jnp.bfloat16))(p, x, t, y, k, train=False)
-    o32 = f(p, x, t, y, k, train=False)
-    assert o16.dtype == jnp.float32
-    rel = float(jnp.sqrt(jnp.mean((o16 - o32) ** 2) / jnp.mean(o32 ** 2)))
-    assert rel < 0.05, rel
+    assert_bf16_close_to_f32(tiny)
 
 
 def test_adam_reduces_loss(tiny):
     m, p, _, x, t, y, _ = tiny
     target = jax.random.normal(jax.random.key(3), (4, 8, 12, 2))
-    opt = optax.adam(3e-3)
-
-    @fast_jit
-    def step(p, s):
-        loss, g = jax.value_and_grad(lambda p: jnp.mean((m.apply({'params': p}, x, t, y) - target) ** 2))(p)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
-
-    s, losses = opt.init(p), []
-    for _ in range(30):
-        p, s, loss = step(p, s)
-        losses.append(float(loss))
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert_adam_reduces_loss(lambda p: jnp.mean((m.apply({'params': p}, x, t, y) - target) ** 2), p)
