@@ -8,6 +8,7 @@ written on N devices restores onto M devices, and optax namedtuples come back as
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any, Optional
@@ -36,9 +37,10 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def silence_closed_loop_noise() -> None:
-    """After a failed orbax read, tensorstore callbacks can still fire on orbax's closed asyncio loop and
-    print "Event loop is closed" tracebacks as unraisable exceptions. For command-line tools, which report
-    the failure themselves in one line: drop exactly those (process-wide; other exceptions pass through)."""
+    """After a failed orbax read, its remaining tensorstore reads still finish in the background and report
+    their errors as tracebacks: as unraisable "Event loop is closed" exceptions and as asyncio's "Task/Future
+    exception was never retrieved" log records. For command-line tools, which report the failure themselves
+    in one line: drop exactly those (process-wide; other exceptions and log records pass through)."""
     default = sys.unraisablehook
 
     def hook(unraisable):
@@ -47,7 +49,11 @@ def silence_closed_loop_noise() -> None:
             return
         default(unraisable)
 
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
+
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(keep)
 
 
 def _orbax_reason(e: BaseException) -> str:
@@ -101,16 +107,21 @@ class Checkpointer:
             return False
         return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
-    def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
-        """Restores checkpoint `step` (default: latest) onto `abstract_state` (ShapeDtypeStructs with
-        shardings). Raises CheckpointError if there is none or it cannot be read."""
-        ocp = _ocp()
+    def resolve_step(self, step: Optional[int] = None) -> int:
+        """`step` if that checkpoint exists, the latest one for None; else CheckpointError."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
         if step not in self._manager.all_steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
                                   f"(available: {self.all_steps()})")
+        return step
+
+    def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
+        """Restores checkpoint `step` (default: latest) onto `abstract_state` (ShapeDtypeStructs with
+        shardings). Raises CheckpointError if there is none or it cannot be read."""
+        ocp = _ocp()
+        step = self.resolve_step(step)
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:  # noqa: BLE001
@@ -142,9 +153,9 @@ class Checkpointer:
 def read_run_config(workdir: str):
     """(TrainConfig, derived dict) saved in workdir/config.json; CheckpointError if missing or bad."""
     from jdiff.training.config import ConfigError
-    from jdiff.training.run_config import load_run_config
+    from jdiff.training.run_config import config_path, load_run_config
 
-    path = os.path.join(workdir, "config.json")
+    path = config_path(workdir)
     if not os.path.isfile(path):
         raise CheckpointError(f"no config.json in {os.path.abspath(workdir)} (not a jdiff training run?)")
     try:
@@ -189,13 +200,8 @@ def load_for_inference(workdir: str, *, step: Optional[int] = None, which: str =
 def restore_subtree(workdir: str, key: str, abstract: Any, sharding: Any, *, step: Optional[int] = None) -> Any:
     """Restores only `state.<key>` (e.g. "ema_params") of a checkpoint, placed with `sharding`."""
     ocp = _ocp()
-    ckpt = Checkpointer(workdir, create=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint found in {ckpt.directory}")
-    if step not in ckpt.all_steps():
-        raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory} (available: {ckpt.all_steps()})")
-    path = os.path.join(ckpt.directory, str(step), "default")
+    with Checkpointer(workdir, create=False) as ckpt:
+        path = os.path.join(ckpt.directory, str(ckpt.resolve_step(step)), "default")
     item = {key: abstract}
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape,
                                                                dtype=a.dtype), item)
