@@ -22,9 +22,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from jdiff import SAMPLERS, SPACINGS
+
 PROG = "sample.py"
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")  # = jdiff.SAMPLERS (checked at run time)
-SPACINGS = ("linspace", "leading", "trailing", "karras")  # = jdiff.SPACINGS
 DEFAULT_CACHE = os.path.join("~", ".cache", "jdiff", "xla")
 
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, <= the model's T (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default 0)")
     p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep spacing")
@@ -89,11 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _write(out_dir, stem, images, labels, traj, req, which, prediction, image_shape, *, columns) -> list[str]:
     """PNG grid + .npz (+ trajectory PNG strip and GIF); returns the paths."""
     from jdiff import inference
+    from jdiff.training.samples import image_grid, save_png
 
     up = inference.upscale_for(image_shape)
     path = lambda suffix: os.path.join(out_dir, stem + suffix)
     written = [
-        inference.write_png(inference.grid_image(images, columns, up), path(".png")),
+        save_png(image_grid(images, columns=columns, upscale=up), path(".png")),
         inference.write_npz(path(".npz"), images, labels, sampler=req.sampler, steps=req.steps, eta=req.eta,
                             spacing=req.spacing, seed=req.seed, params=which, prediction=prediction,
                             guidance=float("nan") if req.guidance is None else req.guidance),

@@ -2,7 +2,8 @@
 
 `Request` describes what to draw; `check_request` validates it against the run's saved config (before any
 weights are loaded); `BatchSampler` compiles one sharded sampling program for a fixed global batch (timing
-its compilation and persistent-cache use) and `draw` runs it over all batches; `write_*` save the results.
+its compilation and persistent-cache use) and `draw` runs it over all batches; `write_*` save the results
+(grids via `jdiff.training.samples`).
 Errors a user can cause are `SampleError` (a ValueError) with a one-line message.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 
 import jdiff
 from jdiff.training.mesh import batch_sharding, make_mesh, replicated
+from jdiff.training.samples import image_grid, save_png
 
 TRAJECTORY_SAMPLES = 8  # samples shown in the trajectory strip / GIF
 _LEDGER = "jdiff-compile-times.json"  # cold compile seconds per program, next to JAX's cache entries
@@ -264,19 +266,6 @@ def upscale_for(image_shape: Sequence[int], min_side: int = 64) -> int:
     return max(1, -(-min_side // max(image_shape[0], image_shape[1])))
 
 
-def grid_image(images: np.ndarray, columns: int, upscale: int) -> np.ndarray:
-    """uint8 grid (see `jdiff.training.samples.image_grid`: 1 px of grey between tiles)."""
-    from jdiff.training.samples import image_grid
-
-    return image_grid(images, columns=columns, upscale=upscale, pad=1)
-
-
-def write_png(grid: np.ndarray, path: str) -> str:
-    from jdiff.training.samples import save_png
-
-    return save_png(grid, path)
-
-
 def write_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray], **meta: Any) -> str:
     """images float32 (N, H, W, C) as sampled, labels int32 (N,) (empty if unconditional), and `meta`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -292,11 +281,11 @@ def write_trajectory(traj: np.ndarray, png_path: str, gif_path: str, upscale: in
     from PIL import Image
 
     f, s = traj.shape[:2]
-    strip = grid_image(np.swapaxes(traj, 0, 1).reshape(f * s, *traj.shape[2:]), columns=f, upscale=upscale)
-    write_png(strip, png_path)
+    strip = image_grid(np.swapaxes(traj, 0, 1).reshape(f * s, *traj.shape[2:]), columns=f, upscale=upscale)
+    save_png(strip, png_path)
     frames = []
     for k in range(f):
-        g = grid_image(traj[k], columns=s, upscale=upscale)
+        g = image_grid(traj[k], columns=s, upscale=upscale)
         frames.append(Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g))
     os.makedirs(os.path.dirname(gif_path) or ".", exist_ok=True)
     frames[0].save(gif_path, save_all=True, append_images=frames[1:], duration=[120] * (f - 1) + [1200], loop=0)

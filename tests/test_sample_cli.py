@@ -190,10 +190,3 @@ def test_request_errors_are_one_line(runs, sample_cli, capsys, case):
         sample_cli.main([a.format(**runs) for a in args] + ["--num", "4", "--no-progress"])
     out = capsys.readouterr()
     _check_one_line(exc.value.code, out.err, out.out, code, words)
-
-
-def test_cli_choices_match_the_library(sample_cli):
-    import jdiff
-
-    assert set(sample_cli.SAMPLERS) == set(jdiff.SAMPLERS)
-    assert set(sample_cli.SPACINGS) == set(jdiff.SPACINGS)

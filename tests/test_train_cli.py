@@ -130,7 +130,7 @@ def _fail(argv, capsys):
 BAD_FLAGS = {
     "unknown_flag": (["--lrr", "1e-3"], "did you mean --lr"),
     "bad_float": (["--lr", "fast"], "bad value 'fast' for lr"),
-    "bad_choice": (["--sampler", "nope"], "allowed: ddpm, ddim"),
+    "bad_choice": (["--sampler", "nope"], "allowed: ddim, ddpm, dpmpp_2m, euler, heun"),
     "bad_range": (["--batch_size", "0"], "batch_size must be >= 1"),
     "bad_preset": (["--preset", "imagenet"], "invalid choice"),
     "unknown_model": (["--model", "resnet"], "unknown model"),

@@ -15,14 +15,18 @@ import types
 import typing
 from typing import Any, Mapping, Optional
 
+from jdiff.forward import PREDICTIONS
+from jdiff.losses import WEIGHTINGS
+from jdiff.sampling import SAMPLERS as SAMPLER_REGISTRY
+from jdiff.schedules import BETA_SCHEDULES
+
 PRESETS_DOC = "digits (default), mnist, cifar10, dit"
 
 LR_DECAYS = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
-OBJECTIVES = ("eps", "x0", "v")
-WEIGHTINGS = ("simple", "min_snr")
-SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")
+OBJECTIVES = PREDICTIONS
+SCHEDULES = tuple(BETA_SCHEDULES)
+SAMPLERS = tuple(SAMPLER_REGISTRY)
 
 # Fields that fix the parameters' shapes or the meaning of the model output: a resumed run must keep them.
 IMMUTABLE_ON_RESUME = (
