@@ -21,19 +21,25 @@ TINY_FLAGS = [
 ]
 
 
-@pytest.fixture
-def tiny_config(tmp_path):
-    """Factory of tiny digits TrainConfigs in a fresh workdir: tiny_config(steps=4, **overrides)."""
+def make_tiny_config(workdir, **overrides):
+    """A validated digits TrainConfig with the tiny U-Net: 4 steps of batch 8, T=100, checkpoints every 2."""
     from jdiff.training.config import get_preset, replace_fields, validate
 
+    base = dict(
+        model_overrides=dict(TINY_MODEL), batch_size=8, steps=4, num_timesteps=100, warmup_steps=2,
+        lr=1e-3, log_every=2, checkpoint_every=2, keep_checkpoints=10, sample_every=0, num_samples=0,
+        sample_steps=2, workdir=str(workdir),
+    )
+    base.update(overrides)
+    return validate(replace_fields(get_preset("digits"), base))
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Factory of tiny configs in a fresh workdir: tiny_config(workdir=None, **overrides) (see make_tiny_config)."""
+
     def make(workdir=None, **overrides):
-        base = dict(
-            model_overrides=dict(TINY_MODEL), batch_size=8, steps=4, num_timesteps=100, warmup_steps=2,
-            lr=1e-3, log_every=2, checkpoint_every=2, keep_checkpoints=10, sample_every=0, num_samples=0,
-            sample_steps=2, workdir=str(workdir or tmp_path / "run"),
-        )
-        base.update(overrides)
-        return validate(replace_fields(get_preset("digits"), base))
+        return make_tiny_config(workdir or tmp_path / "run", **overrides)
 
     return make
 

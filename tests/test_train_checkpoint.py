@@ -42,13 +42,9 @@ def _assert_trees_equal(a, b, exact=True):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished tiny run (4 steps, checkpoints 2 and 4) on one device; tests copy it before changing it."""
-    from jdiff.training.config import get_preset, replace_fields
-    from conftest import TINY_MODEL
+    from conftest import make_tiny_config
 
-    wd = tmp_path_factory.mktemp("trained") / "run"
-    config = replace_fields(get_preset("digits"), dict(
-        model_overrides=dict(TINY_MODEL), batch_size=8, steps=4, num_timesteps=100, warmup_steps=2,
-        log_every=2, checkpoint_every=2, keep_checkpoints=10, num_samples=0, workdir=str(wd)))
+    config = make_tiny_config(tmp_path_factory.mktemp("trained") / "run")
     train(config, devices=jax.devices()[:1], **QUIET)
     return config
 
