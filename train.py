@@ -2,9 +2,8 @@
 """Train a jdiff diffusion model: `python train.py` (8x8 digits on a CPU in a few minutes) or
 `python train.py --preset cifar10`. See `python train.py --help`."""
 
-import sys
-
-from jdiff.training.cli import main
+from jdiff.cli.common import run_script
+from jdiff.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff.models import abstract_params, forward_flops, get_model, list_models, model_input_shape
+from jdiff.models import abstract_params, forward_flops, get_model, list_models, model_input_shape, tree_size
 
 # Peebles & Xie 2023, Table 4 (params in M, Gflops = multiply-adds) at 256x256 (32x32x4 latents).
 DIT_PAPER = {'s': 33, 'b': 130, 'l': 458, 'xl': 675}
@@ -75,7 +75,7 @@ def main() -> None:
         shape = (1, h, w, c)
         labels = getattr(m, 'num_classes', None) is not None
         params = abstract_params(m, shape, with_labels=labels)
-        n = sum(a.size for a in jax.tree.leaves(params))
+        n = tree_size(params)
         fl = forward_flops(m, params, shape, with_labels=labels) / 1e9
         print(f'| {name} | {h}x{w}x{c} | {n:,} | {fl:.3f} | {fl / 2:.3f} | {paper_ref(name)} |')
     if args.time:

@@ -20,10 +20,10 @@ import sys
 
 import jax
 import numpy as np
-from scipy import linalg
 
 import jdiff
 from jdiff.analytic import gaussian_eps_fn, gaussian_ode_solution
+from jdiff.metrics import frechet_distance_from_stats, gaussian_stats
 from jdiff.sampling import make_grid
 
 NFES = (5, 10, 20, 50, 100, 250)
@@ -34,9 +34,7 @@ STOCHASTIC = (("ddpm", "linspace", 0.0), ("ddim", "linspace", 1.0))
 
 def frechet(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> float:
     """Squared 2-Wasserstein distance between N(mean(x), cov(x)) and N(mean, cov)."""
-    m, c = x.mean(0), np.cov(x.T)
-    root = linalg.sqrtm(c @ cov).real
-    return float(np.sum((m - mean) ** 2) + np.trace(c + cov - 2 * root))
+    return frechet_distance_from_stats(*gaussian_stats(x), mean, cov)
 
 
 def main(argv=None) -> int:
@@ -72,7 +70,7 @@ def main(argv=None) -> int:
     for sampler, spacing, eta in STOCHASTIC:
         for nfe in NFES + (1000,):
             x = jdiff.sample(eps_fn, sch, shape, jax.random.key(2), sampler=sampler, num_steps=nfe,
-                             spacing=spacing, eta=eta)
+                             spacing=spacing, options={"eta": eta} if "eta" in jdiff.SAMPLERS[sampler].options else {})
             rows.append(dict(sampler=f"{sampler}(eta={eta})" if sampler == "ddim" else sampler, spacing=spacing,
                              nfe=nfe, metric="frechet_to_data", value=frechet(np.asarray(x, np.float64), mean, cov)))
 

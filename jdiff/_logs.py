@@ -1,9 +1,16 @@
-"""Quieting third-party log chatter (orbax, tfds log through absl) where jdiff reports the outcome itself."""
-
-from __future__ import annotations
+"""Messages: one-line error text, and quieting third-party chatter (orbax and tfds log through absl; orbax's
+background reads report their errors as tracebacks) where jdiff reports the outcome itself. Every switch
+here is a context manager that restores what it changed."""
 
 import contextlib
 import logging
+import sys
+
+
+def one_line(e: BaseException, limit: int = 0) -> str:
+    """The exception's text on one line (whitespace collapsed), cut to `limit` characters when limit > 0."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if not limit or len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -17,3 +24,33 @@ def quiet_absl(quiet: bool = True):
         yield
     finally:
         logger.setLevel(level)
+
+
+def _closed_loop_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
+
+
+def filter_failed_read_noise():
+    """Drops exactly the tracebacks that a failed orbax read's still-running background reads print later
+    (unraisable "Event loop is closed" errors and asyncio's "... exception was never retrieved" records),
+    for tools that report the failure themselves in one line. Other exceptions and records pass through.
+    Returns a function that restores the previous hooks.
+
+    The records arrive until interpreter shutdown, after a command line's main() has returned, so the
+    scripts' entry points (`jdiff.cli.common.run_script`) install it for their process and never restore it;
+    library code does not call it."""
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_closed_loop_noise)
+
+    def restore():
+        logging.getLogger("asyncio").removeFilter(_closed_loop_noise)
+        sys.unraisablehook = default
+
+    return restore

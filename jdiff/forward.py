@@ -123,8 +123,3 @@ def convert_prediction(
     """Converts a prediction between the "eps", "x0" and "v" parameterizations at x."""
     x0, eps = to_x0_eps(source, out, x, alpha, sigma)
     return target_from_x0_eps(target, x0, eps, alpha, sigma)
-
-
-def alpha_sigma(schedule: Schedule, t: Array) -> tuple[Array, Array]:
-    """(sqrt(abar_t), sqrt(1 - abar_t)) for integer t, each of t's shape."""
-    return schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]

@@ -1,6 +1,7 @@
 """Sample-quality metrics for 8x8 digits: a small held-out classifier, its hidden features, Frechet distance.
 
-Protocol (used by ``benchmarks/digits_quality.py``; the diffusion model trains on the digits "train" split):
+Protocol (used by `jdiff.quality`, i.e. ``benchmarks/digits_quality.py``; the diffusion model trains on the
+digits "train" split):
 
 * The classifier (`train_digit_classifier`) is an MLP fitted on the held-out "test" split (359 digits) only,
   so it never saw the digits the diffusion model learned from. Its accuracy is measured on the whole "train"

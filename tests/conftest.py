@@ -16,22 +16,31 @@ TINY_MODEL = {"ch": 8, "ch_mult": (1,), "num_res_blocks": 1, "attention_resoluti
 TINY_FLAGS = [
     "--model.ch", "8", "--model.ch_mult", "(1,)", "--model.num_res_blocks", "1",
     "--model.attention_resolutions", "()", "--model.norm_groups", "4",
-    "--batch_size", "8", "--num_timesteps", "100", "--log_every", "2", "--warmup_steps", "2",
-    "--num_samples", "4", "--sample_columns", "4", "--sample_steps", "2", "--no_progress",
+    "--optim.batch_size", "8", "--diffusion.num_timesteps", "100", "--run.log_every", "2",
+    "--optim.warmup_steps", "2", "--sampling.num_samples", "4", "--sampling.columns", "4", "--sampling.steps", "2",
+    "--no_progress",
 ]
 
 
 def make_tiny_config(workdir, **overrides):
-    """A validated digits TrainConfig with the tiny U-Net: 4 steps of batch 8, T=100, checkpoints every 2."""
-    from jdiff.training.config import get_preset, replace_fields, validate
+    """The digits TrainConfig with the tiny U-Net: 4 steps of batch 8, T=100, checkpoints every 2. Overrides
+    are config keys (dotted, or their flat aliases such as steps=6)."""
+    from jdiff.config import apply_overrides, get_preset
 
-    base = dict(
-        model_overrides=dict(TINY_MODEL), batch_size=8, steps=4, num_timesteps=100, warmup_steps=2,
-        lr=1e-3, log_every=2, checkpoint_every=2, keep_checkpoints=10, sample_every=0, num_samples=0,
-        sample_steps=2, workdir=str(workdir),
-    )
-    base.update(overrides)
-    return validate(replace_fields(get_preset("digits"), base))
+    base = {
+        "model.fields": dict(TINY_MODEL), "optim.batch_size": 8, "optim.steps": 4, "diffusion.num_timesteps": 100,
+        "optim.warmup_steps": 2, "optim.lr": 1e-3, "run.log_every": 2, "run.checkpoint_every": 2,
+        "run.keep_checkpoints": 10, "sampling.every": 0, "sampling.num_samples": 0, "sampling.steps": 2,
+        "run.workdir": str(workdir),
+    }
+    return apply_overrides(get_preset("digits"), [*base.items(), *overrides.items()])
+
+
+def with_changes(config, **overrides):
+    """`config` with config keys changed (dotted or flat aliases)."""
+    from jdiff.config import apply_overrides
+
+    return apply_overrides(config, overrides.items())
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
 """iterate_batches: device placement/sharding, resume, prefetch thread lifecycle."""
 
 import gc
+import subprocess
+import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -132,3 +135,34 @@ def test_batch_iterator_validation():
     with pytest.raises(ValueError, match="prefetch"):
         BatchIterator(lambda s: s, prefetch=-1)
     assert list(BatchIterator(lambda s: s * 10, start_step=2, num_steps=3, prefetch=1)) == [20, 30, 40]
+
+
+def test_close_from_another_thread_ends_a_waiting_consumer():
+    def slow(step):
+        time.sleep(0.2)
+        return step
+
+    it = BatchIterator(slow, prefetch=1)
+    seen = []
+    consumer = threading.Thread(target=lambda: seen.extend(it))  # blocks in next() while the producer sleeps
+    consumer.start()
+    time.sleep(0.05)
+    it.close()
+    consumer.join(5)
+    assert not consumer.is_alive() and seen == list(range(len(seen)))
+    assert not _prefetch_threads()
+
+
+def test_open_iterator_does_not_hang_interpreter_exit():
+    code = (
+        "import time, numpy as np\n"
+        "from jdiff.data import ArraySource, iterate_batches\n"
+        "src = ArraySource(np.zeros((64, 4, 4, 1), np.float32))\n"
+        "it = iterate_batches(src, global_batch_size=8, seed=0, prefetch=2)\n"
+        "next(it)\n"
+        "time.sleep(0.1)  # the producer now blocks on the full queue\n"
+        "print('done')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"

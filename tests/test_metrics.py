@@ -1,17 +1,13 @@
-"""jdiff.metrics: Frechet distance, the held-out digit classifier and its sample statistics."""
+"""jdiff.metrics: Frechet distance, the held-out digit classifier and its sample statistics; jdiff.quality's report."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from jdiff import metrics
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from jdiff import metrics, quality
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -200,22 +196,14 @@ def test_score_images(clf, digits, ref_feats):
         metrics.score_images(clf, real * 8 + 8, ref_feats)  # 0..16 pixel values, not [-1, 1]
 
 
-# --- the benchmark script (--npz path) ----------------------------------------------------------------
-
-
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("digits_quality", ROOT / "benchmarks" / "digits_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+# --- the report (jdiff.quality, run by benchmarks/digits_quality.py) -----------------------------------
 
 
 def test_benchmark_npz(tmp_path, digits, capsys):
-    mod = _benchmark_module()
     real, labels = _real_subset(digits, n=100, seed=1)
     np.savez(tmp_path / "s.npz", samples=real[..., 0], labels=labels)
     out = tmp_path / "r.json"
-    assert mod.main(["--npz", str(tmp_path / "s.npz"), "--json", str(out)]) == 0
+    assert quality.main(["--npz", str(tmp_path / "s.npz"), "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| samples | 100 |" in table and "uniform noise" in table
     result = json.loads(out.read_text())
@@ -238,8 +226,8 @@ def test_benchmark_checkpoint(tiny_config, tmp_path, capsys):
     train(config, devices=jax.devices()[:1], progress=False, log=lambda s: None)
     out = tmp_path / "r.json"
     npz = tmp_path / "s.npz"
-    argv = ["--workdir", config.workdir, "--num", "20", "--steps", "2", "--json", str(out), "--save-samples", str(npz)]
-    assert _benchmark_module().main(argv) == 0
+    argv = ["--workdir", config.run.workdir, "--num", "20", "--steps", "2", "--json", str(out), "--save-samples", str(npz)]
+    assert quality.main(argv) == 0
     assert "| samples | 20 |" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["samples_info"]["conditioning"] == "balanced labels"

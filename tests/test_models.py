@@ -7,7 +7,8 @@ import pytest
 
 from jdiff.models import (DiT, LabelEmbedder, UNet, abstract_params, count_params, drop_labels,
                           forward_flops, get_model, list_models, model_config, model_input_shape,
-                          sincos_2d, timestep_embedding)
+                          sincos_2d, timestep_embedding, tree_size)
+from jdiff.models.layers import check_inputs
 
 
 # ---------------------------------------------------------------- embeddings
@@ -65,9 +66,22 @@ def test_drop_labels():
     y = jnp.arange(1000, dtype=jnp.int32) % 10
     k = jax.random.key(0)
     np.testing.assert_array_equal(drop_labels(k, y, 0.0, 10), y)
+    assert drop_labels(k, y, 0.0, 10) is y and drop_labels(k, y, -1, 10) is y  # no draw for a Python prob <= 0
     np.testing.assert_array_equal(drop_labels(k, y, 1.0, 10), 10)
     frac = float(jnp.mean(drop_labels(k, y, 0.1, 10) == 10))
     assert 0.05 < frac < 0.15
+
+
+def test_check_inputs_shared_by_unet_and_dit():
+    x = jnp.zeros((1, 8, 12, 1))
+    check_inputs(x, None, None, 4, 'M')
+    check_inputs(x, jnp.zeros((1,), jnp.int32), 10, 2, 'M')
+    with pytest.raises(ValueError, match=r'NHWC .* got shape \(8, 12, 1\)'):
+        check_inputs(x[0], None, None, 1, 'M')
+    with pytest.raises(ValueError, match=r'^M, so .* multiples of 8 \(allowed: 8, 16, 24, ...\).*H=8, W=12'):
+        check_inputs(x, None, None, 8, 'M')
+    with pytest.raises(ValueError, match='unconditional'):
+        check_inputs(x, jnp.zeros((1,), jnp.int32), None, 4, 'M')
 
 
 # ---------------------------------------------------------------- registry
@@ -117,6 +131,13 @@ def test_count_params_with_labels_and_no_allocation():
     assert count_params(m.clone(num_classes=None), (1, 8, 8, 1)) == n - 6 * 64  # (5 + null) x 4*ch
     p = abstract_params(m, (1, 8, 8, 1))
     assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(p))
+    assert tree_size(p) == n
+
+
+def test_tree_size_counts_any_leaves():
+    tree = {'a': np.zeros((2, 3)), 'b': [jnp.ones(4), jax.ShapeDtypeStruct((5, 1), jnp.bfloat16)], 'c': 1.0}
+    assert tree_size(tree) == 6 + 4 + 5 + 1 and isinstance(tree_size(tree), int)
+    assert tree_size({}) == 0
 
 
 def test_forward_flops_scales_with_spatial_size():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jdiff
-from jdiff.sampling.api import _sample_jit
+from jdiff.sampling.api import _sample_jit, _split_options
 from jdiff.sampling.denoiser import Guidance
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -42,10 +42,11 @@ SHAPE = (2, 8, 8, 1)
 def _lowered_text(sampler, num_steps, **kw):
     sch = jdiff.get_schedule("linear", 1000)
     # jdiff.sample validates and then calls this jitted program; lower it directly.
-    args = (_conv_model, PARAMS, sch, jax.random.key(0), jnp.float32(0.0), Guidance(None, None, None), None,
+    static_options, traced_options = _split_options(jdiff.SAMPLERS[sampler], {})  # the defaults
+    args = (_conv_model, PARAMS, sch, jax.random.key(0), traced_options, Guidance(None, None, None), None,
             None, None)
-    return _sample_jit.lower(*args, shape=SHAPE, sampler=sampler, num_steps=num_steps, prediction="eps",
-                             spacing=kw.get("spacing", "linspace"), variance="posterior", rho=7.0,
+    return _sample_jit.lower(*args, shape=SHAPE, sampler=jdiff.SAMPLERS[sampler], num_steps=num_steps, prediction="eps",
+                             spacing=kw.get("spacing", "linspace"), static_options=static_options, rho=7.0,
                              trajectory_every=None).as_text()
 
 

@@ -55,7 +55,9 @@ def test_single_point_data_is_recovered_exactly(sampler, spacing):
     land on x* whatever the step count."""
     target = jnp.asarray([[0.5, -0.25, 1.0]])
     f = gaussian_eps_fn(LIN, target[0], np.zeros((3, 3)))
-    x = jdiff.sample(f, LIN, (64, 3), jax.random.key(0), sampler=sampler, num_steps=7, spacing=spacing, eta=1.0)
+    options = {"eta": 1.0} if "eta" in jdiff.SAMPLERS[sampler].options else {}
+    x = jdiff.sample(f, LIN, (64, 3), jax.random.key(0), sampler=sampler, num_steps=7, spacing=spacing,
+                     options=options)
     np.testing.assert_allclose(x, jnp.broadcast_to(target, x.shape), atol=2e-4)
 
 
@@ -256,7 +258,7 @@ def test_params_are_passed_to_model_fn():
     (dict(num_steps=2.5), "num_steps"),
     (dict(eta=1.5), r"\[0, 1\]"),
     (dict(eta=-0.1), r"\[0, 1\]"),
-    (dict(variance="fixed"), "allowed values"),
+    (dict(sampler="ddpm", variance="fixed"), "variance; allowed: posterior, beta, learned"),
     (dict(labels=jnp.zeros(3, jnp.int32)), r"\(4,\)"),
     (dict(guidance_scale=2.0), "labels"),
     (dict(x_init=jnp.zeros((4, 3))), "x_init"),

@@ -7,24 +7,24 @@ import jax
 import numpy as np
 import pytest
 
-from jdiff.training.checkpoint import Checkpointer, CheckpointError, load_for_inference, with_shardings
-from jdiff.training.factory import build_model
-from jdiff.training.loop import train
-from jdiff.training.mesh import make_mesh, replicated
-from jdiff.training.optim import make_optimizer
-from jdiff.training.state import init_train_state
+from conftest import with_changes
+
+from jdiff.run import Checkpointer, CheckpointError, build_model, load_for_inference, make_mesh, replicated
+from jdiff.training import init_train_state, make_optimizer, train
 
 QUIET = dict(progress=False, log=lambda s: None)
 
 
 def _abstract(config, devices):
     model = build_model(config, 10)
-    abstract = jax.eval_shape(lambda: init_train_state(model, make_optimizer(config), (8, 8, 1), config.seed))
-    return with_shardings(abstract, replicated(make_mesh(devices)))
+    abstract = jax.eval_shape(lambda: init_train_state(model, make_optimizer(config.optim), (8, 8, 1),
+                                                       config.run.seed))
+    rep = replicated(make_mesh(devices))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
 
 
 def _restore(config, step, devices):
-    with Checkpointer(config.workdir, create=False) as ck:
+    with Checkpointer(config.run.workdir, create=False) as ck:
         return ck.restore(_abstract(config, devices), step)
 
 
@@ -61,7 +61,7 @@ def test_resume_is_exact(tiny_config, tmp_path):
     assert (rb1.step, rb1.stopped_by, rb1.last_checkpoint) == (3, "stop_after", 3)
     rb2 = train(b, devices=dev, **QUIET)
     assert (rb2.step, rb2.stopped_by) == (6, None)
-    with Checkpointer(b.workdir, create=False) as ck:
+    with Checkpointer(b.run.workdir, create=False) as ck:
         assert ck.all_steps() == [3, 4, 6]
     sa, sb = _restore(a, 6, dev), _restore(b, 6, dev)
     assert int(sa.step) == int(sb.step) == 6
@@ -69,7 +69,7 @@ def test_resume_is_exact(tiny_config, tmp_path):
     # The metrics log of the resumed run continues where it stopped.
     import json
 
-    with open(os.path.join(b.workdir, "metrics.jsonl")) as f:
+    with open(os.path.join(b.run.workdir, "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [2, 3, 4, 6]
 
@@ -96,11 +96,11 @@ def test_restore_onto_other_device_counts(tiny_config, tmp_path):
 
 
 def test_load_for_inference(trained_run):
-    config, model, schedule, ema = load_for_inference(trained_run.workdir)
+    config, model, schedule, ema = load_for_inference(trained_run.run.workdir)
     assert config == trained_run and model.num_classes == 10 and schedule.num_timesteps == 100
     state = _restore(trained_run, 4, jax.devices()[:1])
     _assert_trees_equal(ema, state.ema_params)
-    _, _, _, params = load_for_inference(trained_run.workdir, step=2, which="params")
+    _, _, _, params = load_for_inference(trained_run.run.workdir, step=2, which="params")
     _assert_trees_equal(params, _restore(trained_run, 2, jax.devices()[:1]).params)
     import jdiff
 
@@ -125,12 +125,12 @@ def test_missing_checkpoints_give_clear_errors(tmp_path, trained_run):
     _one_line_error(e, "no checkpoint directory")
     empty = tmp_path / "empty"
     empty.mkdir()
-    shutil.copy(os.path.join(trained_run.workdir, "config.json"), empty / "config.json")
+    shutil.copy(os.path.join(trained_run.run.workdir, "config.json"), empty / "config.json")
     with pytest.raises(CheckpointError) as e:
         load_for_inference(str(empty))
     _one_line_error(e, "no checkpoint")
     with pytest.raises(CheckpointError) as e:
-        load_for_inference(trained_run.workdir, step=3)
+        load_for_inference(trained_run.run.workdir, step=3)
     _one_line_error(e, "step 3", "available: [2, 4]")
 
 
@@ -139,14 +139,14 @@ def test_missing_checkpoints_give_clear_errors(tmp_path, trained_run):
 @pytest.mark.parametrize("damage", ["delete_data", "garbage_metadata"])
 def test_corrupted_checkpoint_gives_clear_error(tmp_path, trained_run, damage):
     wd = tmp_path / "copy"
-    shutil.copytree(trained_run.workdir, wd)
+    shutil.copytree(trained_run.run.workdir, wd)
     step_dir = wd / "checkpoints" / "4" / "default"
     if damage == "delete_data":
         shutil.rmtree(step_dir / "d")
         shutil.rmtree(step_dir / "ocdbt.process_0")
     else:
         (step_dir / "_METADATA").write_text("{not json")
-    config = trained_run.__class__(**{**trained_run.__dict__, "workdir": str(wd)})
+    config = with_changes(trained_run, workdir=str(wd))
     with pytest.raises(CheckpointError) as e:
         load_for_inference(str(wd))
     _one_line_error(e, "corrupted")
@@ -154,7 +154,7 @@ def test_corrupted_checkpoint_gives_clear_error(tmp_path, trained_run, damage):
         _restore(config, 4, jax.devices()[:1])
     _one_line_error(e, "corrupted")
     with pytest.raises(CheckpointError) as e:  # training refuses to resume from it (and does not overwrite it)
-        train(config.__class__(**{**config.__dict__, "steps": 6}), devices=jax.devices()[:1], **QUIET)
+        train(with_changes(config, steps=6), devices=jax.devices()[:1], **QUIET)
     _one_line_error(e, "corrupted")
     # The older checkpoint is still fine.
     _restore(config, 2, jax.devices()[:1])

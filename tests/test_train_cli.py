@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_FLAGS, run_train_py
 
-from jdiff.training import cli
-from jdiff.training.checkpoint import Checkpointer, load_for_inference
-from jdiff.training.loop import train
+from jdiff.cli import train as cli
+from jdiff.run import Checkpointer, load_for_inference
+from jdiff.training import train
 
 QUIET = dict(progress=False, log=lambda s: None)
 
@@ -26,16 +26,30 @@ def _read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_train_py_end_to_end_then_extend(tmp_path):
-    """`python train.py` on the embedded digits: config, metrics, checkpoints (the last K kept) and sample grid;
-    running again with a larger --steps resumes from the saved checkpoint instead of starting over; a damaged
-    checkpoint is reported in one line."""
-    wd = tmp_path / "run"
-    r = run_train_py([*TINY_FLAGS, "--steps", "4", "--checkpoint_every", "2", "--keep_checkpoints", "2",
-                      "--workdir", str(wd)], cwd=tmp_path)
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """`python train.py` on the embedded digits: 4 steps, checkpoints every 2, the last 2 kept."""
+    root = tmp_path_factory.mktemp("cli_run")
+    wd = root / "run"
+    r = run_train_py([*TINY_FLAGS, "--optim.steps", "4", "--run.checkpoint_every", "2", "--run.keep_checkpoints", "2",
+                      "--run.workdir", str(wd)], cwd=root)
     assert r.returncode == 0, r.stderr
+    return wd
+
+
+def _copy_run(wd, tmp_path):
+    import shutil
+
+    shutil.copytree(wd, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.xdist_group("cli_run")
+@pytest.mark.subprocess
+def test_train_py_writes_config_metrics_checkpoints_and_grid(cli_run):
+    wd = cli_run
     saved = json.loads((wd / "config.json").read_text())
-    assert saved["config"]["steps"] == 4 and saved["config"]["model_overrides"]["ch"] == 8
+    assert saved["config"]["optim"]["steps"] == 4 and saved["config"]["model"]["fields"]["ch"] == 8
     assert saved["derived"] == {**saved["derived"], "num_classes": 10, "image_shape": [8, 8, 1]}
     assert [m["step"] for m in _read_metrics(wd)] == [2, 4]
     assert all(np.isfinite(m["loss"]) and m["lr"] > 0 for m in _read_metrics(wd))
@@ -45,24 +59,37 @@ def test_train_py_end_to_end_then_extend(tmp_path):
     grid = Image.open(wd / "samples" / "step_000004.png")
     assert grid.size == (4 * (8 * 4 + 1) + 1, 8 * 4 + 2)  # 4 tiles of 8x8 upscaled 4x, 1 px padding
 
+
+@pytest.mark.xdist_group("cli_run")
+@pytest.mark.subprocess
+def test_train_py_again_with_more_steps_resumes_and_keeps_the_last_k(cli_run, tmp_path):
+    """Running again with a larger --optim.steps resumes from the saved checkpoint instead of starting over;
+    --run.keep_checkpoints 2 still holds (flat pre-0.2 flag spellings work too)."""
+    wd = _copy_run(cli_run, tmp_path)
     r = run_train_py(["--workdir", str(wd), "--steps", "6", "--no_progress"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resumed from checkpoint step 4" in r.stderr
     assert [m["step"] for m in _read_metrics(wd)] == [2, 4, 6]
-    assert sorted(os.listdir(wd / "checkpoints")) == ["4", "6"]  # --keep_checkpoints 2
+    assert sorted(os.listdir(wd / "checkpoints")) == ["4", "6"]
 
-    # A damaged latest checkpoint: one line naming it and the older one to fall back to, no traceback.
+
+@pytest.mark.xdist_group("cli_run")
+@pytest.mark.subprocess
+def test_train_py_on_a_damaged_checkpoint_is_one_line(cli_run, tmp_path):
+    """A damaged latest checkpoint: one line naming it and the older one to fall back to, no traceback."""
     import shutil
 
-    shutil.rmtree(wd / "checkpoints" / "6" / "default" / "d")
-    r = run_train_py(["--workdir", str(wd), "--steps", "8", "--no_progress"], cwd=tmp_path)
+    wd = _copy_run(cli_run, tmp_path)
+    shutil.rmtree(wd / "checkpoints" / "4" / "default" / "d")
+    r = run_train_py(["--run.workdir", str(wd), "--optim.steps", "8", "--no_progress"], cwd=tmp_path)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("train.py: error: checkpoint ") and "Traceback" not in r.stderr, r.stderr
-    assert "corrupted" in lines[-1] and "resume from checkpoint 4" in lines[-1], lines[-1]
-    assert sorted(os.listdir(wd / "checkpoints")) == ["4", "6"]  # nothing deleted
+    assert "corrupted" in lines[-1] and "resume from checkpoint 2" in lines[-1], lines[-1]
+    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4"]  # nothing deleted
 
 
+@pytest.mark.subprocess
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     wd = tmp_path / "run"
     args = [*TINY_FLAGS, "--steps", "100000", "--checkpoint_every", "0", "--log_every", "1", "--workdir", str(wd)]
@@ -114,8 +141,8 @@ def test_signal_in_process_stops_at_a_checkpoint_on_an_image_folder(tmp_path, ti
     assert (result.step, result.stopped_by, result.last_checkpoint) == (4, sig.name, 4)
     assert result.sample_path is None
     assert signal.getsignal(sig) is not None  # handlers restored
-    cfg, model, _, _ = load_for_inference(config.workdir)
-    assert model.num_classes == 2 and cfg.dataset == str(root)
+    cfg, model, _, _ = load_for_inference(config.run.workdir)
+    assert model.num_classes == 2 and cfg.data.dataset == str(root)
 
 
 def _fail(argv, capsys):
@@ -129,15 +156,20 @@ def _fail(argv, capsys):
 
 BAD_FLAGS = {
     "unknown_flag": (["--lrr", "1e-3"], "did you mean --lr"),
-    "bad_float": (["--lr", "fast"], "bad value 'fast' for lr"),
+    "bad_float": (["--lr", "fast"], "bad value 'fast' for optim.lr"),
+    "bad_float_dotted": (["--optim.lr=fast"], "bad value 'fast' for optim.lr"),
     "bad_choice": (["--sampler", "nope"], "allowed: ddim, ddpm, dpmpp_2m, euler, heun"),
     "bad_range": (["--batch_size", "0"], "batch_size must be >= 1"),
     "bad_preset": (["--preset", "imagenet"], "invalid choice"),
-    "unknown_model": (["--model", "resnet"], "unknown model"),
+    "unknown_model": (["--model", "resnet"], "bad value 'resnet' for model.name; allowed: dit_b2"),
+    "unknown_sampler_option": (["--sampling.etaa", "1"], "sampler 'ddim' has no option 'etaa' (its options: eta)"),
+    "option_of_another_sampler": (["--sampling.sampler", "euler", "--sampling.eta", "1"],
+                                  "sampler 'euler' has no option 'eta'"),
+    "bad_sampler_option": (["--sampling.eta", "2"], "sampling.eta must be in [0, 1]"),
     "unknown_model_field": (["--model.chanels", "8"], "unknown model field(s) ['chanels']"),
     "model_flag_without_value": (["--model.ch"], "needs a value"),
     "bad_set": (["--set", "lr"], "KEY=VALUE"),
-    "steps_above_T": (["--sample_steps", "2000"], "sample_steps (2000) must be <= num_timesteps"),
+    "steps_above_T": (["--sample_steps", "2000"], "sampling.steps (2000) must be <= diffusion.num_timesteps"),
 }
 
 
@@ -166,24 +198,26 @@ def test_run_time_errors_exit_with_one_line(tmp_path, capsys):
 
 def test_resume_keeps_the_saved_model_and_data(tmp_path, capsys):
     """In a workdir with config.json, flags override the saved config, but a change of model/data is refused."""
-    from jdiff.training.config import get_preset, replace_fields
-    from jdiff.training.run_config import resolve_config, save_run_config
+    from jdiff.cli.train import resolve_config
+    from jdiff.config import apply_overrides, get_preset
+    from jdiff.run import save_run_config
 
     wd = str(tmp_path / "run")
-    saved = replace_fields(get_preset("digits"), {"workdir": wd, "lr": "1e-3", "model.ch": "16"})
+    saved = apply_overrides(get_preset("digits"), {"workdir": wd, "lr": "1e-3", "model.ch": "16"})
     save_run_config(wd, saved, {"num_classes": 10, "image_shape": [8, 8, 1]})
     config, resumed = resolve_config(None, {"workdir": wd, "steps": "50"})
-    assert resumed and config.lr == 1e-3 and config.steps == 50 and config.model_overrides == {"ch": 16}
+    assert resumed and config.optim.lr == 1e-3 and config.optim.steps == 50 and config.model.fields == {"ch": 16}
     code, line = _fail(["--workdir", wd, "--model.ch", "32"], capsys)
-    assert code == 2 and "model_overrides: {'ch': 16} -> {'ch': 32}" in line, line
+    assert code == 2 and "model.fields: {'ch': 16} -> {'ch': 32}" in line, line
     code, line = _fail(["--workdir", wd, "--preset", "mnist"], capsys)
-    assert code == 2 and "dataset: 'digits' -> 'mnist'" in line, line
+    assert code == 2 and "data.dataset: 'digits' -> 'mnist'" in line, line
 
 
 def test_print_config(capsys):
     assert cli.main(["--preset", "cifar10", "--lr", "1e-4", "--print_config"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["model"] == "unet_ddpm_cifar10" and out["lr"] == 1e-4 and out["random_flip"] is True
+    assert out["model"]["name"] == "unet_ddpm_cifar10" and out["optim"]["lr"] == 1e-4
+    assert out["data"]["random_flip"] is True
 
 
 def _free_port():
@@ -192,6 +226,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.subprocess
 def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config):
     """Two train.py processes (2 CPU devices each) joined by jax.distributed train the same model as one
     process on 4 devices: same global batch, same noise, gradients all-reduced across processes."""
@@ -212,9 +247,9 @@ def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config):
     ref = tiny_config(workdir=tmp_path / "one", steps=3, checkpoint_every=0, num_samples=0, log_every=2)
     train(ref, devices=jax.devices()[:4], **QUIET)
     _, _, _, p_mp = load_for_inference(str(wd), which="params")
-    _, _, _, p_one = load_for_inference(ref.workdir, which="params")
+    _, _, _, p_one = load_for_inference(ref.run.workdir, which="params")
     for a, b in zip(jax.tree.leaves(p_mp), jax.tree.leaves(p_one)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    m_mp, m_one = _read_metrics(wd), _read_metrics(ref.workdir)
+    m_mp, m_one = _read_metrics(wd), _read_metrics(ref.run.workdir)
     assert [m["step"] for m in m_mp] == [2, 3]
     np.testing.assert_allclose([m["loss"] for m in m_mp], [m["loss"] for m in m_one], rtol=1e-5)

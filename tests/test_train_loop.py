@@ -2,15 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from jdiff.training.checkpoint import Checkpointer, with_shardings
-from jdiff.training.factory import build_model
-from jdiff.training.loop import NonFiniteLossError, train
-from jdiff.training.mesh import make_mesh, replicated
-from jdiff.training.optim import make_optimizer
-from jdiff.training.state import init_train_state, tree_all_finite
+from jdiff.run import Checkpointer
+from jdiff.training import NonFiniteLossError, setup, train
+from jdiff.training.state import tree_all_finite
 
 
 @pytest.mark.parametrize("log_every", [1, 100])
@@ -27,10 +23,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
         train(config, devices=jax.devices()[:1], batch_hook=poison, progress=False, log=lambda s: None)
     assert e.value.step == 5 and e.value.last_checkpoint == 4
     assert "last good checkpoint is step 4" in str(e.value)
-    model = build_model(config, 10)
-    abstract = jax.eval_shape(lambda: init_train_state(model, make_optimizer(config), (8, 8, 1), 0))
-    abstract = with_shardings(abstract, replicated(make_mesh(jax.devices()[:1])))
-    with Checkpointer(config.workdir, create=False) as ck:
+    abstract = setup(config, jax.devices()[:1]).abstract_state
+    with Checkpointer(config.run.workdir, create=False) as ck:
         assert ck.all_steps() == [2, 4]
         for s in ck.all_steps():
             state = ck.restore(abstract, s)

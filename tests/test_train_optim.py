@@ -6,13 +6,14 @@ import numpy as np
 import optax
 import pytest
 
-from jdiff.training.config import get_preset, replace_fields
+from jdiff.config import apply_overrides, get_preset
+from jdiff.models import drop_labels
 from jdiff.training.optim import ema_decay_at, ema_update, lr_schedule, make_optimizer
-from jdiff.training.step import drop_labels
 
 
 def cfg(**kw):
-    return replace_fields(get_preset("digits"), kw)
+    """The optimizer section of the digits preset with `kw` (config keys) changed."""
+    return apply_overrides(get_preset("digits"), kw.items()).optim
 
 
 def test_warmup_then_constant():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jdiff
-from jdiff.training import mesh as mesh_lib
-from jdiff.training.config import get_preset, replace_fields
+from jdiff.config import apply_overrides, get_preset
+from jdiff.run import mesh as mesh_lib
 from jdiff.training.optim import make_optimizer
 from jdiff.training.state import init_train_state
 from jdiff.training.step import accumulate, init_accumulator, make_step_fn, train_step
@@ -38,7 +38,7 @@ class TinyNet(nn.Module):
 def _config(**kw):
     base = dict(batch_size=16, num_timesteps=100, lr=1e-2, warmup_steps=0, label_dropout=0.3, ema_decay=0.9)
     base.update(kw)
-    return replace_fields(get_preset("digits"), base)
+    return apply_overrides(get_preset("digits"), base.items())
 
 
 def _batch(n=16, seed=0):
@@ -50,10 +50,10 @@ def _batch(n=16, seed=0):
 def _run_steps(devices, config, model, num_steps=2):
     mesh = mesh_lib.make_mesh(devices)
     rep = mesh_lib.replicated(mesh)
-    tx = make_optimizer(config)
+    tx = make_optimizer(config.optim)
     state = jax.jit(functools.partial(init_train_state, model, tx, (8, 8, 1), 0), out_shardings=rep)()
     step = make_step_fn(model, config, mesh)
-    schedule = jax.device_put(jdiff.get_schedule("linear", config.num_timesteps), rep)
+    schedule = jax.device_put(jdiff.get_schedule("linear", config.diffusion.num_timesteps), rep)
     acc = jax.device_put(init_accumulator(), rep)
     for i in range(num_steps):
         batch = jax.device_put(_batch(seed=i), mesh_lib.batch_sharding(mesh))
@@ -74,7 +74,7 @@ def test_eight_devices_equal_one_device():
             np.testing.assert_allclose(x8, x1, rtol=2e-5, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(a8["loss"], a1["loss"], rtol=1e-5)
     # The step really changed the parameters (so the comparison is not vacuous).
-    s0 = jax.jit(functools.partial(init_train_state, model, make_optimizer(config), (8, 8, 1), 0))()
+    s0 = jax.jit(functools.partial(init_train_state, model, make_optimizer(config.optim), (8, 8, 1), 0))()
     moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params))]
     assert max(moved) > 1e-3
 
@@ -82,7 +82,7 @@ def test_eight_devices_equal_one_device():
 def test_step_rng_and_metrics():
     config = _config(lr=1e-3, warmup_steps=10)
     model = TinyNet()
-    tx = make_optimizer(config)
+    tx = make_optimizer(config.optim)
     state = jax.jit(functools.partial(init_train_state, model, tx, (8, 8, 1), 0))()
     schedule = jdiff.get_schedule("linear", 100)
     batch = jax.tree.map(jnp.asarray, _batch())
@@ -106,7 +106,7 @@ def test_step_rng_and_metrics():
 def test_bfloat16_compute_keeps_float32_params():
     config = _config(dtype="bfloat16")
     model = TinyNet(dtype=jnp.bfloat16)
-    tx = make_optimizer(config)
+    tx = make_optimizer(config.optim)
     state = jax.jit(functools.partial(init_train_state, model, tx, (8, 8, 1), 0))()
     new, m = jax.jit(functools.partial(train_step, model=model, config=config))(
         state, jax.tree.map(jnp.asarray, _batch()), schedule=jdiff.get_schedule("linear", 100))

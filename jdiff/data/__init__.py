@@ -11,7 +11,6 @@ Typical use::
 
 from jdiff.data.pipeline import batch_at, iterate_batches, make_source
 from jdiff.data.prefetch import BatchIterator
-from jdiff.data.sampler import sample_indices
 from jdiff.data.sources import ArraySource, DigitsSource, ImageFolderSource, Source
 from jdiff.data.tfds_source import TfdsSource
 
@@ -25,5 +24,4 @@ __all__ = [
     "batch_at",
     "iterate_batches",
     "make_source",
-    "sample_indices",
 ]

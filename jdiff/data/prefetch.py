@@ -1,14 +1,22 @@
-"""A step-indexed iterator that computes ``make_batch(step)`` ahead in a background thread."""
+"""A step-indexed iterator that computes ``make_batch(step)`` ahead in a background thread.
+
+One daemon thread fills a bounded queue; blocking ``put``/``get`` need no
+polling because the producer always delivers a batch or a failure for every
+step the consumer may ask for, and ``close`` drains the queue, which unblocks a
+waiting producer, before joining it. ``weakref.finalize`` runs the same
+shutdown when the iterator is garbage-collected or still open at interpreter
+exit (so no thread is inside JAX while the interpreter tears down).
+"""
 
 from __future__ import annotations
 
-import atexit
 import queue
 import threading
-from typing import Any, Callable
+import weakref
+from collections.abc import Callable
+from typing import Any
 
-_POLL_S = 0.05
-_JOIN_S = 10.0
+_JOIN_S = 10.0  # an unfinished make_batch (e.g. a hung read) must not hang close() or exit forever
 
 
 class _Failure:
@@ -18,41 +26,36 @@ class _Failure:
         self.error = error
 
 
+_CLOSED = object()  # wakes a consumer still waiting in get() when another thread closes the iterator
+
+
 def _produce(make_batch, out: queue.Queue, stop: threading.Event, step: int, end: int | None) -> None:
     try:
         while (end is None or step < end) and not stop.is_set():
-            item = make_batch(step)
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=_POLL_S)
-                    break
-                except queue.Full:
-                    pass
+            out.put(make_batch(step))
             step += 1
     except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-        while not stop.is_set():
-            try:
-                out.put(_Failure(e), timeout=_POLL_S)
-                return
-            except queue.Full:
-                pass
+        out.put(_Failure(e))
 
 
-class _Stopper:
-    """Stops and joins the producer; registered with atexit until the iterator closes."""
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
 
-    def __init__(self, stop: threading.Event, q: queue.Queue, thread: threading.Thread):
-        self.stop, self.queue, self.thread = stop, q, thread
 
-    def __call__(self) -> None:
-        self.stop.set()
-        try:
-            while True:
-                self.queue.get_nowait()
-        except queue.Empty:
-            pass
-        if self.thread is not threading.current_thread():
-            self.thread.join(_JOIN_S)
+def _shutdown(stop: threading.Event, q: queue.Queue, thread: threading.Thread) -> None:
+    stop.set()
+    _drain(q)  # room for the producer's last put, so it returns, sees `stop` and exits
+    if thread is not threading.current_thread():
+        thread.join(_JOIN_S)
+    _drain(q)  # release batches (device buffers) made before it saw `stop`
+    try:
+        q.put_nowait(_CLOSED)
+    except queue.Full:  # only if the join timed out and the producer put once more
+        pass
 
 
 class BatchIterator:
@@ -60,9 +63,10 @@ class BatchIterator:
 
     Stops after ``num_steps`` batches (None: never). With ``prefetch > 0`` a
     daemon thread computes up to ``prefetch`` batches ahead; an exception
-    raised there is re-raised by ``next()`` (after the batches made before it),
-    and the thread is stopped by ``close()``, the ``with`` block, garbage
-    collection or interpreter exit. ``step`` is the step of the next batch.
+    raised there is re-raised by ``next()`` (after the batches made before it)
+    and ends the iteration. The thread is stopped by ``close()``, the ``with``
+    block, garbage collection or interpreter exit. ``step`` is the step of the
+    next batch.
     """
 
     def __init__(
@@ -82,18 +86,19 @@ class BatchIterator:
         self._make = make_batch
         self._end = None if num_steps is None else start_step + num_steps
         self._closed = False
-        self._stopper = None
+        self._queue: queue.Queue | None = None
+        self._finalizer = None
         if prefetch:
-            q: queue.Queue = queue.Queue(maxsize=prefetch)
+            self._queue = queue.Queue(maxsize=prefetch)
             stop = threading.Event()
             thread = threading.Thread(
-                target=_produce, args=(make_batch, q, stop, start_step, self._end), name=name, daemon=True
+                target=_produce, args=(make_batch, self._queue, stop, start_step, self._end), name=name, daemon=True
             )
-            self._stopper = _Stopper(stop, q, thread)
-            atexit.register(self._stopper)
+            # Holds no reference to self, so an abandoned iterator is collected and its thread stopped.
+            self._finalizer = weakref.finalize(self, _shutdown, stop, self._queue, thread)
             thread.start()
 
-    def __iter__(self) -> "BatchIterator":
+    def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> Any:
@@ -101,41 +106,26 @@ class BatchIterator:
             self.close()
             raise StopIteration
         try:
-            item = self._make(self.step) if self._stopper is None else self._get()
+            item = self._make(self.step) if self._queue is None else self._queue.get()
         except BaseException:
             self.close()
             raise
+        if item is _CLOSED:
+            raise StopIteration
         if isinstance(item, _Failure):
             self.close()
             raise item.error
         self.step += 1
         return item
 
-    def _get(self) -> Any:
-        q, thread = self._stopper.queue, self._stopper.thread
-        while True:
-            try:
-                return q.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not thread.is_alive() and q.empty():
-                    raise RuntimeError("the prefetch thread stopped unexpectedly") from None
-
     def close(self) -> None:
-        """Stops the background thread (idempotent)."""
+        """Stops and joins the background thread (idempotent)."""
         self._closed = True
-        stopper, self._stopper = self._stopper, None
-        if stopper is not None:
-            stopper()
-            atexit.unregister(stopper)
+        if self._finalizer is not None:
+            self._finalizer()  # runs _shutdown at most once
 
-    def __enter__(self) -> "BatchIterator":
+    def __enter__(self) -> BatchIterator:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
-            pass

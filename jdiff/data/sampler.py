@@ -62,22 +62,6 @@ def host_rows(global_batch_size: int, process_index: int, process_count: int) ->
     return np.arange(process_index * b, (process_index + 1) * b, dtype=np.int64)
 
 
-def sample_indices(
-    num_examples: int,
-    step: int,
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> np.ndarray:
-    """Dataset indices (int64, (global_batch_size // process_count,)) of this host's slice at ``step``."""
-    check_step(step)
-    check_batch_args(global_batch_size, seed, process_index, process_count)
-    rows = host_rows(global_batch_size, process_index, process_count)
-    return indices_at(num_examples, step * global_batch_size + rows, seed)
-
-
 def flip_mask(step: int, rows: np.ndarray, *, global_batch_size: int, seed: int) -> np.ndarray:
     """bool (len(rows),): whether the examples at these global-batch rows are flipped at ``step``."""
     return np.random.default_rng([seed, 1, step]).random(global_batch_size)[rows] < 0.5

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jdiff.models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
-from jdiff.models.layers import MultiHeadSelfAttention, modulate
+from jdiff.models.layers import MultiHeadSelfAttention, check_inputs, modulate
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
@@ -74,10 +74,10 @@ class DiT(nn.Module):
 
     Fields: patch_size, hidden_size, depth, num_heads, mlp_ratio (4), num_classes
     (None = unconditional; else ``num_classes + 1`` label rows, the last = null label,
-    used when ``y`` is None), class_dropout (label -> null probability when
-    ``train=True``, uses the ``'dropout'`` rng; 0 = off), learn_sigma (doubles output
-    channels: [eps | v]), out_channels (None = input channels), remat (rematerialise
-    blocks to save memory), dtype / param_dtype. Output is float32.
+    used when ``y`` is None), learn_sigma (doubles output channels: [eps | v]),
+    out_channels (None = input channels), remat (rematerialise blocks to save memory),
+    dtype / param_dtype. Output is float32. ``train`` changes nothing (no dropout layers);
+    label dropout for classifier-free guidance is ``drop_labels``, done by the caller.
     """
     patch_size: int = 2
     hidden_size: int = 1152
@@ -85,7 +85,6 @@ class DiT(nn.Module):
     num_heads: int = 16
     mlp_ratio: float = 4.0
     num_classes: int | None = 1000
-    class_dropout: float = 0.0
     learn_sigma: bool = True
     out_channels: int | None = None
     remat: bool = False
@@ -95,15 +94,9 @@ class DiT(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
                  train: bool = False) -> jax.Array:
-        if x.ndim != 4:
-            raise ValueError(f'x must be NHWC (B, H, W, C), got shape {x.shape}')
-        b, hgt, wid, c_in = x.shape
         p = self.patch_size
-        if hgt % p or wid % p:
-            raise ValueError(f'DiT with patch_size={p} needs image height and width that are multiples '
-                             f'of {p} (allowed: {p}, {2 * p}, {3 * p}, ...); got x.shape={tuple(x.shape)}')
-        if y is not None and self.num_classes is None:
-            raise ValueError('y was given but the model is unconditional (num_classes=None)')
+        check_inputs(x, y, self.num_classes, p, f'DiT with patch_size={p} cuts images into {p}x{p} patches')
+        b, hgt, wid, c_in = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gh, gw, d = hgt // p, wid // p, self.hidden_size
 
@@ -117,7 +110,7 @@ class DiT(nn.Module):
         c = TimestepEmbedder(d, freq_dim=256, cos_first=True, kernel_init=nn.initializers.normal(0.02),
                              name='t_embedder', **kw)(t)
         if self.num_classes is not None:
-            c = c + LabelEmbedder(self.num_classes, d, self.class_dropout, name='y_embedder', **kw)(y, b, train)
+            c = c + LabelEmbedder(self.num_classes, d, name='y_embedder', **kw)(y, b)
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):

@@ -88,7 +88,10 @@ def check_labels(y: jax.Array, num_classes: int, batch: int | None = None) -> No
 
 def drop_labels(key: jax.Array, y: jax.Array, prob: float, null_label: int) -> jax.Array:
     """Replace each label by ``null_label`` with probability ``prob`` (CFG training,
-    Ho & Salimans 2022, Alg. 1). Pure: ``(key, (B,) int) -> (B,) int``."""
+    Ho & Salimans 2022, Alg. 1). Pure: ``(key, (B,) int) -> (B,) int``.
+    A Python number ``prob <= 0`` returns ``y`` itself (no random draw)."""
+    if isinstance(prob, (int, float)) and prob <= 0:
+        return y
     drop = jax.random.bernoulli(key, prob, jnp.shape(y))
     return jnp.where(drop, jnp.asarray(null_label, jnp.result_type(y)), y)
 
@@ -97,26 +100,22 @@ class LabelEmbedder(nn.Module):
     """Class-label embedding table with ``num_classes + 1`` rows; row ``num_classes``
     is the learned null label used for classifier-free guidance (DiT Sec. 3.1).
 
-    ``y=None`` embeds the null label. With ``dropout_prob > 0`` and ``train=True``
-    labels are dropped to null using the ``'dropout'`` rng stream.
+    ``y=None`` embeds the null label; label dropout is ``drop_labels``, done by the caller.
     ``(B,) int32 -> (B, hidden) dtype``.
     """
     num_classes: int
     hidden: int
-    dropout_prob: float = 0.0
     embedding_init: Any = nn.initializers.normal(0.02)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, y: jax.Array | None, batch: int, train: bool = False) -> jax.Array:
+    def __call__(self, y: jax.Array | None, batch: int) -> jax.Array:
         if y is None:
             y = jnp.full((batch,), self.num_classes, jnp.int32)
         else:
             y = jnp.asarray(y)
             check_labels(y, self.num_classes, batch)
-            if train and self.dropout_prob > 0:
-                y = drop_labels(self.make_rng('dropout'), y, self.dropout_prob, self.num_classes)
         table = nn.Embed(self.num_classes + 1, self.hidden, embedding_init=self.embedding_init,
                          dtype=self.dtype, param_dtype=self.param_dtype, name='table')
         return table(y)

@@ -1,4 +1,4 @@
-"""Small shared building blocks: group-count choice, multi-head attention, adaLN modulation."""
+"""Small shared building blocks: input checks, group-count choice, multi-head attention, adaLN modulation."""
 
 from __future__ import annotations
 
@@ -9,6 +9,21 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 Dtype = Any
+
+
+def check_inputs(x: jax.Array, y: jax.Array | None, num_classes: int | None, multiple: int, why: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is NHWC with H and W multiples of ``multiple`` and ``y`` is None
+    for an unconditional model (``num_classes=None``). ``why`` starts the size message, e.g.
+    ``'UNet with ch_mult=(1, 2) downsamples 1 times'``. Label values are checked by ``LabelEmbedder``."""
+    if x.ndim != 4:
+        raise ValueError(f'x must be NHWC (B, H, W, C), got shape {x.shape}')
+    hgt, wid = x.shape[1:3]
+    if hgt % multiple or wid % multiple:
+        m = multiple
+        raise ValueError(f'{why}, so image height and width must be multiples of {m} (allowed: {m}, {2 * m}, '
+                         f'{3 * m}, ...); got x.shape={tuple(x.shape)} (H={hgt}, W={wid})')
+    if y is not None and num_classes is None:
+        raise ValueError('y was given but the model is unconditional (num_classes=None)')
 
 
 def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:

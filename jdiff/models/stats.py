@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import flax.linen as nn
+
+
+def tree_size(tree: Any) -> int:
+    """Total element count of a pytree's leaves: arrays, numpy arrays or ``jax.ShapeDtypeStruct``
+    (a leaf without ``shape``, e.g. a Python number, counts 1). The parameter count of a params tree."""
+    return sum(math.prod(getattr(a, 'shape', ())) for a in jax.tree.leaves(tree))
 
 
 def _abstract_inputs(input_shape: Sequence[int], with_labels: bool):
@@ -36,8 +42,7 @@ def count_params(model: nn.Module, input_shape: Sequence[int], *, with_labels: b
     Uses ``jax.eval_shape`` so even DiT-XL is counted without allocating. A
     class-conditional model creates its label table whether or not ``with_labels``.
     """
-    leaves = jax.tree.leaves(abstract_params(model, input_shape, with_labels=with_labels))
-    return int(sum(int(np.prod(a.shape)) for a in leaves))
+    return tree_size(abstract_params(model, input_shape, with_labels=with_labels))
 
 
 def _flops(cost: Any) -> float:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jdiff.models.embeddings import LabelEmbedder, TimestepEmbedder
-from jdiff.models.layers import MultiHeadSelfAttention, num_groups
+from jdiff.models.layers import MultiHeadSelfAttention, check_inputs, num_groups
 
 Dtype = Any
 
@@ -135,9 +135,7 @@ class UNet(nn.Module):
         needs the ``'dropout'`` rng).
       num_classes: None = unconditional; else a label table with ``num_classes + 1``
         rows is added to the time embedding (row ``num_classes`` = null label, used
-        when ``y`` is None).
-      class_dropout: probability of replacing labels by the null label when
-        ``train=True`` (classifier-free guidance training; uses the ``'dropout'`` rng).
+        when ``y`` is None; label dropout for CFG training is the caller's ``drop_labels``).
       learn_sigma: doubles the output channels (Improved DDPM Sec. 3.1: [eps | v]).
       out_channels: output channels before doubling (None = input channels).
       num_heads / num_head_channels: attention heads; ``num_head_channels`` (if set)
@@ -155,7 +153,6 @@ class UNet(nn.Module):
     attention_resolutions: Sequence[int] = (16,)
     dropout: float = 0.1
     num_classes: int | None = None
-    class_dropout: float = 0.0
     learn_sigma: bool = False
     out_channels: int | None = None
     num_heads: int = 1
@@ -177,17 +174,10 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
                  train: bool = False) -> jax.Array:
-        if x.ndim != 4:
-            raise ValueError(f'x must be NHWC (B, H, W, C), got shape {x.shape}')
-        b, hgt, wid, c_in = x.shape
-        factor = 2 ** (len(self.ch_mult) - 1)
-        if hgt % factor or wid % factor:
-            raise ValueError(
-                f'UNet with ch_mult={tuple(self.ch_mult)} downsamples {len(self.ch_mult) - 1} times, so '
-                f'image height and width must be multiples of {factor} (allowed: {factor}, {2 * factor}, '
-                f'{3 * factor}, ...); got x.shape={tuple(x.shape)} (H={hgt}, W={wid})')
-        if y is not None and self.num_classes is None:
-            raise ValueError('y was given but the model is unconditional (num_classes=None)')
+        n_down = len(self.ch_mult) - 1
+        check_inputs(x, y, self.num_classes, 2 ** n_down,
+                     f'UNet with ch_mult={tuple(self.ch_mult)} downsamples {n_down} times')
+        b, _, _, c_in = x.shape
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
@@ -198,8 +188,7 @@ class UNet(nn.Module):
         emb = TimestepEmbedder(4 * self.ch, freq_dim=self.ch, kernel_init=default_init,
                                name='time_embed', **kw)(t)
         if self.num_classes is not None:
-            emb = emb + LabelEmbedder(self.num_classes, 4 * self.ch, self.class_dropout,
-                                      name='label_embed', **kw)(y, b, train)
+            emb = emb + LabelEmbedder(self.num_classes, 4 * self.ch, name='label_embed', **kw)(y, b)
 
         h = nn.Conv(self.ch, (3, 3), kernel_init=default_init, name='conv_in', **kw)(x.astype(self.dtype))
         hs = [h]

@@ -1,15 +1,16 @@
 """`jdiff.sample` and `jdiff.ddim_invert`: validation on the host, then one jitted `lax.scan`.
 
-Static (a change recompiles): model_fn, shape, sampler, num_steps, prediction, spacing, variance, rho,
-trajectory interval, and whether params / labels / guidance / clipping / thresholding / x_init are given.
-Traced (a change never recompiles): params, the schedule's values, rng, eta, guidance_scale, labels,
-null_label, clip range, threshold percentile, x_init.
+Static (a change recompiles): model_fn, shape, sampler, num_steps, prediction, spacing, the sampler's static
+options (e.g. ddpm's variance), rho, trajectory interval, and whether params / labels / guidance / clipping /
+thresholding / x_init are given.
+Traced (a change never recompiles): params, the schedule's values, rng, the sampler's traced options (e.g.
+ddim's eta), guidance_scale, labels, null_label, clip range, threshold percentile, x_init.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,7 @@ import numpy as np
 from jax import lax
 
 from jdiff.forward import check_prediction
-from jdiff.sampling.base import Options, Step, get_sampler
-from jdiff.sampling.ddpm import VARIANCES
+from jdiff.sampling.base import SAMPLERS, Sampler, Step, check_options, get_sampler
 from jdiff.sampling.denoiser import Guidance, make_denoiser
 from jdiff.sampling.timesteps import SPACINGS, make_grid
 from jdiff.schedules import Schedule
@@ -44,7 +44,8 @@ def _check_common(schedule, shape, num_steps, spacing, prediction, labels, guida
         raise ValueError(f"shape must be a tuple of positive ints (B, ...), got {shape!r}.")
     big_t = schedule.num_timesteps
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= big_t:
-        raise ValueError(f"num_steps must be an int in [1, {big_t}] (the schedule's T), got {num_steps!r}.")
+        raise ValueError(f"num_steps must be an int in [1, T={big_t}] (the schedule's number of diffusion steps), "
+                         f"got {num_steps!r}.")
     if spacing not in SPACINGS:
         raise ValueError(f"Unknown spacing {spacing!r}; allowed values: {list(SPACINGS)}.")
     check_prediction(prediction)
@@ -67,6 +68,27 @@ def _check_common(schedule, shape, num_steps, spacing, prediction, labels, guida
     return zero_snr
 
 
+def _merge_shorthands(options: Optional[Mapping[str, Any]], **shorthands: Any) -> dict:
+    """options plus the keyword shorthands that are not None (eta=, variance=); one given both ways is an error."""
+    out = dict(options or {})
+    for name, value in shorthands.items():
+        if value is not None:
+            if name in out:
+                raise ValueError(f"{name} is given twice: as {name}= and in options; give it once.")
+            out[name] = value
+    return out
+
+
+def _split_options(smp: Sampler, options: Mapping[str, Any]) -> tuple[tuple, dict]:
+    """The sampler's checked options (defaults filled in) as (static ((name, value), ...) for the jit's static
+    arguments, traced {name: float32 / int32 scalar})."""
+    opts = check_options(smp.name, options)
+    static = tuple((k, v) for k, v in opts.items() if smp.options[k].static)
+    traced = {k: jnp.asarray(v, jnp.float32 if smp.options[k].kind is float else jnp.int32)
+              for k, v in opts.items() if not smp.options[k].static}
+    return static, traced
+
+
 def _guidance(labels, guidance_scale, null_label) -> Guidance:
     return Guidance(
         labels=None if labels is None else jnp.asarray(labels, jnp.int32),
@@ -77,13 +99,7 @@ def _guidance(labels, guidance_scale, null_label) -> Guidance:
 
 def _scan_steps(sampler, denoise, grid, carry, rng, opts, start, length):
     def body(c, i):
-        s = Step(
-            index=i,
-            is_first=i == 0,
-            is_last=i == grid.t.shape[0] - 1,
-            t=grid.t[i], alpha=grid.alpha[i], sigma=grid.sigma[i],
-            t_next=grid.t_next[i], alpha_next=grid.alpha_next[i], sigma_next=grid.sigma_next[i],
-        )
+        s = Step(index=i, is_first=i == 0, is_last=i == grid.t.shape[0] - 1, row=jax.tree.map(lambda a: a[i], grid))
         return sampler.step(denoise, c, s, jax.random.fold_in(rng, i), opts), None
 
     carry, _ = lax.scan(body, carry, start + lax.iota(jnp.int32, length))
@@ -92,35 +108,34 @@ def _scan_steps(sampler, denoise, grid, carry, rng, opts, start, length):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model_fn", "shape", "sampler", "num_steps", "prediction", "spacing", "variance", "rho",
-                     "trajectory_every"),
+    static_argnames=("model_fn", "shape", "sampler", "num_steps", "prediction", "spacing", "static_options",
+                     "rho", "trajectory_every"),
 )
-def _sample_jit(model_fn, params, schedule, rng, eta, guidance, clip_range, threshold, x_init, *, shape,
-                sampler, num_steps, prediction, spacing, variance, rho, trajectory_every):
-    smp = get_sampler(sampler)
+def _sample_jit(model_fn, params, schedule, rng, traced_options, guidance, clip_range, threshold, x_init, *,
+                shape, sampler, num_steps, prediction, spacing, static_options, rho, trajectory_every):
     grid = make_grid(schedule, spacing, num_steps, rho=rho)
     denoise = make_denoiser(model_fn, params, prediction=prediction, guidance=guidance,
                             clip_range=clip_range, threshold_percentile=threshold)
     init_key, loop_key = jax.random.split(rng)
     if x_init is None:
         x_init = jax.random.normal(init_key, shape, jnp.float32)
-    opts = Options(eta=eta, variance=variance)
-    carry = smp.init(x_init)
+    opts = {**dict(static_options), **traced_options}
+    carry = sampler.init(x_init)
     if trajectory_every is None:
-        return smp.output(_scan_steps(smp, denoise, grid, carry, loop_key, opts, 0, num_steps))
+        return sampler.output(_scan_steps(sampler, denoise, grid, carry, loop_key, opts, 0, num_steps))
     # Trajectory: an outer scan over chunks of k steps keeps only N/k snapshots in memory.
     k = trajectory_every
     n_chunks, rest = divmod(num_steps, k)
 
     def chunk(c, j):
-        c = _scan_steps(smp, denoise, grid, c, loop_key, opts, j * k, k)
-        return c, smp.output(c)
+        c = _scan_steps(sampler, denoise, grid, c, loop_key, opts, j * k, k)
+        return c, sampler.output(c)
 
     carry, snaps = lax.scan(chunk, carry, lax.iota(jnp.int32, n_chunks))
     if rest:
-        carry = _scan_steps(smp, denoise, grid, carry, loop_key, opts, n_chunks * k, rest)
-        snaps = jnp.concatenate([snaps, smp.output(carry)[None]])
-    return smp.output(carry), jnp.concatenate([x_init[None], snaps])
+        carry = _scan_steps(sampler, denoise, grid, carry, loop_key, opts, n_chunks * k, rest)
+        snaps = jnp.concatenate([snaps, sampler.output(carry)[None]])
+    return sampler.output(carry), jnp.concatenate([x_init[None], snaps])
 
 
 def sample(
@@ -131,14 +146,15 @@ def sample(
     *,
     sampler: str = "ddim",
     num_steps: int = 50,
-    eta: float = 0.0,
+    options: Optional[Mapping[str, Any]] = None,
+    eta: Optional[float] = None,
+    variance: Optional[str] = None,
     prediction: str = "eps",
     guidance_scale: Optional[float] = None,
     labels: Optional[Array] = None,
     null_label: Optional[int] = None,
     params: Any = None,
     spacing: str = "linspace",
-    variance: str = "posterior",
     clip_x0: Optional[tuple[float, float]] = None,
     dynamic_threshold: Optional[float] = None,
     karras_rho: float = 7.0,
@@ -157,8 +173,11 @@ def sample(
       shape: (B, ...) of the output, e.g. (B, H, W, C).
       rng: PRNG key for x_T and the per-step noise (step i uses fold_in(key, i)).
       sampler: "ddpm", "ddim", "dpmpp_2m", "euler" or "heun" (see jdiff.sampling.SAMPLERS).
-      num_steps: N in [1, T]; model evaluations are N (2N - 1 for "heun").
-      eta: DDIM stochasticity in [0, 1] (DDIM eq. 16); only "ddim" uses it.
+      num_steps: N in [1, T]; model evaluations are `SAMPLERS[sampler].nfe(N)` (N, or 2N - 1 for "heun").
+      options: the sampler's options {name: value} (`jdiff.sampling.check_options`); missing ones take their
+        defaults, one the sampler does not declare is an error. "ddim": eta in [0, 1] (DDIM eq. 16, traced);
+        "ddpm": variance "posterior" (beta-tilde), "beta" or "learned" (static).
+      eta, variance: shorthands for options={"eta": eta} / {"variance": variance}.
       prediction: what the model predicts: "eps", "x0" or "v".
       guidance_scale: classifier-free guidance scale w (Ho & Salimans 2022), uncond + w (cond - uncond):
         1 is purely conditional. Needs labels and null_label; one model call on a batch of 2B.
@@ -167,7 +186,6 @@ def sample(
       params: optional first argument of model_fn (traced).
       spacing: timestep selection for N < T: "linspace", "leading", "trailing" or "karras" (Karras et al.
         2022 eq. 5, fractional t).
-      variance: the "ddpm" sampler's variance: "posterior" (beta-tilde), "beta", or "learned".
       clip_x0: (lo, hi) to clip the predicted x0 to (e.g. (-1, 1) for images), or None.
       dynamic_threshold: Imagen's percentile p in (0, 1) (e.g. 0.995), or None.
       karras_rho: rho of the Karras spacing.
@@ -181,15 +199,12 @@ def sample(
     smp = get_sampler(sampler)
     shape = tuple(int(d) for d in shape) if isinstance(shape, (tuple, list)) else shape
     zero_snr = _check_common(schedule, shape, num_steps, spacing, prediction, labels, guidance_scale, null_label)
-    if variance not in VARIANCES:
-        raise ValueError(f"Unknown variance {variance!r}; allowed values: {list(VARIANCES)}.")
-    e = _concrete(eta)
-    if e is not None and (e.shape != () or not 0.0 <= float(e) <= 1.0):
-        raise ValueError(f"eta must be a scalar in [0, 1], got {eta!r}.")
-    if zero_snr and (spacing == "karras" or smp.name in ("euler", "heun")):
+    static_options, traced_options = _split_options(smp, _merge_shorthands(options, eta=eta, variance=variance))
+    if zero_snr and (spacing == "karras" or not smp.zero_terminal_snr):
+        able = [name for name, s in sorted(SAMPLERS.items()) if s.zero_terminal_snr]
         raise ValueError(
-            f'sampler {smp.name!r} with spacing {spacing!r} needs a finite terminal SNR; with a zero-terminal-SNR '
-            'schedule use sampler "ddim", "ddpm" or "dpmpp_2m" with spacing "linspace", "leading" or "trailing".'
+            f"sampler {smp.name!r} with spacing {spacing!r} needs a finite terminal SNR; with a zero-terminal-SNR "
+            f"schedule use a sampler of {able} with spacing 'linspace', 'leading' or 'trailing'."
         )
     if clip_x0 is not None:
         if len(clip_x0) != 2 or not clip_x0[0] < clip_x0[1]:
@@ -211,10 +226,10 @@ def sample(
         raise ValueError("model_fn must be hashable (a function or bound method); pass weights via params=.")
     guidance = _guidance(labels, guidance_scale, null_label)
     return _sample_jit(
-        model_fn, params, schedule, rng, jnp.asarray(eta, jnp.float32), guidance, clip_x0, dynamic_threshold,
+        model_fn, params, schedule, rng, traced_options, guidance, clip_x0, dynamic_threshold,
         None if x_init is None else jnp.asarray(x_init, jnp.float32),
-        shape=shape, sampler=smp.name, num_steps=int(num_steps), prediction=prediction, spacing=spacing,
-        variance=variance, rho=float(karras_rho), trajectory_every=return_trajectory_every,
+        shape=shape, sampler=smp, num_steps=int(num_steps), prediction=prediction, spacing=spacing,
+        static_options=static_options, rho=float(karras_rho), trajectory_every=return_trajectory_every,
     )
 
 

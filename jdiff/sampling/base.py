@@ -1,61 +1,83 @@
-"""The sampler interface and registry. A sampler is one small unit: a step function that a `lax.scan`
-runs over the grid (see `jdiff.sampling.timesteps`), plus how many model calls it makes."""
+"""The sampler interface and registry. A sampler is one small unit: a step function that a `lax.scan` runs
+over the grid (see `jdiff.sampling.timesteps`), the options it takes (declared with `jdiff.spec.Spec`), and
+what it can do (model calls per run, noise after x_T, zero-terminal-SNR schedules).
+
+Adding a sampler is one module that calls `register`; `jdiff.sample` and the command-line tools take its
+options, defaults, help and checks from the declaration (`check_options`, `all_options`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+import types
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
+import numpy as np
 
 from jdiff.sampling.denoiser import Denoised
+from jdiff.sampling.timesteps import Grid
+from jdiff.spec import Spec
 
 Array = jax.Array
 Denoise = Callable[[Array, Array, Array, Array], Denoised]
 
 
 class Step(NamedTuple):
-    """Scalars of one step (float32 unless noted): step index i (int32), whether it is the first / last step
-    (bool), and the levels it goes between: model timestep t, alpha, sigma -> t_next, alpha_next, sigma_next."""
+    """One step i of the scan: index (int32), is_first / is_last (bool), and `row`, the grid's row i (a `Grid`
+    of float32 scalars: the model timestep t, alpha, sigma of this level -> t_next, alpha_next, sigma_next)."""
 
     index: Array
     is_first: Array
     is_last: Array
-    t: Array
-    alpha: Array
-    sigma: Array
-    t_next: Array
-    alpha_next: Array
-    sigma_next: Array
+    row: Grid
 
 
-class Options(NamedTuple):
-    """Sampler options: eta () float32 (traced) and the DDPM variance choice (static str)."""
-
-    eta: Array
-    variance: str
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Sampler:
-    """step(denoise, carry, step, key, options) -> carry; init(x_T) -> carry; output(carry) -> x.
+    """A registered sampler.
 
-    nfe(N) is the number of model evaluations for N steps; `stochastic` says whether it draws noise
-    after x_T.
+    step(denoise, carry, step, key, opts) -> carry runs one step; init(x_T) -> carry; output(carry) -> x.
+    opts maps each declared option to its value: a Python value for a static option (it fixes the compiled
+    program), a float32 / int32 scalar array for a traced one (a change never recompiles).
+    nfe(N): model evaluations for N steps. stochastic: it may draw noise after x_T. zero_terminal_snr: it
+    works with a schedule whose last abar is 0. validate(opts): optional cross-option check on the host
+    (raises ValueError; a traced option may be a tracer when `jdiff.sample` runs under an outer jit).
+    Compiled programs are cached per Sampler object (hashed by identity), so re-registering a name recompiles.
     """
 
     name: str
-    step: Callable[[Denoise, Any, Step, Array, Options], Any]
+    step: Callable[[Denoise, Any, Step, Array, dict], Any]
     nfe: Callable[[int], int]
     stochastic: bool
+    zero_terminal_snr: bool
+    options: Mapping[str, Spec] = dataclasses.field(default_factory=dict)
+    validate: Optional[Callable[[dict], None]] = None
     init: Callable[[Array], Any] = lambda x: x
     output: Callable[[Any], Array] = lambda carry: carry
+
+    def __post_init__(self):
+        for name, spec in self.options.items():
+            if not name.isidentifier():
+                raise ValueError(f"sampler {self.name!r}: option name {name!r} is not an identifier")
+            if not spec.static and (spec.kind not in (int, float) or spec.optional):
+                raise ValueError(f"sampler {self.name!r}: traced option {name!r} must be a non-optional int or "
+                                 "float (it is passed as an int32 / float32 scalar); declare it static=True")
+            spec.check(name, spec.default)
+        object.__setattr__(self, "options", types.MappingProxyType(dict(self.options)))
 
 
 SAMPLERS: dict[str, Sampler] = {}
 
 
 def register(sampler: Sampler) -> Sampler:
+    """Adds `sampler` to SAMPLERS (replacing one of its name). An option another sampler also declares must
+    have the identical Spec, so that a command-line tool offers one flag for it."""
+    for name, spec in sampler.options.items():
+        for other in SAMPLERS.values():
+            if other.name != sampler.name and other.options.get(name, spec) != spec:
+                raise ValueError(f"sampler {sampler.name!r}: option {name!r} differs from sampler "
+                                 f"{other.name!r}'s option of that name; same-named options must be identical")
     SAMPLERS[sampler.name] = sampler
     return sampler
 
@@ -64,3 +86,41 @@ def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"Unknown sampler {name!r}; allowed values: {sorted(SAMPLERS)}.")
     return SAMPLERS[name]
+
+
+def _check_value(name: str, spec: Spec, value: Any) -> Any:
+    if isinstance(value, jax.core.Tracer):
+        if spec.static or np.shape(value) != ():
+            raise ValueError(f"{name} must be a concrete {spec.describe()}" if spec.static
+                             else f"{name} must be a scalar, got shape {np.shape(value)}")
+        return value  # traced under an outer jit: only its shape can be checked
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        if np.shape(value) != ():
+            raise ValueError(f"{name} must be a scalar {spec.describe()}, got shape {np.shape(value)}")
+        value = np.asarray(value).item()
+    return spec.parse(name, value)
+
+
+def check_options(sampler: str, options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The options of sampler `sampler`, checked and with defaults filled in: {name: value} for every option
+    it declares. A value may be command-line text ("0.5"), a Python value, or for a traced option a scalar
+    array. Raises a one-line ValueError naming the unknown sampler, the undeclared option or the bad value."""
+    smp = get_sampler(sampler)
+    options = dict(options or {})
+    for name in options:
+        if name not in smp.options:
+            raise ValueError(f"sampler {smp.name!r} has no option {name!r} "
+                             f"(its options: {', '.join(smp.options) or 'none'})")
+    out = {name: _check_value(name, spec, options.get(name, spec.default)) for name, spec in smp.options.items()}
+    if smp.validate is not None:
+        smp.validate(out)
+    return out
+
+
+def all_options() -> dict[str, tuple[Spec, tuple[str, ...]]]:
+    """Every option any registered sampler declares: {name: (spec, names of the samplers that take it)}."""
+    out: dict[str, tuple[Spec, tuple[str, ...]]] = {}
+    for smp in sorted(SAMPLERS.values(), key=lambda s: s.name):
+        for name, spec in smp.options.items():
+            out[name] = (spec, out.get(name, (spec, ()))[1] + (smp.name,))
+    return out

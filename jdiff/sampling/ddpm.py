@@ -14,21 +14,25 @@ import jax
 import jax.numpy as jnp
 
 from jdiff.sampling.base import Sampler, register
+from jdiff.spec import Spec
 
 VARIANCES = ("posterior", "beta", "learned")
+VARIANCE = Spec(str, "posterior", "DDPM step variance: posterior (beta-tilde), beta, or learned (Nichol & "
+                "Dhariwal 2021 eq. 15; the model outputs 2x channels)", choices=VARIANCES, static=True)
 
 
 def ddpm_step(denoise, x, s, key, opts):
-    d = denoise(x, s.t, s.alpha, s.sigma)
-    abar, abar_prev = s.alpha**2, s.alpha_next**2
+    g = s.row
+    d = denoise(x, g.t, g.alpha, g.sigma)
+    abar, abar_prev = g.alpha**2, g.alpha_next**2
     beta = 1.0 - abar / abar_prev
-    coef1 = beta * s.alpha_next / (1.0 - abar)
+    coef1 = beta * g.alpha_next / (1.0 - abar)
     coef2 = (1.0 - abar_prev) * jnp.sqrt(1.0 - beta) / (1.0 - abar)
     mean = coef1 * d.x0 + coef2 * x
     post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
-    if opts.variance == "posterior":
+    if opts["variance"] == "posterior":
         var = post_var
-    elif opts.variance == "beta":
+    elif opts["variance"] == "beta":
         var = beta
     else:
         if d.var_values is None:
@@ -41,4 +45,5 @@ def ddpm_step(denoise, x, s, key, opts):
     return mean + jnp.where(s.is_last, 0.0, jnp.sqrt(var)) * z
 
 
-DDPM = register(Sampler(name="ddpm", step=ddpm_step, nfe=lambda n: n, stochastic=True))
+DDPM = register(Sampler(name="ddpm", step=ddpm_step, nfe=lambda n: n, stochastic=True, zero_terminal_snr=True,
+                        options={"variance": VARIANCE}))

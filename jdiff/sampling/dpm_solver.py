@@ -21,16 +21,17 @@ def _log_alpha_sigma(alpha, sigma):
 
 def dpmpp_2m_step(denoise, carry, s, key, opts):
     x, x0_prev, h_prev = carry
-    d = denoise(x, s.t, s.alpha, s.sigma)
-    lam = _log_alpha_sigma(s.alpha, s.sigma)
-    lam_next = _log_alpha_sigma(s.alpha_next, s.sigma_next)  # +inf on the last step
+    g = s.row
+    d = denoise(x, g.t, g.alpha, g.sigma)
+    lam = _log_alpha_sigma(g.alpha, g.sigma)
+    lam_next = _log_alpha_sigma(g.alpha_next, g.sigma_next)  # +inf on the last step
     h = lam_next - lam
     first_order = s.is_first | s.is_last
     r = h_prev / jnp.where(first_order, 1.0, h)
     r = jnp.where(first_order, 1.0, r)
     d2 = (1.0 + 0.5 / r) * d.x0 - (0.5 / r) * x0_prev
     dd = jnp.where(first_order, d.x0, d2)
-    x_next = (s.sigma_next / s.sigma) * x - s.alpha_next * jnp.expm1(-h) * dd
+    x_next = (g.sigma_next / g.sigma) * x - g.alpha_next * jnp.expm1(-h) * dd
     return x_next, d.x0, h
 
 
@@ -40,6 +41,7 @@ DPMPP_2M = register(
         step=dpmpp_2m_step,
         nfe=lambda n: n,
         stochastic=False,
+        zero_terminal_snr=True,
         init=lambda x: (x, jnp.zeros_like(x), jnp.zeros((), jnp.float32)),
         output=lambda carry: carry[0],
     )

@@ -1,36 +1,32 @@
-"""The training loop: init or resume, step, log, checkpoint, sample, stop cleanly on SIGTERM/SIGINT.
+"""The training loop: set up (`jdiff.training.setup`), then step, and after each step run the periodic
+actions (log metrics, save a checkpoint, write a preview grid) and the stop checks (SIGTERM/SIGINT,
+`stop_after`). Adding a periodic action (an evaluation, say) is one function `action(loop)` that returns
+early unless `loop.due(every)`, passed in `train(..., actions=ACTIONS + (action,))`.
 
-The hot loop never waits for the device except every `log_every` steps (metrics are summed on device),
-before a checkpoint (finiteness check) and before a sample grid.
+The hot loop never waits for the device except every `run.log_every` steps (metrics are summed on device),
+before a checkpoint (finiteness check) and before a preview grid.
 """
 
-from __future__ import annotations
-
 import dataclasses
-import functools
-import json
 import os
-import signal
 import sys
-import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
-import numpy as np
 
-import jdiff
-from jdiff.training import mesh as mesh_lib
-from jdiff.training.checkpoint import Checkpointer, CheckpointError
-from jdiff.training.config import TrainConfig
-from jdiff.training.factory import build_model, build_schedule, build_source, model_num_classes
-from jdiff.training.optim import make_optimizer
-from jdiff.training.run_config import save_run_config
-from jdiff.training.samples import generate, image_grid, sample_path, save_png
-from jdiff.training.state import TrainState, init_train_state, tree_all_finite
-from jdiff.training.step import init_accumulator, make_step_fn
+from jdiff.config import TrainConfig
+from jdiff.models import tree_size
+from jdiff.run import Checkpointer, Generator, Settings, auto_batch, image_grid, labels_for, local_copy
+from jdiff.run import replicated, sample_path, save_png, save_run_config
+from jdiff.training.metrics_log import MetricsWriter
+from jdiff.training.setup import Setup, setup
+from jdiff.training.signals import StopFlag, catch_signals
+from jdiff.training.state import TrainState, tree_all_finite
+from jdiff.training.step import init_accumulator
 
-SAMPLE_SEED_SALT = 0x5EED
+PREVIEW_SEED_SALT = 0x5EED  # preview grids use seed run.seed + this, apart from the training noise
+_all_finite = jax.jit(tree_all_finite)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,8 +35,8 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, last_checkpoint: Optional[int], what: str = "loss"):
         self.step = step
         self.last_checkpoint = last_checkpoint
-        good = f"the last good checkpoint is step {last_checkpoint}" if last_checkpoint is not None else \
-            "no checkpoint was written"
+        good = (f"the last good checkpoint is step {last_checkpoint}" if last_checkpoint is not None
+                else "no checkpoint was written")
         super().__init__(f"non-finite {what} at step {step}; stopped without saving the bad state ({good})")
 
 
@@ -54,74 +50,122 @@ class TrainResult:
     sample_path: Optional[str]
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT handlers (installed by `catch_signals`); read by the loop between steps."""
+@dataclasses.dataclass
+class Loop:
+    """What the periodic actions see and update. `done` steps have been taken; `acc` holds the device-side
+    metric sums of the current logging window."""
 
-    def __init__(self):
-        self.reason: Optional[str] = None
-
-    def request(self, reason: str) -> None:
-        self.reason = reason
+    setup: Setup
+    ckpt: Checkpointer
+    state: TrainState
+    acc: Any
+    done: int
+    stop_at: int
+    last_checkpoint: Optional[int]
+    writer: MetricsWriter
+    primary: bool
+    log: Callable[[str], None]
+    bar: Any = None
+    stopping: bool = False
+    sample_path: Optional[str] = None
+    window: tuple[float, int] = (0.0, 0)  # (start time, steps) of the throughput window
+    _generator: Optional[Generator] = None
 
     @property
-    def requested(self) -> bool:
-        return self.reason is not None
+    def config(self) -> TrainConfig:
+        return self.setup.config
 
+    def due(self, every: int) -> bool:
+        """Whether an action with period `every` (0: never) runs after this step."""
+        return bool(every) and self.done % every == 0
 
-class catch_signals:
-    """Context manager: SIGTERM/SIGINT set `flag` instead of killing the process; a second SIGINT raises
-    KeyboardInterrupt. Handlers are only installed in the main thread and restored on exit."""
+    def check_finite(self) -> None:
+        """Raises NonFiniteLossError if the window saw a non-finite loss or the state is not finite."""
+        bad = int(self.acc["first_bad"])
+        if bad >= 0:
+            self.ckpt.wait()
+            raise NonFiniteLossError(bad, self.last_checkpoint)
+        if not bool(_all_finite(self.state)):
+            self.ckpt.wait()
+            raise NonFiniteLossError(self.done, self.last_checkpoint, what="parameters/optimizer state")
 
-    def __init__(self, flag: StopFlag):
-        self.flag, self._old = flag, {}
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.flag.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.flag.request(name)
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self.flag
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class MetricsWriter:
-    """Appends metric dicts as JSON lines to workdir/metrics.jsonl (and TensorBoard if tensorboardX exists)."""
-
-    def __init__(self, workdir: str, enabled: bool = True):
-        self.enabled = enabled
-        self._f = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
-        self._tb = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter  # optional
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-            except ImportError:
-                pass
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
+    def save(self) -> None:
+        """Checkpoints the current state (once per step; never a non-finite one)."""
+        if self.done == self.last_checkpoint:
             return
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"train/{k}", v, record["step"])
+        self.check_finite()
+        self.ckpt.save(self.done, self.state)
+        self.last_checkpoint = self.done
 
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-        if self._tb is not None:
-            self._tb.close()
+    def preview(self) -> Optional[str]:
+        """Writes a grid drawn from the EMA parameters on this host's devices (primary host only)."""
+        c = self.config
+        if not self.primary or c.sampling.num_samples == 0:
+            return None
+        s = self.setup
+        if self._generator is None:
+            settings = Settings(sampler=c.sampling.sampler, steps=c.sampling.steps, spacing=c.sampling.spacing,
+                                options=dict(c.sampling.options), guidance=c.sampling.guidance_scale)
+            devices = jax.local_devices()
+            self._generator = Generator(
+                s.model, local_copy(s.schedule), settings, image_shape=s.image_shape, num_classes=s.num_classes,
+                prediction=c.diffusion.objective, batch=auto_batch(c.sampling.num_samples, len(devices)),
+                devices=devices)
+        labels = labels_for(c.sampling.num_samples, s.num_classes)
+        images, _, _ = self._generator.draw(local_copy(self.state.ema_params), c.sampling.num_samples,
+                                            seed=c.run.seed + PREVIEW_SEED_SALT, labels=labels)
+        grid = image_grid(images, columns=c.sampling.columns, upscale=c.sampling.upscale)
+        self.sample_path = save_png(grid, sample_path(c.run.workdir, self.done))
+        return self.sample_path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Periodic actions: each runs after every step and returns unless it is due.
+
+
+def log_metrics(loop: Loop) -> None:
+    """Every run.log_every steps (and at a stop): fetches the window's metric sums, raises on a non-finite
+    loss, appends a record to metrics.jsonl, updates the progress bar, resets the window."""
+    if not (loop.due(loop.config.run.log_every) or loop.done == loop.stop_at or loop.stopping):
+        return
+    host = jax.device_get(loop.acc)
+    if int(host["first_bad"]) >= 0:
+        loop.ckpt.wait()
+        raise NonFiniteLossError(int(host["first_bad"]), loop.ckpt.latest_step())
+    now = time.perf_counter()
+    t0, n = loop.window
+    count, dt = max(int(host["count"]), 1), max(now - t0, 1e-9)
+    rec = {
+        "step": loop.done, "loss": float(host["loss"]) / count, "mse": float(host["mse"]) / count,
+        "grad_norm": float(host["grad_norm"]) / count, "lr": float(host["lr"]),
+        "steps_per_sec": n / dt if n else None,
+        "images_per_sec": n * loop.config.optim.batch_size / dt if n else None, "time": time.time(),
+    }
+    loop.writer.write(rec)
+    post = {"loss": f"{rec['loss']:.4f}"}
+    if rec["images_per_sec"]:
+        post["img/s"] = f"{rec['images_per_sec']:.0f}"
+    loop.bar.set_postfix(post, refresh=False)
+    if loop.bar.disable and loop.writer.enabled:
+        rate = f", {rec['steps_per_sec']:.2f} steps/s" if rec["steps_per_sec"] else ""
+        print(f"step {loop.done}: loss {rec['loss']:.4f}{rate}", file=sys.stderr)
+    loop.acc = jax.device_put(init_accumulator(), loop.acc["count"].sharding)
+    loop.window = (now, 0)
+
+
+def save_checkpoint(loop: Loop) -> None:
+    """Every run.checkpoint_every steps."""
+    if loop.due(loop.config.run.checkpoint_every):
+        loop.save()
+
+
+def write_preview(loop: Loop) -> None:
+    """Every sampling.every steps, except the last (the final grid is written when the run finishes)."""
+    if loop.due(loop.config.sampling.every) and loop.done != loop.config.optim.steps:
+        loop.preview()
+
+
+ACTIONS: tuple[Callable[[Loop], None], ...] = (log_metrics, save_checkpoint, write_preview)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -131,196 +175,98 @@ def _progress(total: int, initial: int, enabled: bool):
                 mininterval=1.0, smoothing=0.1, file=sys.stderr)
 
 
-def _count_params(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def train(
     config: TrainConfig,
     *,
-    devices: Optional[list] = None,
+    devices: Optional[Sequence[Any]] = None,
     stop_after: Optional[int] = None,
     batch_hook: Optional[Callable[[int, dict], dict]] = None,
+    actions: Sequence[Callable[[Loop], None]] = ACTIONS,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> TrainResult:
-    """Trains (or resumes) the run described by `config` in `config.workdir`.
+    """Trains (or resumes) the run described by `config` in `config.run.workdir`.
 
     Args:
-      config: a validated TrainConfig (see `jdiff.training.run_config.resolve_config` for resume rules).
+      config: the run's config (see `jdiff.cli.train.resolve_config` for the resume rules).
       devices: devices of the data-parallel mesh (default: all).
       stop_after: stop (with a checkpoint) after this many steps of this call, as if preempted.
       batch_hook: (step, global batch) -> batch, applied before the step (tests: inject NaNs).
+      actions: the periodic actions run after every step, in order.
       progress: show a tqdm progress bar.
       log: receives one-line status messages.
 
     Raises:
       NonFiniteLossError, CheckpointError, ConfigError (bad dataset/model settings), ValueError.
     """
-    workdir = config.workdir
+    s = setup(config, devices)
     primary = jax.process_index() == 0
-    mesh = mesh_lib.make_mesh(devices)
-    mesh_lib.check_batch_size(config.batch_size, mesh)
-    rep = mesh_lib.replicated(mesh)
-
-    source = build_source(config)
-    num_classes = model_num_classes(config, getattr(source, "num_classes", None))
-    image_shape = tuple(int(d) for d in source.image_shape)
-    model = build_model(config, num_classes)
-    schedule = jax.device_put(build_schedule(config), rep)
-    tx = make_optimizer(config)
     if primary:
-        save_run_config(workdir, config, {
-            "num_classes": num_classes, "image_shape": list(image_shape), "dataset_size": len(source),
-            "jdiff_version": jdiff.__version__,
-        })
-
-    init_fn = jax.jit(functools.partial(init_train_state, model, tx, image_shape, config.seed), out_shardings=rep)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), jax.eval_shape(init_fn))
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoint)
+        save_run_config(config.run.workdir, config, s.derived())
+    ckpt = Checkpointer(config.run.workdir, keep=config.run.keep_checkpoints, async_save=config.run.async_checkpoint)
+    writer = None
     try:
-        return _run(config, ckpt, mesh, source, model, schedule, init_fn, abstract, num_classes, image_shape,
-                    stop_after=stop_after, batch_hook=batch_hook, progress=progress and primary, log=log,
-                    primary=primary)
+        state = s.restore_or_init(ckpt, log)
+        start, end = int(state.step), config.optim.steps
+        log(f"jdiff: {config.model.name} ({tree_size(state.params) / 1e6:.2f}M params) on {config.data.dataset} "
+            f"({len(s.source)} images {s.image_shape}, {s.num_classes or 'no'} classes), {s.mesh.devices.size} "
+            f"device(s), batch {config.optim.batch_size}, steps {start} -> {end}, workdir {config.run.workdir}")
+        writer = MetricsWriter(config.run.workdir, enabled=primary and start < end)
+        loop = Loop(s, ckpt, state, jax.device_put(init_accumulator(), replicated(s.mesh)), start,
+                    end if stop_after is None else min(end, start + stop_after), ckpt.latest_step(), writer,
+                    primary, log)
+        if start >= end:
+            log(f"already trained to step {start} (steps={end}); nothing to do")
+            if not os.path.exists(sample_path(config.run.workdir, start)):
+                loop.preview()
+            return TrainResult(start, None, loop.last_checkpoint, loop.sample_path)
+        return _run(loop, actions, batch_hook, progress and primary)
     finally:
+        if writer is not None:
+            writer.close()
         ckpt.close()  # waits for asynchronous saves: a finished checkpoint is never lost
 
 
-def _run(config, ckpt, mesh, source, model, schedule, init_fn, abstract, num_classes, image_shape, *,
-         stop_after, batch_hook, progress, log, primary) -> TrainResult:
-    from jdiff.data import iterate_batches
-
-    workdir, end = config.workdir, config.steps
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(abstract, latest)
-        if int(state.step) != latest:
-            raise CheckpointError(f"checkpoint {latest} in {ckpt.directory} holds step {int(state.step)}")
-        log(f"resumed from checkpoint step {latest} in {ckpt.directory}")
-    else:
-        state = init_fn()
-    start = int(state.step)
-    stop_at = end if stop_after is None else min(end, start + stop_after)
-    log(f"jdiff: {config.model} ({_count_params(state.params) / 1e6:.2f}M params) on {config.dataset} "
-        f"({len(source)} images {image_shape}, {num_classes or 'no'} classes), {mesh.devices.size} device(s), "
-        f"batch {config.batch_size}, steps {start} -> {end}, workdir {workdir}")
-
-    finite_fn = jax.jit(tree_all_finite)
-    rep = mesh_lib.replicated(mesh)
-    last_ckpt = latest
-    written_sample = None
-
-    def check_finite(acc, state, step: int) -> None:
-        bad = int(acc["first_bad"])
-        if bad >= 0:
-            ckpt.wait()
-            raise NonFiniteLossError(bad, last_ckpt)
-        if not bool(finite_fn(state)):
-            ckpt.wait()
-            raise NonFiniteLossError(step, last_ckpt, what="parameters/optimizer state")
-
-    def save(acc, state, step: int) -> None:
-        nonlocal last_ckpt
-        if step == last_ckpt:
-            return
-        check_finite(acc, state, step)  # never write a bad state
-        ckpt.save(step, state)
-        last_ckpt = step
-
-    def write_samples(state, step: int) -> Optional[str]:
-        if not primary or config.num_samples == 0:
-            return None
-        params = mesh_lib.local_copy(state.ema_params)
-        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), SAMPLE_SEED_SALT)
-        images = generate(model, schedule_local, params, config, image_shape, key, num_classes)
-        grid = image_grid(images, columns=config.sample_columns, upscale=config.sample_upscale)
-        return save_png(grid, sample_path(workdir, step))
-
-    schedule_local = mesh_lib.local_copy(schedule)
-    if start >= end:
-        log(f"already trained to step {start} (steps={end}); nothing to do")
-        if not os.path.exists(sample_path(workdir, start)):
-            written_sample = write_samples(state, start)
-        return TrainResult(start, None, last_ckpt, written_sample)
-
-    step_fn = make_step_fn(model, config, mesh)
-    acc = jax.device_put(init_accumulator(), rep)
-    writer = MetricsWriter(workdir, enabled=primary)
-    batches = iterate_batches(source, start_step=start, global_batch_size=config.batch_size, seed=config.seed,
-                              num_steps=stop_at - start, random_flip=config.random_flip,
-                              sharding=mesh_lib.batch_sharding(mesh), prefetch=2)
-    bar = _progress(end, start, False)  # replaced by a live bar once the step has compiled
+def _run(loop: Loop, actions, batch_hook, progress: bool) -> TrainResult:
+    start, end = loop.done, loop.config.optim.steps
+    batches = loop.setup.batches(start, loop.stop_at - start)
+    loop.bar = _progress(end, start, False)  # replaced by a live bar once the step has compiled
     stopped_by = None
-    t_window, n_window, t_start = time.perf_counter(), 0, time.perf_counter()
-    done = start
+    t_start = time.perf_counter()
     try:
         with catch_signals(StopFlag()) as flag:
-            for step in range(start, stop_at):
+            for step in range(start, loop.stop_at):
                 batch = next(batches)
                 if batch_hook is not None:
                     batch = batch_hook(step, batch)
-                state, acc = step_fn(state, batch, schedule, acc)
-                done = step + 1
-                n_window += 1
+                loop.state, loop.acc = loop.setup.step_fn(loop.state, batch, loop.setup.schedule, loop.acc)
+                loop.done = step + 1
+                loop.window = (loop.window[0], loop.window[1] + 1)
                 if step == start:  # one-time compile: time it separately, then start the progress bar
-                    jax.block_until_ready(acc)
-                    log(f"compiled the train step in {time.perf_counter() - t_start:.1f}s")
-                    t_window, n_window = time.perf_counter(), 0
-                    bar = _progress(end, start, progress)
-                bar.update(1)
-                if done % config.log_every == 0 or done == stop_at or flag.requested:
-                    acc, t_window, n_window = _log(acc, done, t_window, n_window, config, writer, bar, ckpt)
-                if config.checkpoint_every and done % config.checkpoint_every == 0:
-                    save(acc, state, done)
-                if config.sample_every and done % config.sample_every == 0 and done != end:
-                    written_sample = write_samples(state, done)
+                    jax.block_until_ready(loop.acc)
+                    loop.log(f"compiled the train step in {time.perf_counter() - t_start:.1f}s")
+                    loop.window = (time.perf_counter(), 0)
+                    loop.bar = _progress(end, start, progress)
+                loop.bar.update(1)
+                loop.stopping = flag.requested
+                for action in actions:
+                    action(loop)
                 if flag.requested:
                     stopped_by = flag.reason
                     break
             else:
-                if stop_at < end:
+                if loop.stop_at < end:
                     stopped_by = "stop_after"
-        save(acc, state, done)
-        ckpt.wait()
+        loop.save()
+        loop.ckpt.wait()
         if stopped_by is None:
-            written_sample = write_samples(state, done)
-            log(f"finished {done} steps in {time.perf_counter() - t_start:.1f}s; checkpoint {done}"
-                + (f", samples {written_sample}" if written_sample else ""))
+            loop.preview()
+            loop.log(f"finished {loop.done} steps in {time.perf_counter() - t_start:.1f}s; checkpoint {loop.done}"
+                     + (f", samples {loop.sample_path}" if loop.sample_path else ""))
         else:
-            log(f"stopped by {stopped_by} at step {done}: saved checkpoint {done} in {ckpt.directory}")
-        return TrainResult(done, stopped_by, last_ckpt, written_sample)
+            loop.log(f"stopped by {stopped_by} at step {loop.done}: saved checkpoint {loop.done} in "
+                     f"{loop.ckpt.directory}")
+        return TrainResult(loop.done, stopped_by, loop.last_checkpoint, loop.sample_path)
     finally:
         batches.close()
-        bar.close()
-        writer.close()
-
-
-def _log(acc, done, t_window, n_window, config, writer, bar, ckpt):
-    """Fetches the window's metric sums, raises on a non-finite loss, writes a record, resets the window."""
-    host = jax.device_get(acc)
-    if int(host["first_bad"]) >= 0:
-        ckpt.wait()
-        raise NonFiniteLossError(int(host["first_bad"]), ckpt.latest_step())
-    now = time.perf_counter()
-    count = max(int(host["count"]), 1)
-    dt = max(now - t_window, 1e-9)
-    rec = {
-        "step": done,
-        "loss": float(host["loss"]) / count,
-        "mse": float(host["mse"]) / count,
-        "grad_norm": float(host["grad_norm"]) / count,
-        "lr": float(host["lr"]),
-        "steps_per_sec": n_window / dt if n_window else None,
-        "images_per_sec": n_window * config.batch_size / dt if n_window else None,
-        "time": time.time(),
-    }
-    writer.write(rec)
-    post = {"loss": f"{rec['loss']:.4f}"}
-    if rec["images_per_sec"]:
-        post["img/s"] = f"{rec['images_per_sec']:.0f}"
-    bar.set_postfix(post, refresh=False)
-    if bar.disable and writer.enabled:
-        print(f"step {done}: loss {rec['loss']:.4f}"
-              + (f", {rec['steps_per_sec']:.2f} steps/s" if rec["steps_per_sec"] else ""), file=sys.stderr)
-    new_acc = jax.device_put(init_accumulator(), acc["count"].sharding)
-    return new_acc, now, 0
+        loop.bar.close()

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff.training.config import TrainConfig
+from jdiff.config import OptimConfig
 
 
-def lr_schedule(config: TrainConfig) -> optax.Schedule:
+def lr_schedule(config: OptimConfig) -> optax.Schedule:
     """Learning rate at an update count: linear warm-up 0 -> lr over `warmup_steps` (lr(0) = 0, as in
     DDPM), then constant or cosine decay to lr * end_lr_factor at step `steps`."""
     peak = config.lr
@@ -31,7 +31,7 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) (if > 0) followed by AdamW with `lr_schedule(config)`."""
     adam = optax.adamw(
         lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,

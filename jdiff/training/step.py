@@ -11,17 +11,10 @@ import optax
 
 import jdiff
 from jdiff.schedules import Schedule
-from jdiff.training.config import TrainConfig
+from jdiff.config import TrainConfig
+from jdiff.models import drop_labels
 from jdiff.training.optim import ema_update, lr_schedule, make_optimizer
 from jdiff.training.state import TrainState
-
-
-def drop_labels(key: jax.Array, labels: jax.Array, prob: float, null_label: int) -> jax.Array:
-    """Replace each (B,) int label by `null_label` with probability `prob` (classifier-free guidance)."""
-    if prob <= 0:
-        return labels
-    drop = jax.random.bernoulli(key, prob, labels.shape)
-    return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 
 def train_step(
@@ -48,31 +41,32 @@ def train_step(
     Returns:
       (state at step s + 1, metrics {"loss", "mse", "grad_norm" (before clipping), "lr"} float32 scalars).
     """
-    tx = make_optimizer(config)
+    tx = make_optimizer(config.optim)
     key = jax.random.fold_in(state.rng, state.step)
     diff_key, dropout_key, label_key = jax.random.split(key, 3)
     x0 = batch["image"].astype(jnp.float32)
     num_classes = getattr(model, "num_classes", None)
     labels = None
     if num_classes is not None:
-        labels = drop_labels(label_key, batch["label"].astype(jnp.int32), config.label_dropout, num_classes)
+        labels = drop_labels(label_key, batch["label"].astype(jnp.int32), config.data.label_dropout, num_classes)
 
     def loss_fn(params):
         def model_fn(x_t, t):
             return model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
 
-        return jdiff.diffusion_loss(model_fn, schedule, x0, diff_key, objective=config.objective,
-                                    weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
+        return jdiff.diffusion_loss(model_fn, schedule, x0, diff_key, objective=config.diffusion.objective,
+                                    weighting=config.diffusion.weighting,
+                                    min_snr_gamma=config.diffusion.min_snr_gamma)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, state.step, config.ema_decay, config.ema_warmup)
+    ema = ema_update(state.ema_params, params, state.step, config.optim.ema_decay, config.optim.ema_warmup)
     metrics = {
         "loss": loss,
         "mse": aux["mse"],
         "grad_norm": optax.tree.norm(grads),
-        "lr": jnp.asarray(lr_schedule(config)(state.step), jnp.float32),
+        "lr": jnp.asarray(lr_schedule(config.optim)(state.step), jnp.float32),
     }
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new_state, metrics
@@ -105,7 +99,7 @@ def accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
 def make_step_fn(model: nn.Module, config: TrainConfig, mesh: Any) -> Any:
     """jit of (state, batch, schedule, acc) -> (state, acc): batch sharded over "data", the rest
     replicated; state and acc are donated."""
-    from jdiff.training.mesh import batch_sharding, replicated
+    from jdiff.run.mesh import batch_sharding, replicated
 
     def fn(state, batch, schedule, acc):
         new_state, metrics = train_step(state, batch, model=model, schedule=schedule, config=config)

@@ -1,4 +1,4 @@
-"""Device mesh and shardings for data parallelism, and multi-host initialisation.
+"""Device mesh and shardings for data parallelism, the batch/device policy, and multi-host initialisation.
 
 One 1-D mesh over all devices with axis "data": batches are sharded on their leading axis, the train state
 is replicated; under `jax.jit` XLA inserts the gradient all-reduce.
@@ -34,13 +34,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-    """Raises ValueError unless the global batch splits evenly over the mesh's devices."""
-    n = mesh.devices.size
-    if global_batch_size % n:
+def check_batch_size(global_batch_size: int, devices: "int | Mesh", *, flag: str = "--batch_size") -> None:
+    """The one batch policy of jdiff's tools: a global batch that a user chose must split evenly over the
+    devices (training, and sampling with an explicit batch size); ValueError naming `flag` with the nearest
+    valid value otherwise. Where jdiff chooses the batch itself (sampling's default), it picks a multiple."""
+    n = devices if isinstance(devices, int) else devices.devices.size
+    if global_batch_size < 1 or global_batch_size % n:
         raise ValueError(
-            f"batch_size={global_batch_size} must be divisible by the number of devices ({n}); "
-            f"e.g. use --batch_size {max(n, global_batch_size // n * n)}"
+            f"batch_size={global_batch_size} must be a positive multiple of the number of devices ({n}); "
+            f"e.g. use {flag} {max(n, global_batch_size // n * n)}"
         )
 
 

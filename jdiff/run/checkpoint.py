@@ -8,21 +8,19 @@ written on N devices restores onto M devices, and optax namedtuples come back as
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
-from jdiff._logs import quiet_absl
+from jdiff._logs import one_line, quiet_absl
+from jdiff.run.rundir import RunError, RunInfo
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-class CheckpointError(ValueError):
-    """Missing, corrupted or incompatible checkpoint; the message is one readable line."""
+CheckpointError = RunError  # missing, corrupted or incompatible checkpoint; the message is one readable line
 
 
 def _ocp():
@@ -31,43 +29,13 @@ def _ocp():
     return ocp
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def silence_closed_loop_noise() -> None:
-    """After a failed orbax read, its remaining tensorstore reads still finish in the background and report
-    their errors as tracebacks: as unraisable "Event loop is closed" exceptions and as asyncio's "Task/Future
-    exception was never retrieved" log records. For command-line tools, which report the failure themselves
-    in one line: drop exactly those (process-wide; other exceptions and log records pass through)."""
-    default = sys.unraisablehook
-
-    def hook(unraisable):
-        e = unraisable.exc_value
-        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-            return
-        default(unraisable)
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
-
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(keep)
-
-
 def _orbax_reason(e: BaseException) -> str:
     """The readable head of an orbax/tensorstore error (without the JSON spec it appends)."""
-    return _one_line(e).split(" [tensorstore_spec", 1)[0]
+    return one_line(e, 300).split(" [tensorstore_spec", 1)[0]
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
-
-
-def with_shardings(abstract: Any, sharding: Any) -> Any:
-    """ShapeDtypeStructs of `abstract` carrying `sharding` (one sharding for every leaf)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
 
 
 class Checkpointer:
@@ -92,7 +60,7 @@ class Checkpointer:
                     max_to_keep=keep, create=create, enable_async_checkpointing=async_save, read_only=not create)
                 self._manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
-            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {_one_line(e)}") from None
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {one_line(e, 300)}") from None
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -150,51 +118,40 @@ class Checkpointer:
 # Inference.
 
 
-def read_run_config(workdir: str):
-    """(TrainConfig, derived dict) saved in workdir/config.json; CheckpointError if missing or bad."""
-    from jdiff.training.config import ConfigError
-    from jdiff.training.run_config import config_path, load_run_config
-
-    path = config_path(workdir)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no config.json in {os.path.abspath(workdir)} (not a jdiff training run?)")
-    try:
-        return load_run_config(path)
-    except (ConfigError, ValueError, KeyError) as e:
-        raise CheckpointError(f"bad {path}: {_one_line(e)}") from None
-
-
-def load_for_inference(workdir: str, *, step: Optional[int] = None, which: str = "ema", device: Any = None):
-    """Loads a trained model for sampling.
+def load_params(run: RunInfo, *, step: Optional[int] = None, which: str = "ema", device: Any = None,
+                model: Any = None):
+    """Loads a trained model for sampling: (model, schedule, params) of run `run` (see `jdiff.run.open_run`),
+    restoring only the requested parameters from disk.
 
     Args:
-      workdir: a training run directory (with config.json and checkpoints/).
       step: checkpoint step (default: latest).
       which: "ema" (the EMA parameters, what samples should use) or "params" (the raw parameters).
       device: where to put the parameters (default: jax.devices()[0]).
+      model: the run's model if the caller has built it already (`jdiff.run.build_model`).
 
-    Returns:
-      (config: TrainConfig, model: flax Module, schedule: jdiff.Schedule, params pytree) with only the
-      requested parameters restored from disk. Call `jdiff.sample(model.apply, schedule, shape, rng,
-      params={"params": params}, prediction=config.objective, labels=..., clip_x0=(-1, 1))`.
-
-    Raises:
-      CheckpointError: missing/corrupted run directory or checkpoint (one-line message).
+    Sample with `jdiff.sample(model.apply, schedule, shape, rng, params={"params": params},
+    prediction=run.config.diffusion.objective, ...)` or `jdiff.run.Generator`.
+    Raises CheckpointError (one line) for a missing/corrupted checkpoint.
     """
     from jdiff.models import abstract_params
-    from jdiff.training.factory import build_model, build_schedule
+    from jdiff.run.build import build_model, build_schedule
 
     if which not in ("ema", "params"):
         raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
-    config, derived = read_run_config(workdir)
-    model = build_model(config, derived.get("num_classes"))
-    schedule = build_schedule(config)
-    image_shape = tuple(derived["image_shape"])
-    key = "ema_params" if which == "ema" else "params"
-    abstract = abstract_params(model, (1, *image_shape), with_labels=model.num_classes is not None)
+    model = model or build_model(run.config, run.num_classes)
+    abstract = abstract_params(model, (1, *run.image_shape), with_labels=model.num_classes is not None)
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-    params = restore_subtree(workdir, key, abstract, sharding, step=step)
-    return config, model, schedule, params
+    key = "ema_params" if which == "ema" else "params"
+    params = restore_subtree(run.workdir, key, abstract, sharding, step=step)
+    return model, build_schedule(run.config), params
+
+
+def load_for_inference(workdir: str, *, step: Optional[int] = None, which: str = "ema", device: Any = None):
+    """(config, model, schedule, params) of the training run in `workdir` (see `load_params`)."""
+    from jdiff.run.rundir import open_run
+
+    run = open_run(workdir)
+    return (run.config, *load_params(run, step=step, which=which, device=device))
 
 
 def restore_subtree(workdir: str, key: str, abstract: Any, sharding: Any, *, step: Optional[int] = None) -> Any:

@@ -1,0 +1,175 @@
+"""sample.py: draw samples from a trained jdiff run, `python sample.py --workdir runs/digits`.
+
+Loads the run's checkpoint (EMA parameters by default; config.json gives the model, image shape, prediction
+type and noise schedule), samples in batches sharded over all devices, and writes a PNG grid and an .npz of
+the raw float images (and labels) to --out (default: WORKDIR/samples). `--trajectory` also writes the
+denoising steps of the first samples as a strip PNG and an animated GIF. The same arguments and seed give
+identical images. JAX's persistent compilation cache (--cache-dir) makes later runs of the same program skip
+XLA compilation. Each sampler option (e.g. --eta) is a flag, derived from the sampler registry.
+
+Errors in arguments, or a request that does not fit the model (guidance on an unconditional model, labels
+out of range, steps > T, an option the sampler does not have), print one line on stderr and exit with status
+2; a missing or unreadable run or checkpoint exits with status 1. This module never imports jdiff.training.
+"""
+
+import argparse
+import math
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from jdiff.cli.common import Parser, both, fail
+
+PROG = "sample.py"
+DEFAULT_CACHE = os.path.join("~", ".cache", "jdiff", "xla")
+
+
+def _labels(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one label")
+    return out
+
+
+def build_parser() -> Parser:
+    from jdiff.sampling import SAMPLERS, SPACINGS, all_options
+
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
+    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps, <= the model's T (default 50)")
+    p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep spacing")
+    opts = p.add_argument_group("sampler options (each applies to the samplers named)")
+    for name, (spec, samplers) in all_options().items():
+        opts.add_argument(*both(f"--{name}"), dest=f"option:{name}", default=None, metavar=spec.kind.__name__.upper(),
+                          help=f"{spec.help}; {spec.describe()}, default {spec.default} ({', '.join(samplers)})")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (class-conditional models; 1 = plain conditional)")
+    lab = p.add_mutually_exclusive_group()
+    lab.add_argument("--labels", type=_labels, default=None, metavar="0,1,2",
+                     help="class labels, cycled over the samples (default: 0..C-1 repeated)")
+    lab.add_argument("--class", dest="class_", type=int, default=None, metavar="C", help="one class for all samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(*both("--batch-size"), type=int, default=None,
+                   help="global batch, a multiple of the device count (default: up to 256, chosen to fit)")
+    p.add_argument("--params", choices=("ema", "raw"), default="ema", help="EMA (default) or raw parameters")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--out", default=None, help="output directory (default: WORKDIR/samples)")
+    p.add_argument("--trajectory", action="store_true", help="also write the denoising steps (PNG strip + GIF)")
+    p.add_argument(*both("--trajectory-every"), type=int, default=None, metavar="K",
+                   help="keep every K-th step in the trajectory (default: steps // 10)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument(*both("--cache-dir"), default=DEFAULT_CACHE,
+                       help=f"persistent compilation cache (default {DEFAULT_CACHE})")
+    cache.add_argument(*both("--no-cache"), action="store_true", help="no persistent compilation cache")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="clip the predicted x0 to [-1, 1] at every step (default on)")
+    p.add_argument(*both("--no-progress"), action="store_true", help="no progress bar")
+    return p
+
+
+def _options(args) -> dict:
+    """The sampler options given on the command line, parsed with their Specs."""
+    from jdiff.sampling import all_options
+
+    out = {}
+    for name, (spec, _) in all_options().items():
+        text = getattr(args, f"option:{name}")
+        if text is not None:
+            out[name] = spec.parse(name, text)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.trajectory_every is not None and not args.trajectory:
+        fail(PROG, "--trajectory-every needs --trajectory", 2)
+    for name in ("num", "steps"):
+        if getattr(args, name) < 1:
+            fail(PROG, f"--{name} must be >= 1, got {getattr(args, name)}", 2)
+    if args.trajectory_every is not None and args.trajectory_every < 1:
+        fail(PROG, f"--trajectory-every must be >= 1, got {args.trajectory_every}", 2)
+
+    from jdiff import run as jrun
+    from jdiff._logs import quiet_absl
+
+    try:
+        run = jrun.open_run(args.workdir)  # the one read of config.json
+    except jrun.RunError as e:
+        fail(PROG, e, 1)
+    config = run.config
+    every = None
+    if args.trajectory:
+        every = args.trajectory_every if args.trajectory_every is not None else max(1, args.steps // 10)
+    labels = (args.class_,) if args.class_ is not None else args.labels
+
+    import jax
+
+    from jdiff.models import abstract_params
+
+    devices = jax.devices()
+    try:
+        options = _options(args)
+        settings = jrun.Settings(sampler=args.sampler, steps=args.steps, spacing=args.spacing, options=options,
+                                 guidance=args.guidance, clip=args.clip, trajectory_every=every)
+        y = jrun.labels_for(args.num, run.num_classes, labels)
+        batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
+        model, schedule = jrun.build_model(config, run.num_classes), jrun.build_schedule(config)
+        prediction = config.diffusion.objective
+        print(f"{config.model.name} ({args.params} params) from {args.workdir}: {args.num} samples "
+              f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({args.spacing}"
+              + "".join(f", {k} {v}" for k, v in options.items())
+              + f", prediction {prediction}), {len(devices)} device(s), batch {batch}", flush=True)
+        gen = jrun.Generator(model, schedule, settings, image_shape=run.image_shape, num_classes=run.num_classes,
+                             prediction=prediction, batch=batch, devices=devices)
+        cache_dir = None if args.no_cache else jrun.enable_compilation_cache(args.cache_dir)
+        abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
+        stats = gen.compile(abstract)  # validates the request before any weights are read
+    except OSError as e:
+        fail(PROG, f"cannot use --cache-dir {args.cache_dir}: {e}", 2)
+    except ValueError as e:
+        fail(PROG, e, 2)
+    print(f"compile: {stats.describe(cache_dir)}", flush=True)
+    try:
+        with quiet_absl():  # orbax's read-only-manager notices
+            _, _, params = jrun.load_params(run, step=args.step, which="ema" if args.params == "ema" else "params",
+                                            model=model)
+    except (jrun.CheckpointError, OSError) as e:
+        fail(PROG, e, 1)
+    images, traj, spent = gen.draw(params, args.num, seed=args.seed, labels=y, progress=not args.no_progress)
+    print(f"sampling: {args.num} images in {spent:.2f} s ({args.num / spent:.1f} images/s)", flush=True)
+    if not np.isfinite(images).all():
+        fail(PROG, f"the samples are not finite ({int((~np.isfinite(images)).sum())} values); nothing written", 1)
+
+    out_dir = args.out or os.path.join(args.workdir, "samples")
+    stem = f"{args.sampler}_{args.steps}steps_seed{args.seed}" + (
+        f"_g{args.guidance:g}" if args.guidance is not None else "")
+    columns = (run.num_classes if (y is not None and labels is None and args.num >= run.num_classes)
+               else math.ceil(math.sqrt(args.num)))  # one column per class when the labels cycle
+    up = jrun.upscale_for(run.image_shape)
+    path = lambda suffix: os.path.join(out_dir, stem + suffix)
+    from jdiff.sampling import check_options
+
+    try:
+        written = [
+            jrun.save_png(jrun.image_grid(images, columns=columns, upscale=up), path(".png")),
+            jrun.write_npz(path(".npz"), images, y, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                           seed=args.seed, params=args.params, prediction=prediction,
+                           guidance=float("nan") if args.guidance is None else args.guidance,
+                           **check_options(args.sampler, options)),
+        ]
+        if traj is not None:
+            written += jrun.write_trajectory(traj, path("_trajectory.png"), path("_trajectory.gif"), up)
+    except OSError as e:
+        fail(PROG, f"cannot write to {out_dir}: {e}", 1)
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+

@@ -1,0 +1,131 @@
+"""Config keys and overrides: every field has a dotted key (`optim.lr`, `sampling.steps`) and a flat alias
+(`lr`, `sample_steps`: the pre-0.2 flag names, kept for one release); `model.FIELD` sets a field of the
+model and `sampling.OPTION` an option of the preview sampler. `apply_overrides(config, [(key, value)])`
+parses values with each field's Spec and builds a new (checked) config; `to_dict` / `from_dict` are the
+JSON form of config.json.
+"""
+
+import dataclasses
+import difflib
+import json
+from typing import Any, Iterable, Mapping, NamedTuple
+
+from jdiff.config.schema import SECTIONS, ConfigError, TrainConfig, field_spec
+from jdiff.spec import Spec, literal
+
+MODEL_FIELDS, SAMPLER_OPTIONS = "model.fields", "sampling.options"  # keys whose entries come from registries
+
+
+class Key(NamedTuple):
+    """A declared config field: its dotted path, flat alias, Spec, and whether resume must keep it."""
+
+    path: str
+    alias: str
+    spec: Spec
+    fixed: bool
+
+
+def _declared() -> dict[str, Key]:
+    keys = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            path = f"{section}.{f.name}"
+            keys[path] = Key(path, f.metadata["alias"] or f.name, field_spec(f), f.metadata["fixed"])
+    return keys
+
+
+KEYS = _declared()
+ALIASES = {k.alias: k.path for k in KEYS.values()}
+assert len(ALIASES) == len(KEYS), "flat aliases of config fields must be unique"
+
+
+def resolve(key: str) -> str:
+    """The dotted path of `key` (a path, an alias, model.FIELD or sampling.OPTION); ConfigError if unknown."""
+    if key in KEYS:
+        return key
+    if key in ALIASES:
+        return ALIASES[key]
+    head, _, rest = key.partition(".")
+    if head in ("model", "sampling") and rest.isidentifier():
+        return f"{MODEL_FIELDS if head == 'model' else SAMPLER_OPTIONS}.{rest}"
+    close = difflib.get_close_matches(key, [*KEYS, *ALIASES], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"unknown config key {key!r}{hint}; see --help for the list")
+
+
+def _parse(path: str, value: Any) -> Any:
+    if path in KEYS:
+        spec = KEYS[path].spec
+        if spec.kind is dict:
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    raise ConfigError(f"bad value {value!r} for {path}: expected a JSON object") from None
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"bad value {value!r} for {path}: expected a JSON object")
+            return {k: literal(v) for k, v in value.items()}
+        try:
+            return spec.parse(path, value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if path.startswith(SAMPLER_OPTIONS + "."):
+        from jdiff.sampling import all_options
+
+        name = path.rsplit(".", 1)[1]
+        if name in all_options():
+            try:
+                return all_options()[name][0].parse(f"sampling.{name}", value)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    return literal(value)  # model fields: typed against the model's defaults when the config is built
+
+
+def to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}}, JSON-able (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(d: Mapping[str, Any]) -> TrainConfig:
+    """Inverse of `to_dict`. A flat dict of pre-0.2 names (old config.json files) is read through the
+    aliases. Unknown keys are a ConfigError."""
+    if any(k not in SECTIONS for k in d):  # flat, pre-0.2
+        return apply_overrides(TrainConfig(), d.items())
+    items = []
+    for section, fields in d.items():
+        if not isinstance(fields, Mapping):
+            raise ConfigError(f"config section {section!r} must be an object, got {fields!r}")
+        items += [(f"{section}.{k}", v) for k, v in fields.items()]
+    return apply_overrides(TrainConfig(), items)
+
+
+def apply_overrides(config: TrainConfig, overrides: "Iterable[tuple[str, Any]] | Mapping[str, Any]") -> TrainConfig:
+    """A new config with `overrides` ((key, value) pairs, values typed or command-line strings) applied in
+    order (a mapping: in its order). Raises ConfigError naming the key."""
+    d = dataclasses.asdict(config)
+    if isinstance(overrides, Mapping):
+        overrides = overrides.items()
+    for key, value in overrides:
+        path = resolve(key)
+        parts = path.split(".")
+        v = _parse(path, value)
+        if len(parts) == 3:  # model.fields.X / sampling.options.X
+            d[parts[0]][parts[1]][parts[2]] = v
+        else:
+            d[parts[0]][parts[1]] = v
+    try:
+        return TrainConfig(**{s: SECTIONS[s](**fields) for s, fields in d.items()})
+    except TypeError as e:  # pragma: no cover - guarded by resolve()
+        raise ConfigError(str(e)) from None
+
+
+def fixed_conflicts(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """'key: saved -> new' for every field that fixes the model or data (Key.fixed) and differs."""
+    a, b = to_dict(saved), to_dict(new)
+    out = []
+    for k in KEYS.values():
+        if k.fixed:
+            s, f = k.path.split(".")
+            if a[s][f] != b[s][f]:
+                out.append(f"{k.path}: {a[s][f]!r} -> {b[s][f]!r}")
+    return out

@@ -1,0 +1,206 @@
+"""Drawing images from a model: the one sampling front-end of jdiff's tools (sample.py, the training
+preview grids, the benchmarks).
+
+`Generator` compiles one sharded program that draws a global batch of images with `jdiff.sample` and runs
+it over as many batches as asked. Validation is the library's own: `jdiff.sample` checks the sampler, its
+options and the steps while the program is traced, which `compile` does with abstract parameters, so a bad
+request fails before any weights are read. Errors are ValueErrors with one-line messages.
+"""
+
+import dataclasses
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jdiff
+from jdiff.run.mesh import batch_sharding, check_batch_size, make_mesh, replicated
+from jdiff.sampling import get_sampler
+
+TRAJECTORY_SAMPLES = 8  # samples kept in a trajectory (strip / GIF)
+DEFAULT_BATCH = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How to draw: sampler, its steps, spacing and options (e.g. {"eta": 1.0}), classifier-free guidance
+    scale (None: plain conditional), x0 clipping to [-1, 1], and trajectory_every=k to also keep every k-th
+    state of the first `TRAJECTORY_SAMPLES` samples."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    spacing: str = "linspace"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    guidance: Optional[float] = None
+    clip: bool = True
+    trajectory_every: Optional[int] = None
+
+
+def labels_for(num: int, num_classes: Optional[int], labels: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
+    """(num,) int32 labels: `labels` cycled, or 0, 1, ..., C-1, 0, ... (None for an unconditional model).
+    ValueError for labels outside [0, num_classes)."""
+    if not num_classes:
+        if labels is not None:
+            raise ValueError("labels given, but this model is unconditional")
+        return None
+    base = np.asarray(labels if labels is not None and len(labels) else np.arange(num_classes), np.int64)
+    bad = base[(base < 0) | (base >= num_classes)]
+    if bad.size:
+        raise ValueError(f"labels {sorted(set(bad.tolist()))} out of range: this model has classes "
+                         f"0..{num_classes - 1}")
+    return np.resize(base, num).astype(np.int32)
+
+
+def auto_batch(num: int, num_devices: int, limit: Optional[int] = None) -> int:
+    """The global batch for `num` samples on `num_devices`: min(limit, num rounded up to a multiple of the
+    device count). A `limit` the user chose must itself split over the devices (the same rule as training's
+    batch_size; ValueError otherwise); without one, jdiff picks DEFAULT_BATCH rounded up to a multiple."""
+    round_up = lambda n: -(-n // num_devices) * num_devices
+    if limit is None:
+        limit = round_up(DEFAULT_BATCH)
+    check_batch_size(limit, num_devices, flag="--batch_size")
+    return min(limit, round_up(num))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileStats:
+    """Compilation of the sampling program: seconds to trace+lower and to compile, whether JAX's persistent
+    cache served it, and JAX's own estimate of the seconds it saved (whole seconds; None on a miss)."""
+
+    trace_lower_s: float
+    compile_s: float
+    cache_hit: bool
+    jax_saved_s: Optional[float] = None
+
+    def describe(self, cache_dir: Optional[str]) -> str:
+        text = f"trace+lower {self.trace_lower_s:.2f} s, compile {self.compile_s:.2f} s"
+        if cache_dir is None:
+            return text + " (persistent cache off)"
+        if not self.cache_hit:
+            return text + f" (persistent cache miss; stored in {cache_dir})"
+        saved = "" if self.jax_saved_s is None else f"; JAX estimates {max(self.jax_saved_s, 0):.0f} s saved"
+        return text + f" (persistent cache hit{saved})"
+
+
+def enable_compilation_cache(cache_dir: str) -> str:
+    """Turns on JAX's persistent compilation cache in `cache_dir` for every program (no time/size floor)."""
+    import os
+
+    path = os.path.abspath(os.path.expanduser(cache_dir))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor
+    return path
+
+
+class Generator:
+    """One jitted program drawing a global batch of `batch` images of `image_shape` from `model`, sharded
+    along the batch over a 1-D mesh of `devices` (default: all); parameters and schedule are replicated.
+
+    Image j of a draw with `seed` starts from x_T = normal(fold_in(fold_in(key(seed), 0), j)) and batch i's
+    sampler noise uses fold_in(fold_in(key(seed), 1), i): with a deterministic sampler an image depends only
+    on (seed, its index), not on the batch size or the device count (up to float rounding, ~1e-7).
+    Traced inputs (a change never recompiles): params, the seed, labels, guidance scale and the sampler's
+    traced options (e.g. eta).
+    """
+
+    def __init__(self, model: Any, schedule: Any, settings: Settings, *, image_shape: Sequence[int],
+                 num_classes: Optional[int], prediction: str, batch: int, devices: Optional[Sequence[Any]] = None):
+        s = settings
+        self.mesh = make_mesh(devices)
+        check_batch_size(batch, self.mesh.devices.size)
+        if s.guidance is not None and not num_classes:
+            raise ValueError("guidance needs a class-conditional model; this one is unconditional")
+        spec = get_sampler(s.sampler).options
+        unknown = sorted(set(s.options) - set(spec))
+        static = {k: v for k, v in s.options.items() if k in spec and spec[k].static}
+        self._traced = {k: v for k, v in s.options.items() if k not in static and k not in unknown}
+        fixed_options = {**static, **{k: s.options[k] for k in unknown}}  # unknown ones: jdiff.sample reports them
+        self.settings, self.batch, self.num_classes = s, batch, num_classes
+        self.shape = (batch, *image_shape)
+        self._rows, self._rep = batch_sharding(self.mesh), replicated(self.mesh)
+        self._schedule = jax.device_put(schedule, self._rep)
+        guided = bool(num_classes) and s.guidance is not None
+
+        def run(params, sch, seed_key, batch_index, labels, traced_options, guidance):
+            init_key, loop_key = jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)
+            idx = batch_index * batch + jnp.arange(batch)
+            x_t = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(init_key, i), self.shape[1:]))(idx)
+            x_t = jax.lax.with_sharding_constraint(x_t, self._rows)
+            out = jdiff.sample(
+                model.apply, sch, self.shape, jax.random.fold_in(loop_key, batch_index), params={"params": params},
+                sampler=s.sampler, num_steps=s.steps, options={**fixed_options, **traced_options},
+                prediction=prediction, spacing=s.spacing, x_init=x_t, labels=labels,
+                guidance_scale=guidance if guided else None, null_label=num_classes if guided else None,
+                clip_x0=(-1.0, 1.0) if s.clip else None, return_trajectory_every=s.trajectory_every)
+            if s.trajectory_every is None:
+                return out, None
+            return out[0], out[1][:, :TRAJECTORY_SAMPLES]
+
+        self._fn = jax.jit(run, out_shardings=(self._rows, self._rep))
+        self._compiled = None
+
+    def _args(self, params: Any, seed: int, index: int, labels: Optional[np.ndarray]):
+        rep = lambda x: jax.device_put(x, self._rep)
+        return (params, self._schedule, rep(jax.random.key(seed)), rep(jnp.int32(index)),
+                None if labels is None else jax.device_put(jnp.asarray(labels, jnp.int32), self._rows),
+                {k: rep(jnp.asarray(v, jnp.float32)) for k, v in self._traced.items()},
+                rep(jnp.float32(self.settings.guidance or 0.0)))
+
+    def compile(self, params: Any) -> CompileStats:
+        """Traces, lowers and compiles the program once, timing each and noting persistent-cache hits.
+        `params` may be abstract (jax.ShapeDtypeStruct leaves), so this runs before weights are loaded; a bad
+        request raises ValueError here."""
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._rep), params)
+        labels = np.zeros((self.batch,), np.int32) if self.num_classes else None
+        args = self._args(params, 0, 0, labels)
+        hits, saved = [], []
+        on_event = lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None
+        on_duration = lambda name, secs, **kw: (
+            saved.append(secs) if name == "/jax/compilation_cache/compile_time_saved_sec" else None)
+        jax.monitoring.register_event_listener(on_event)
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+        try:
+            t0 = time.perf_counter()
+            lowered = self._fn.trace(*args).lower()
+            t1 = time.perf_counter()
+            self._compiled = lowered.compile()
+            t2 = time.perf_counter()
+        finally:
+            jax.monitoring.unregister_event_listener(on_event)
+            jax.monitoring.unregister_event_duration_listener(on_duration)
+        return CompileStats(t1 - t0, t2 - t1, bool(hits), saved[-1] if saved else None)
+
+    def __call__(self, params: Any, index: int, labels: Optional[np.ndarray], *, seed: int = 0):
+        """Batch `index`: (x0 (batch, H, W, C), trajectory (F, <=8, H, W, C) or None) as numpy."""
+        if self._compiled is None:
+            self.compile(params)
+        params = jax.device_put(params, self._rep)
+        x, traj = self._compiled(*self._args(params, seed, index, labels))
+        return np.asarray(x), None if traj is None else np.asarray(traj)
+
+    def draw(self, params: Any, num: int, *, seed: int = 0, labels: Optional[np.ndarray] = None,
+             progress: bool = False):
+        """`num` images in batches: (images (num, H, W, C) float32 in [-1, 1] when clipping, trajectory of
+        batch 0 or None, seconds spent sampling after compilation). `labels`: (num,) ints (see `labels_for`);
+        the last batch is padded with its own labels."""
+        from tqdm.auto import tqdm
+
+        b = self.batch
+        params = jax.device_put(params, self._rep)
+        out, traj, spent = [], None, 0.0
+        for i in tqdm(range(-(-num // b)), desc="sampling", unit="batch", disable=None if progress else True):
+            y = None
+            if labels is not None:
+                y = labels[i * b:(i + 1) * b]
+                y = np.resize(y, b) if len(y) < b else y
+            t0 = time.perf_counter()
+            x, tr = self(params, i, y, seed=seed)
+            spent += time.perf_counter() - t0
+            out.append(x)
+            traj = tr if i == 0 else traj
+        images = np.concatenate(out)[:num]
+        return images, None if traj is None else traj[:, :num], spent

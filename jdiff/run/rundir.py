@@ -1,0 +1,69 @@
+"""A run directory's config.json: the resolved `TrainConfig` plus facts derived from the data (label
+count, image shape), written once by training and read once by everything that loads the run."""
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Optional
+
+from jdiff._logs import one_line
+from jdiff.config import ConfigError, TrainConfig, from_dict, to_dict
+
+CONFIG_FILE = "config.json"
+
+
+class RunError(ValueError):
+    """A missing or unreadable run directory or checkpoint; the message is one readable line."""
+
+
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, CONFIG_FILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What config.json says about a run: its config, and the image shape and label count of its data."""
+
+    workdir: str
+    config: TrainConfig
+    image_shape: tuple[int, int, int]
+    num_classes: Optional[int]
+    derived: Mapping[str, Any]
+
+
+def save_run_config(workdir: str, config: TrainConfig, derived: Mapping[str, Any]) -> str:
+    """Writes workdir/config.json atomically: {"config": {...}, "derived": {...}}. Returns the path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = config_path(workdir)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"config": to_dict(config), "derived": dict(derived)}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_run_config(path: str) -> tuple[TrainConfig, dict[str, Any]]:
+    """(config, derived) from a config.json written by `save_run_config`; ConfigError if it is malformed."""
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ConfigError(f"{path} has no 'config' object")
+    return from_dict(data["config"]), dict(data.get("derived", {}))
+
+
+def open_run(workdir: str) -> RunInfo:
+    """Reads workdir/config.json; RunError if it is missing or bad."""
+    path = config_path(workdir)
+    if not os.path.isfile(path):
+        raise RunError(f"no config.json in {os.path.abspath(workdir)} (not a jdiff training run?)")
+    try:
+        config, derived = load_run_config(path)
+        shape = tuple(int(d) for d in derived["image_shape"])
+        num_classes = derived.get("num_classes")
+    except (ConfigError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"bad {path}: {one_line(e)}") from None
+    return RunInfo(workdir, config, shape, None if num_classes is None else int(num_classes), derived)
