@@ -2,18 +2,19 @@
 
 For each model (default: `unet_small` on 8x8x1 and the DDPM CIFAR-10 U-Net `unet_ddpm_cifar10` on 32x32x3):
 
-  jdiff    the compiled step that train.py runs (`jdiff.training.step.make_step_fn`: eps-MSE loss, grads,
-           global-norm clipping, AdamW, EMA, metric accumulation), on a 1-D mesh of all local devices, with the
-           hyper-parameters of the model's training preset (digits / cifar10). Reported: compile time (trace +
-           lower + XLA compile), the first step, and steady-state images/s.
+  jdiff    the compiled step that train.py runs, built the same way (`jdiff.training.setup(config)`: its
+           mesh of all devices, init_fn and step_fn: eps-MSE loss, grads, global-norm clipping, AdamW, EMA,
+           metric accumulation), with the hyper-parameters of the model's training preset (digits / cifar10).
+           The data source is the digits set at the model's input shape (no dataset download needed). Reported:
+           compile time (trace + lower + XLA compile), the first step, and steady-state images/s.
   PyTorch  diffusers' `UNet2DModel` configured as the same architecture (same widths, blocks, attention levels
            and heads, dropout; the parameter counts of both sides are printed), eager, train mode, one step =
            t ~ U{0..T-1}, noise, q_sample, eps-MSE, backward, clip_grad_norm_, AdamW (fused when available,
            weight decay on matrices only as in jdiff), EMA of the parameters with torch._foreach_lerp_.
            Threads: torch.set_num_threads(os.cpu_count()); XLA uses all cores by default.
 
-Both step on one fixed random batch (data loading is not measured); each step is timed to completion
-(`jax.block_until_ready` on the jdiff side). The measurements are interleaved in rounds (jdiff block, PyTorch
+Both step on one fixed batch (jdiff: the first batch of `Setup.batches`; PyTorch: random; data loading is not
+measured); each step is timed to completion (`jax.block_until_ready` on the jdiff side). The measurements are interleaved in rounds (jdiff block, PyTorch
 block, the order alternating between rounds) so that load from other jobs affects both alike; a round gives
 batch / median step time, and the figures reported are the medians over rounds. "jdiff / torch" > 1 means
 jdiff trains faster. Every measurement is printed as a JSON line; a markdown table follows at the end.
@@ -31,7 +32,6 @@ only the jdiff figures are reported.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -41,17 +41,14 @@ import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jdiff.models import abstract_params, model_config, model_input_shape
+from jdiff.config import TrainConfig, apply_overrides, get_preset
+from jdiff.models import abstract_params, model_config, model_input_shape, tree_size
 from jdiff.models.layers import num_groups
-from jdiff.training.config import TrainConfig, get_preset, replace_fields
-from jdiff.training.factory import build_model, build_schedule
-from jdiff.training.mesh import batch_sharding, check_batch_size, make_mesh, replicated
-from jdiff.training.optim import make_optimizer
-from jdiff.training.state import init_train_state
-from jdiff.training.step import init_accumulator, make_step_fn
+from jdiff.run import build_model, build_schedule, replicated
+from jdiff.training import setup
+from jdiff.training.step import init_accumulator
 
 
 class Defaults(NamedTuple):
@@ -121,34 +118,28 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def train_config(name: str, batch: int) -> TrainConfig:
-    """The training preset of `name` (unconditional model) with the benchmark's batch size."""
-    return replace_fields(get_preset(MODELS[name].preset),
-                          {"model": name, "batch_size": batch, "class_conditional": False})
+    """The training preset of `name` (unconditional model) with the benchmark's batch size; the data is the
+    digits set at the model's input shape (only its first batch is used)."""
+    h, _, c = model_input_shape(name)
+    return apply_overrides(get_preset(MODELS[name].preset), {
+        "model.name": name, "optim.batch_size": batch, "data.class_conditional": False,
+        "data.dataset": "digits", "data.image_size": h, "data.channels": c})
 
 
 class JdiffStep:
-    """Calling it runs one jdiff training step (the compiled `make_step_fn`) to completion."""
+    """Calling it runs one jdiff training step (`jdiff.training.setup(config).step_fn`) to completion."""
 
     def __init__(self, name: str, batch: int):
-        config = train_config(name, batch)
-        mesh = make_mesh(jax.local_devices())
-        check_batch_size(batch, mesh)
-        rep = replicated(mesh)
-        model = build_model(config, None)
-        shape = model_input_shape(name)
-        tx = make_optimizer(config)
-        init = jax.jit(functools.partial(init_train_state, model, tx, shape, config.seed), out_shardings=rep)
-        self.state = init()
-        self.acc = jax.device_put(init_accumulator(), rep)
-        self.schedule = jax.device_put(build_schedule(config), rep)
-        images = jax.random.uniform(jax.random.key(1), (batch, *shape), jnp.float32, -1.0, 1.0)
-        labels = jnp.zeros((batch,), jnp.int32)
-        self.batch = jax.device_put({"image": images, "label": labels}, batch_sharding(mesh))
-        self.params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(self.state.params)))
-        self.devices = mesh.devices.size
+        s = setup(train_config(name, batch))
+        self.state = s.init_fn()
+        self.acc = jax.device_put(init_accumulator(), replicated(s.mesh))
+        self.schedule = s.schedule
+        with s.batches(0, 1) as batches:
+            self.batch = next(batches)
+        self.params = tree_size(self.state.params)
+        self.devices = s.mesh.devices.size
         t0 = time.perf_counter()
-        self.step = make_step_fn(model, config, mesh).lower(self.state, self.batch, self.schedule,
-                                                            self.acc).compile()
+        self.step = s.step_fn.lower(self.state, self.batch, self.schedule, self.acc).compile()
         self.compile_s = time.perf_counter() - t0
 
     def __call__(self) -> None:
@@ -216,9 +207,10 @@ def diffusers_config(name: str) -> tuple[dict, list[str]]:
 
 def make_adamw(torch: Any, params: list, config: TrainConfig) -> tuple[Any, str]:
     """AdamW as in jdiff (decay on ndim >= 2 only); fused CPU kernel when available, else foreach."""
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+    opt = config.optim
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": opt.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    kw = dict(lr=config.lr, betas=(config.adam_b1, config.adam_b2), eps=config.adam_eps)
+    kw = dict(lr=opt.lr, betas=(opt.adam_b1, opt.adam_b2), eps=opt.adam_eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw), "fused"
     except (RuntimeError, TypeError, ValueError):
@@ -233,7 +225,7 @@ class TorchStep:
         self.torch = torch
         self.config = train_config(name, batch)
         kwargs, self.notes = diffusers_config(name)
-        torch.manual_seed(self.config.seed)
+        torch.manual_seed(self.config.run.seed)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = unet_cls(**kwargs).to(memory_format=fmt).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -249,7 +241,7 @@ class TorchStep:
         self.step_count = 0
 
     def __call__(self) -> None:
-        torch, cfg, b = self.torch, self.config, self.x0.shape[0]
+        torch, cfg, b = self.torch, self.config.optim, self.x0.shape[0]
         t = torch.randint(0, len(self.sqrt_ab), (b,))
         noise = torch.randn_like(self.x0, memory_format=self.fmt)
         x_t = self.sqrt_ab[t].view(b, 1, 1, 1) * self.x0 + self.sqrt_1m_ab[t].view(b, 1, 1, 1) * noise

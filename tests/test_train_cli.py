@@ -182,8 +182,8 @@ def test_bad_flags_exit_2_with_one_line(case, capsys, tmp_path):
 
 
 def test_run_time_errors_exit_with_one_line(tmp_path, capsys):
-    """Errors found once the run starts: a missing dataset or an unprepared tfds one (no download), a batch that does not split over the devices,
-    --resume without a checkpoint."""
+    """Errors found once the run starts: a missing dataset or an unprepared tfds one (no download), a batch that
+    does not split over the devices, --resume without a checkpoint."""
     code, line = _fail(["--dataset", str(tmp_path / "no_such_dir"), "--workdir", str(tmp_path / "a"),
                         "--image_size", "8"], capsys)
     assert code == 2 and "cannot open dataset" in line, line

@@ -25,6 +25,13 @@ xavier = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros
 
 
+def adaln_modulation(c: jax.Array, chunks: int, hidden: int, kw: dict) -> list[jax.Array]:
+    """`chunks` (B, D) vectors (shifts, scales, gates) from Dense(SiLU(c)), zero-initialised (adaLN-Zero).
+    Called inside a compact module: the Dense is that module's `adaLN_modulation`."""
+    mod = nn.Dense(chunks * hidden, kernel_init=zeros, name='adaLN_modulation', **kw)(nn.silu(c))
+    return jnp.split(mod, chunks, axis=-1)
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block (DiT Fig. 3): with (shift, scale, gate) x 2 = Dense(SiLU(c)),
     ``x += gate1 * Attn(modulate(LN(x), shift1, scale1))``;
@@ -39,8 +46,7 @@ class DiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        mod = nn.Dense(6 * self.hidden, kernel_init=zeros, name='adaLN_modulation', **kw)(nn.silu(c))
-        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(c, 6, self.hidden, kw)
         ln = lambda name: nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name=name, **kw)
         h = MultiHeadSelfAttention(self.num_heads, kernel_init=xavier, name='attn', **kw)(
             modulate(ln('norm1')(x), shift1, scale1))
@@ -62,8 +68,7 @@ class FinalLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        mod = nn.Dense(2 * self.hidden, kernel_init=zeros, name='adaLN_modulation', **kw)(nn.silu(c))
-        shift, scale = jnp.split(mod, 2, axis=-1)
+        shift, scale = adaln_modulation(c, 2, self.hidden, kw)
         x = modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name='norm', **kw)(x),
                      shift, scale)
         return nn.Dense(self.patch_out, kernel_init=zeros, name='linear', **kw)(x)

@@ -61,13 +61,13 @@ class MultiHeadSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, l, c = x.shape
+        b, n, c = x.shape
         if c % self.num_heads:
             raise ValueError(f'attention width {c} not divisible by num_heads={self.num_heads}')
         qkv = nn.Dense(3 * c, kernel_init=self.kernel_init, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='qkv')(x)
-        q, k, v = jnp.split(qkv.reshape(b, l, 3, self.num_heads, c // self.num_heads), 3, axis=2)
-        h = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0]).reshape(b, l, c)
+        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads), 3, axis=2)
+        h = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0]).reshape(b, n, c)
         return nn.Dense(c, kernel_init=self.out_kernel_init or self.kernel_init, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='proj')(h)
 

@@ -223,7 +223,7 @@ def sample(
     try:
         hash(model_fn)
     except TypeError:
-        raise ValueError("model_fn must be hashable (a function or bound method); pass weights via params=.")
+        raise ValueError("model_fn must be hashable (a function or bound method); pass weights via params=.") from None
     guidance = _guidance(labels, guidance_scale, null_label)
     return _sample_jit(
         model_fn, params, schedule, rng, traced_options, guidance, clip_x0, dynamic_threshold,
