@@ -79,9 +79,11 @@ def torch_fns(shape):
 
 def pinned_ms(shape) -> dict:
     """XLA forward / grad ms in a child process pinned to CPU 0."""
-    code = (f"import os, json, sys; os.sched_setaffinity(0, {{0}}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
-            f"import conv_cpu as m; f, g = m.jax_fns({tuple(shape)!r});"
-            "print(json.dumps({'fwd': m.median_ms(f), 'grad': m.median_ms(g)}))")
+    code = (
+        f"import os, json, sys; os.sched_setaffinity(0, {{0}}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
+        f"import conv_cpu as m; f, g = m.jax_fns({tuple(shape)!r});"
+        "print(json.dumps({'fwd': m.median_ms(f), 'grad': m.median_ms(g)}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -110,8 +112,13 @@ def main() -> None:
             row.update(xla_fwd_1core=one["fwd"], xla_grad_1core=one["grad"])
         print(json.dumps(row), flush=True)
         rows.append(row)
-    cols = [("xla_fwd", "XLA fwd ms"), ("xla_grad", "XLA grad ms"), ("xla_fwd_1core", "XLA fwd, 1 core"),
-            ("torch_fwd", "PyTorch fwd ms"), ("torch_grad", "PyTorch grad ms")]
+    cols = [
+        ("xla_fwd", "XLA fwd ms"),
+        ("xla_grad", "XLA grad ms"),
+        ("xla_fwd_1core", "XLA fwd, 1 core"),
+        ("torch_fwd", "PyTorch fwd ms"),
+        ("torch_grad", "PyTorch grad ms"),
+    ]
     cols = [(k, t) for k, t in cols if any(k in r for r in rows)]
     print("\n| shape (NHWC) | " + " | ".join(t for _, t in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

@@ -48,15 +48,24 @@ import jax.numpy as jnp
 import numpy as np
 
 import jdiff
-from jdiff.models import abstract_params, count_params, forward_flops, get_model
+from jdiff.models import abstract_params, forward_flops, get_model, tree_size
+from jdiff.run import enable_compilation_cache
 from jdiff.sampling import make_grid
 
 # name -> (NHWC image shape, default batch on CPU)
 MODELS = {"unet_small": ((8, 8, 1), 16), "unet_ddpm_cifar10": ((32, 32, 3), 2), "dit_tiny": ((8, 8, 1), 16)}
 STEPS = (10, 50, 250, 1000)
-QUICK = dict(models=("unet_small", "dit_tiny", "unet_ddpm_cifar10"), samplers=("ddim", "heun"),
-             steps=(10, 1000), batch=4, unroll_max_steps=50, run_budget=8.0, budget=230.0, repeats=2,
-             min_time=0.5)
+QUICK = dict(
+    models=("unet_small", "dit_tiny", "unet_ddpm_cifar10"),
+    samplers=("ddim", "heun"),
+    steps=(10, 1000),
+    batch=4,
+    unroll_max_steps=50,
+    run_budget=8.0,
+    budget=230.0,
+    repeats=2,
+    min_time=0.5,
+)
 # --quick on the 35.7M U-Net: DDIM only, batch 1, no unrolled variant (its compile alone takes minutes).
 QUICK_CIFAR = dict(samplers=("ddim",), batch=1, unroll_max_steps=0, run_budget=25.0)
 CACHE_HITS = "/jax/compilation_cache/cache_hits"
@@ -95,8 +104,15 @@ def aot(jitted, *args) -> tuple[Any, dict]:
         t2, c2 = time.perf_counter(), time.process_time()
         compiled = lowered.compile()
         t3, c3 = time.perf_counter(), time.process_time()
-    return compiled, dict(trace_s=t1 - t0, lower_s=t2 - t1, trace_lower_s=t2 - t0, compile_s=t3 - t2,
-                          compile_cpu_s=c3 - c2, trace_lower_cpu_s=c2 - c0, cache_hit=hits.count > 0)
+    return compiled, dict(
+        trace_s=t1 - t0,
+        lower_s=t2 - t1,
+        trace_lower_s=t2 - t0,
+        compile_s=t3 - t2,
+        compile_cpu_s=c3 - c2,
+        trace_lower_cpu_s=c2 - c0,
+        cache_hit=hits.count > 0,
+    )
 
 
 def run_once(fn: Callable[[], Any]) -> float:
@@ -150,8 +166,16 @@ def scan_program(model, schedule, shape, sampler: str, steps: int):
     """jit of `jdiff.sample` (one lax.scan) from a given x_T."""
 
     def run(params, x_init, rng):
-        return jdiff.sample(model.apply, schedule, shape, rng, sampler=sampler, num_steps=steps,
-                            params={"params": params}, x_init=x_init)
+        return jdiff.sample(
+            model.apply,
+            schedule,
+            shape,
+            rng,
+            sampler=sampler,
+            num_steps=steps,
+            params={"params": params},
+            x_init=x_init,
+        )
 
     return jax.jit(run)
 
@@ -223,12 +247,19 @@ class Bench:
         """Compile time of each scan sampler around a trivial model (0.1 x): the part that is not the model."""
         sch, shape, n = jdiff.get_schedule("linear", 1000), (4, 8, 8, 1), max(self.args.steps)
         for sampler in self.args.samplers:
-            prog = jax.jit(lambda x, rng: jdiff.sample(_trivial_model, sch, shape, rng, sampler=sampler,
-                                                       num_steps=n, x_init=x))
+            prog = jax.jit(
+                lambda x, rng: jdiff.sample(_trivial_model, sch, shape, rng, sampler=sampler, num_steps=n, x_init=x)
+            )
             jax.clear_caches()
             _, tm = aot(prog, jnp.zeros(shape), jax.random.key(0))
-            self.emit(kind="scan_trivial_model", sampler=sampler, steps=n, trace_lower_s=tm["trace_lower_s"],
-                      compile_s=tm["compile_s"], compile_cpu_s=tm["compile_cpu_s"])
+            self.emit(
+                kind="scan_trivial_model",
+                sampler=sampler,
+                steps=n,
+                trace_lower_s=tm["trace_lower_s"],
+                compile_s=tm["compile_s"],
+                compile_cpu_s=tm["compile_cpu_s"],
+            )
 
     def model(self, name: str) -> None:
         """All measurements of one model (with --quick's reduced settings for the CIFAR-10 U-Net)."""
@@ -259,12 +290,30 @@ class Bench:
         cfwd(params, x_t, t).block_until_ready()
         t_fwd = best_time(lambda: cfwd(params, x_t, t), max(3, self.args.repeats))
         flops = forward_flops(model, params, shape) / b
-        self.emit(kind="forward", model=name, batch=b, params=count_params(model, (1, *hwc)),
-                  trace_lower_s=tm["trace_lower_s"], compile_s=tm["compile_s"], compile_cpu_s=tm["compile_cpu_s"],
-                  forward_s=t_fwd, gflops_per_image=flops / 1e9)
-        ctx = dict(model=model, name=name, params=params, sch=sch, shape=shape, x_t=x_t, t_fwd=t_fwd,
-                   flops=flops, fwd_compile=tm["compile_s"], fwd_compile_cpu=tm["compile_cpu_s"],
-                   fwd_call=lambda x: cfwd(params, x, t))
+        self.emit(
+            kind="forward",
+            model=name,
+            batch=b,
+            params=tree_size(params),
+            trace_lower_s=tm["trace_lower_s"],
+            compile_s=tm["compile_s"],
+            compile_cpu_s=tm["compile_cpu_s"],
+            forward_s=t_fwd,
+            gflops_per_image=flops / 1e9,
+        )
+        ctx = dict(
+            model=model,
+            name=name,
+            params=params,
+            sch=sch,
+            shape=shape,
+            x_t=x_t,
+            t_fwd=t_fwd,
+            flops=flops,
+            fwd_compile=tm["compile_s"],
+            fwd_compile_cpu=tm["compile_cpu_s"],
+            fwd_call=lambda x: cfwd(params, x, t),
+        )
 
         ddim_out = {}
         for sampler in self.args.samplers:
@@ -303,10 +352,15 @@ class Bench:
             best, best_fwd = min(best, dt), min(best_fwd, df)
             best_cpu, best_fwd_cpu = min(best_cpu, ct), min(best_fwd_cpu, cf)
             spent, reps = spent + dt + df, reps + 1
-        return dict(images_per_s=b / best, s_per_call=best, repeats=reps, forward_s=best_fwd / nfe,
-                    overhead_per_nfe=(best - best_fwd) / best_fwd,
-                    cpu_overhead_per_nfe=(best_cpu - best_fwd_cpu) / best_fwd_cpu,
-                    gflops_per_s=ctx["flops"] * nfe * b / best / 1e9)
+        return dict(
+            images_per_s=b / best,
+            s_per_call=best,
+            repeats=reps,
+            forward_s=best_fwd / nfe,
+            overhead_per_nfe=(best - best_fwd) / best_fwd,
+            cpu_overhead_per_nfe=(best_cpu - best_fwd_cpu) / best_fwd_cpu,
+            gflops_per_s=ctx["flops"] * nfe * b / best / 1e9,
+        )
 
     def scan(self, ctx, sampler: str, n: int):
         name, b, t_fwd = ctx["name"], ctx["shape"][0], ctx["t_fwd"]
@@ -318,13 +372,19 @@ class Bench:
         args = (ctx["params"], ctx["x_t"], jax.random.key(2))
         jax.clear_caches()
         compiled, cold = aot(prog, *args)
-        row = dict(base, trace_lower_s=cold["trace_lower_s"], compile_s=cold["compile_s"],
-                   compile_cpu_s=cold["compile_cpu_s"], compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"],
-                   compile_cpu_vs_forward=cold["compile_cpu_s"] / ctx["fwd_compile_cpu"])
+        row = dict(
+            base,
+            trace_lower_s=cold["trace_lower_s"],
+            compile_s=cold["compile_s"],
+            compile_cpu_s=cold["compile_cpu_s"],
+            compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"],
+            compile_cpu_vs_forward=cold["compile_cpu_s"] / ctx["fwd_compile_cpu"],
+        )
         jax.clear_caches()
         _, warm = aot(prog, *args)
-        row.update(warm_trace_lower_s=warm["trace_lower_s"], warm_compile_s=warm["compile_s"],
-                   warm_cache_hit=warm["cache_hit"])
+        row.update(
+            warm_trace_lower_s=warm["trace_lower_s"], warm_compile_s=warm["compile_s"], warm_cache_hit=warm["cache_hit"]
+        )
         est = nfe * t_fwd
         out = None
         if 2 * est > self.args.run_budget:
@@ -347,10 +407,18 @@ class Bench:
         jax.clear_caches()
         compiled, cold = aot(step, params, x_t, host_grid(ctx["sch"], 1)[0])
         for n in self.args.steps:
-            base = dict(kind="python_loop", model=name, sampler="ddim", steps=n, nfe=n, batch=b,
-                        trace_lower_s=cold["trace_lower_s"], compile_s=cold["compile_s"],
-                        compile_cpu_s=cold["compile_cpu_s"],
-                        compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"])
+            base = dict(
+                kind="python_loop",
+                model=name,
+                sampler="ddim",
+                steps=n,
+                nfe=n,
+                batch=b,
+                trace_lower_s=cold["trace_lower_s"],
+                compile_s=cold["compile_s"],
+                compile_cpu_s=cold["compile_cpu_s"],
+                compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"],
+            )
             if self.out_of_time():
                 self.skip(**base)
                 continue
@@ -378,8 +446,9 @@ class Bench:
         for n in self.args.steps:
             base = dict(kind="unrolled", model=name, sampler="ddim", steps=n, nfe=n, batch=b)
             if n > self.args.unroll_max_steps:
-                self.emit(**base, status=f"skipped (cap: unrolled variant limited to "
-                                         f"{self.args.unroll_max_steps} steps)")
+                self.emit(
+                    **base, status=f"skipped (cap: unrolled variant limited to {self.args.unroll_max_steps} steps)"
+                )
                 continue
             # Compile time grows ~linearly with N: extrapolate from the previous N.
             est = None if prev is None else (prev[1] + 1.0) * n / prev[0]
@@ -390,15 +459,22 @@ class Bench:
             jax.clear_caches()
             compiled, cold = aot(prog, params, x_t)
             prev = (n, cold["trace_lower_s"] + cold["compile_s"])
-            row = dict(base, trace_lower_s=cold["trace_lower_s"], compile_s=cold["compile_s"],
-                       compile_cpu_s=cold["compile_cpu_s"], compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"])
+            row = dict(
+                base,
+                trace_lower_s=cold["trace_lower_s"],
+                compile_s=cold["compile_s"],
+                compile_cpu_s=cold["compile_cpu_s"],
+                compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"],
+            )
             if 2 * n * t_fwd > self.args.run_budget:
                 self.emit(**row, status="skipped (budget)", est_run_s=n * t_fwd)
                 continue
             first = run_once(lambda: compiled(params, x_t))
             row.update(first_call_s=cold["trace_lower_s"] + cold["compile_s"] + first)
-            row.update(self._steady(ctx, lambda: compiled(params, x_t), n, first),
-                       **_diff_vs_scan(np.asarray(compiled(params, x_t)), ddim_out.get(n)))
+            row.update(
+                self._steady(ctx, lambda: compiled(params, x_t), n, first),
+                **_diff_vs_scan(np.asarray(compiled(params, x_t)), ddim_out.get(n)),
+            )
             self.emit(**row, status="ok")
 
     def torch_peer(self, ctx) -> None:
@@ -412,24 +488,43 @@ class Bench:
         b = ctx["shape"][0]
         torch.manual_seed(0)
         unet = UNet2DModel(  # google/ddpm-cifar10-32's config
-            sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=2,
             block_out_channels=(128, 256, 256, 256),
             down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-            downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, dropout=0.1,
+            downsample_padding=0,
+            flip_sin_to_cos=False,
+            freq_shift=1,
+            norm_eps=1e-6,
+            dropout=0.1,
             attention_head_dim=None,  # one head over all channels, as in DDPM and jdiff (default: width 8)
         ).eval()
         n_params = sum(p.numel() for p in unet.parameters())
-        sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                              beta_end=0.02, clip_sample=False, timestep_spacing="linspace")
+        sched = DDIMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="linear",
+            beta_start=1e-4,
+            beta_end=0.02,
+            clip_sample=False,
+            timestep_spacing="linspace",
+        )
         x_t = torch.randn(b, 3, 32, 32)
         with torch.inference_mode():
             fwd = lambda: unet(x_t, 500).sample
             fwd()
             t_fwd = min(run_timed(fwd, _no_sync)[0] for _ in range(max(3, self.args.repeats)))
-            self.emit(kind="torch_forward", model="diffusers UNet2DModel (DDPM CIFAR-10 config)", batch=b,
-                      params=n_params, forward_s=t_fwd, torch=torch.__version__,
-                      threads=torch.get_num_threads())
+            self.emit(
+                kind="torch_forward",
+                model="diffusers UNet2DModel (DDPM CIFAR-10 config)",
+                batch=b,
+                params=n_params,
+                forward_s=t_fwd,
+                torch=torch.__version__,
+                threads=torch.get_num_threads(),
+            )
             for n in self.args.steps:
                 base = dict(kind="torch_diffusers", model=ctx["name"], sampler="ddim", steps=n, nfe=n, batch=b)
                 if self.out_of_time() or 2 * n * t_fwd > self.args.run_budget:
@@ -495,36 +590,124 @@ def add_mfu(rows: list[dict]) -> float:
 
 def report(rows: list[dict]) -> str:
     peaks = [r["gflops"] for r in rows if r["kind"] == "peak"]
-    out = [f"Peak (jitted 2048^3 f32 matmul, best of {len(peaks)} measurements during the run): "
-           f"{max(peaks):.1f} GFLOP/s (min {min(peaks):.1f})", ""]
+    out = [
+        f"Peak (jitted 2048^3 f32 matmul, best of {len(peaks)} measurements during the run): "
+        f"{max(peaks):.1f} GFLOP/s (min {min(peaks):.1f})",
+        "",
+    ]
     fwd = {r["model"]: r for r in rows if r["kind"] == "forward" and r.get("compile_s") is not None}
     out.append("Model forward (one jitted call):")
-    out.append(_table(["model", "batch", "params", "GFLOPs/image", "compile s", "compile CPU s", "forward ms"],
-                      [[m, r["batch"], r["params"], r["gflops_per_image"], r["compile_s"], r["compile_cpu_s"],
-                        1e3 * r["forward_s"]] for m, r in fwd.items()]))
+    out.append(
+        _table(
+            ["model", "batch", "params", "GFLOPs/image", "compile s", "compile CPU s", "forward ms"],
+            [
+                [
+                    m,
+                    r["batch"],
+                    r["params"],
+                    r["gflops_per_image"],
+                    r["compile_s"],
+                    r["compile_cpu_s"],
+                    1e3 * r["forward_s"],
+                ]
+                for m, r in fwd.items()
+            ],
+        )
+    )
     scan = [r for r in rows if r["kind"] == "scan"]
     out += ["", "Scan samplers (jdiff.sample, one jit + lax.scan):"]
-    out.append(_table(
-        ["model", "sampler", "steps", "NFE", "trace+lower s", "compile s", "compile CPU s",
-         "compile / fwd compile (CPU)", "warm-cache compile s", "first call s", "images/s", "overhead/NFE wall",
-         "overhead/NFE CPU", "MFU", "status"],
-        [[r["model"], r["sampler"], r["steps"], r["nfe"], r.get("trace_lower_s"), r.get("compile_s"),
-          r.get("compile_cpu_s"), r.get("compile_cpu_vs_forward"), r.get("warm_compile_s"), r.get("first_call_s"),
-          r.get("images_per_s"), _pct(r.get("overhead_per_nfe")), _pct(r.get("cpu_overhead_per_nfe")),
-          _pct(r.get("mfu"), sign=False), r.get("status")] for r in scan]))
-    ddim = [r for r in rows if r["kind"] in ("scan", "python_loop", "unrolled", "torch_diffusers")
-            and r.get("sampler") == "ddim" and "steps" in r]
+    out.append(
+        _table(
+            [
+                "model",
+                "sampler",
+                "steps",
+                "NFE",
+                "trace+lower s",
+                "compile s",
+                "compile CPU s",
+                "compile / fwd compile (CPU)",
+                "warm-cache compile s",
+                "first call s",
+                "images/s",
+                "overhead/NFE wall",
+                "overhead/NFE CPU",
+                "MFU",
+                "status",
+            ],
+            [
+                [
+                    r["model"],
+                    r["sampler"],
+                    r["steps"],
+                    r["nfe"],
+                    r.get("trace_lower_s"),
+                    r.get("compile_s"),
+                    r.get("compile_cpu_s"),
+                    r.get("compile_cpu_vs_forward"),
+                    r.get("warm_compile_s"),
+                    r.get("first_call_s"),
+                    r.get("images_per_s"),
+                    _pct(r.get("overhead_per_nfe")),
+                    _pct(r.get("cpu_overhead_per_nfe")),
+                    _pct(r.get("mfu"), sign=False),
+                    r.get("status"),
+                ]
+                for r in scan
+            ],
+        )
+    )
+    ddim = [
+        r
+        for r in rows
+        if r["kind"] in ("scan", "python_loop", "unrolled", "torch_diffusers")
+        and r.get("sampler") == "ddim"
+        and "steps" in r
+    ]
     ddim.sort(key=lambda r: (r["model"], r["steps"]))
-    out += ["", "DDIM (eta = 0) four ways: scan (one jit) | Python loop over a jitted step | unrolled in one jit"
-            " | PyTorch diffusers (eager):"]
-    out.append(_table(
-        ["model", "steps", "variant", "trace+lower s", "compile s", "first call s", "images/s",
-         "ms/step", "overhead/NFE wall", "overhead/NFE CPU", "status"],
-        [[r["model"], r["steps"], r["kind"], r.get("trace_lower_s"), r.get("compile_s"), r.get("first_call_s"),
-          r.get("images_per_s"), None if r.get("s_per_call") is None else 1e3 * r["s_per_call"] / r["steps"],
-          _pct(r.get("overhead_per_nfe")), _pct(r.get("cpu_overhead_per_nfe")), r.get("status")] for r in ddim]))
-    out += ["", "Checks (targets: compile flat in N, 1000 within 1.3x of 10; close to one model call's compile;"
-            " warm cache near zero; overhead < 5%):"]
+    out += [
+        "",
+        "DDIM (eta = 0) four ways: scan (one jit) | Python loop over a jitted step | unrolled in one jit"
+        " | PyTorch diffusers (eager):",
+    ]
+    out.append(
+        _table(
+            [
+                "model",
+                "steps",
+                "variant",
+                "trace+lower s",
+                "compile s",
+                "first call s",
+                "images/s",
+                "ms/step",
+                "overhead/NFE wall",
+                "overhead/NFE CPU",
+                "status",
+            ],
+            [
+                [
+                    r["model"],
+                    r["steps"],
+                    r["kind"],
+                    r.get("trace_lower_s"),
+                    r.get("compile_s"),
+                    r.get("first_call_s"),
+                    r.get("images_per_s"),
+                    None if r.get("s_per_call") is None else 1e3 * r["s_per_call"] / r["steps"],
+                    _pct(r.get("overhead_per_nfe")),
+                    _pct(r.get("cpu_overhead_per_nfe")),
+                    r.get("status"),
+                ]
+                for r in ddim
+            ],
+        )
+    )
+    out += [
+        "",
+        "Checks (targets: compile flat in N, 1000 within 1.3x of 10; close to one model call's compile;"
+        " warm cache near zero; overhead < 5%):",
+    ]
     out += checks(rows, fwd)
     return "\n".join(out)
 
@@ -544,34 +727,51 @@ def checks(rows: list[dict], fwd: dict) -> list[str]:
                 ratio = rs[hi]["compile_s"] / rs[lo]["compile_s"]
                 cpu = rs[hi]["compile_cpu_s"] / rs[lo]["compile_cpu_s"]
                 ok = lambda v: "within" if v <= 1.3 else "NOT within"
-                lines.append(f"- {m} {s}: compile N={hi} / N={lo} = {ratio:.2f}x wall ({ok(ratio)} 1.3x), "
-                             f"{cpu:.2f}x CPU ({ok(cpu)} 1.3x); scan compile / forward compile (CPU) = "
-                             f"{rs[lo]['compile_cpu_vs_forward']:.2f}x (N={lo}), "
-                             f"{rs[hi]['compile_cpu_vs_forward']:.2f}x (N={hi})")
+                lines.append(
+                    f"- {m} {s}: compile N={hi} / N={lo} = {ratio:.2f}x wall ({ok(ratio)} 1.3x), "
+                    f"{cpu:.2f}x CPU ({ok(cpu)} 1.3x); scan compile / forward compile (CPU) = "
+                    f"{rs[lo]['compile_cpu_vs_forward']:.2f}x (N={lo}), "
+                    f"{rs[hi]['compile_cpu_vs_forward']:.2f}x (N={hi})"
+                )
     if scan:
         warm = [r["warm_compile_s"] / r["compile_s"] for r in scan if r.get("warm_compile_s") is not None]
         hits = sum(bool(r["warm_cache_hit"]) for r in scan)
-        lines.append(f"- warm persistent cache: compile {100 * min(warm):.1f}%..{100 * max(warm):.1f}% of cold "
-                     f"(cache hit in {hits}/{len(scan)} programs)")
+        lines.append(
+            f"- warm persistent cache: compile {100 * min(warm):.1f}%..{100 * max(warm):.1f}% of cold "
+            f"(cache hit in {hits}/{len(scan)} programs)"
+        )
     for kind in ("scan", "python_loop", "unrolled", "torch_diffusers"):
         rs = [r for r in rows if r["kind"] == kind and r.get("overhead_per_nfe") is not None]
         if rs:
-            lines.append(f"- {kind} overhead per NFE beyond the model call (wall | CPU time): " + ", ".join(
-                f"{r['model']}/{r['sampler']}/N={r['steps']}: {100 * r['overhead_per_nfe']:+.1f}% | "
-                f"{100 * r['cpu_overhead_per_nfe']:+.1f}%" for r in rs))
+            lines.append(
+                f"- {kind} overhead per NFE beyond the model call (wall | CPU time): "
+                + ", ".join(
+                    f"{r['model']}/{r['sampler']}/N={r['steps']}: {100 * r['overhead_per_nfe']:+.1f}% | "
+                    f"{100 * r['cpu_overhead_per_nfe']:+.1f}%"
+                    for r in rs
+                )
+            )
     triv = [r for r in rows if r["kind"] == "scan_trivial_model"]
     if triv:
-        lines.append("- compile of the scan with a trivial model (the sampler's own part): " + ", ".join(
-            f"{r['sampler']}: {r['compile_s']:.2f}s ({r['compile_cpu_s']:.2f}s CPU)" for r in triv))
+        lines.append(
+            "- compile of the scan with a trivial model (the sampler's own part): "
+            + ", ".join(f"{r['sampler']}: {r['compile_s']:.2f}s ({r['compile_cpu_s']:.2f}s CPU)" for r in triv)
+        )
     rs = [r for r in rows if r["kind"] == "unrolled" and r.get("compile_s") is not None]
     if rs:
-        lines.append("- unrolled compile: " + ", ".join(
-            f"{r['model']}/N={r['steps']}: {r['compile_s']:.1f}s, {r['compile_cpu_s']:.1f}s CPU "
-            f"({r['compile_vs_forward']:.1f}x fwd)" for r in rs))
+        lines.append(
+            "- unrolled compile: "
+            + ", ".join(
+                f"{r['model']}/N={r['steps']}: {r['compile_s']:.1f}s, {r['compile_cpu_s']:.1f}s CPU "
+                f"({r['compile_vs_forward']:.1f}x fwd)"
+                for r in rs
+            )
+        )
     diffs = [r["rel_diff_vs_scan"] for r in rows if "rel_diff_vs_scan" in r]
     if diffs:
-        lines.append(f"- python_loop / unrolled vs scan DDIM from the same x_T: max relative difference "
-                     f"{max(diffs):.1e}")
+        lines.append(
+            f"- python_loop / unrolled vs scan DDIM from the same x_T: max relative difference {max(diffs):.1e}"
+        )
     return lines
 
 
@@ -586,14 +786,23 @@ def parse_args(argv=None):
     p.add_argument("--steps", default=None, help="comma list of step counts (default 10,50,250,1000)")
     p.add_argument("--batch", type=int, default=None, help="batch for every model (default: per model)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls after the first (default 3)")
-    p.add_argument("--min-time", type=float, default=None,
-                   help="keep timing a combo until this many seconds are spent (default 2; quick 0.5)")
-    p.add_argument("--run-budget", type=float, default=None,
-                   help="max estimated seconds of execution per combo (default 120)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="keep timing a combo until this many seconds are spent (default 2; quick 0.5)",
+    )
+    p.add_argument(
+        "--run-budget", type=float, default=None, help="max estimated seconds of execution per combo (default 120)"
+    )
     p.add_argument("--budget", type=float, default=None, help="total seconds; later combos are skipped")
     p.add_argument("--unroll-max-steps", type=int, default=None, help="cap of the unrolled variant (default 250)")
-    p.add_argument("--unroll-budget", type=float, default=120.0,
-                   help="skip an unrolled N whose extrapolated compile exceeds this many seconds")
+    p.add_argument(
+        "--unroll-budget",
+        type=float,
+        default=120.0,
+        help="skip an unrolled N whose extrapolated compile exceeds this many seconds",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/diffusers peer")
     p.add_argument("--json", default=None, help="also write the JSON lines to this file")
     a = p.parse_args(argv)
@@ -622,16 +831,24 @@ def _list(text, default, allowed) -> tuple:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cache_dir = tempfile.mkdtemp(prefix="jdiff-bench-xla-cache-")
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size threshold
+    cache_dir = enable_compilation_cache(tempfile.mkdtemp(prefix="jdiff-bench-xla-cache-"))  # as sample.py
     try:
-        env = dict(kind="env", jax=jax.__version__, backend=jax.default_backend(),
-                   devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(), python=platform.python_version(),
-                   machine=platform.machine(), models=list(args.models), samplers=list(args.samplers),
-                   steps=list(args.steps), batch=args.batch, run_budget_s=args.run_budget, budget_s=args.budget,
-                   unroll_max_steps=args.unroll_max_steps)
+        env = dict(
+            kind="env",
+            jax=jax.__version__,
+            backend=jax.default_backend(),
+            devices=[str(d) for d in jax.devices()],
+            cpu_count=os.cpu_count(),
+            python=platform.python_version(),
+            machine=platform.machine(),
+            models=list(args.models),
+            samplers=list(args.samplers),
+            steps=list(args.steps),
+            batch=args.batch,
+            run_budget_s=args.run_budget,
+            budget_s=args.budget,
+            unroll_max_steps=args.unroll_max_steps,
+        )
         print(json.dumps(env), flush=True)
         bench = Bench(args)
         bench.peak()

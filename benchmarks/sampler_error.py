@@ -27,8 +27,14 @@ from jdiff.metrics import frechet_distance_from_stats, gaussian_stats
 from jdiff.sampling import make_grid
 
 NFES = (5, 10, 20, 50, 100, 250)
-DETERMINISTIC = (("ddim", "linspace"), ("ddim", "karras"), ("euler", "karras"), ("heun", "karras"),
-                 ("dpmpp_2m", "trailing"), ("dpmpp_2m", "karras"))
+DETERMINISTIC = (
+    ("ddim", "linspace"),
+    ("ddim", "karras"),
+    ("euler", "karras"),
+    ("heun", "karras"),
+    ("dpmpp_2m", "trailing"),
+    ("dpmpp_2m", "karras"),
+)
 STOCHASTIC = (("ddpm", "linspace", 0.0), ("ddim", "linspace", 1.0))
 
 
@@ -61,35 +67,65 @@ def main(argv=None) -> int:
             n = (nfe + 1) // 2 if sampler == "heun" else nfe
             g = make_grid(sch, spacing, n)
             ref = gaussian_ode_solution(mean, cov, np.asarray(x_T), float(g.alpha[0]), float(g.sigma[0]))
-            x = jdiff.sample(eps_fn, sch, shape, jax.random.key(0), sampler=sampler, num_steps=n,
-                             spacing=spacing, x_init=x_T)
+            x = jdiff.sample(
+                eps_fn, sch, shape, jax.random.key(0), sampler=sampler, num_steps=n, spacing=spacing, x_init=x_T
+            )
             err = float(np.sqrt(np.mean((np.asarray(x, np.float64) - ref) ** 2)))
-            rows.append(dict(sampler=sampler, spacing=spacing, nfe=nfe, actual_nfe=n * nfe_per_step - (nfe_per_step - 1),
-                             metric="rmse_to_exact_ode", value=err))
+            rows.append(
+                dict(
+                    sampler=sampler,
+                    spacing=spacing,
+                    nfe=nfe,
+                    actual_nfe=n * nfe_per_step - (nfe_per_step - 1),
+                    metric="rmse_to_exact_ode",
+                    value=err,
+                )
+            )
     floor = frechet(rng.multivariate_normal(mean, cov, size=args.samples), mean, cov)
     for sampler, spacing, eta in STOCHASTIC:
         for nfe in NFES + (1000,):
-            x = jdiff.sample(eps_fn, sch, shape, jax.random.key(2), sampler=sampler, num_steps=nfe,
-                             spacing=spacing, options={"eta": eta} if "eta" in jdiff.SAMPLERS[sampler].options else {})
-            rows.append(dict(sampler=f"{sampler}(eta={eta})" if sampler == "ddim" else sampler, spacing=spacing,
-                             nfe=nfe, metric="frechet_to_data", value=frechet(np.asarray(x, np.float64), mean, cov)))
+            x = jdiff.sample(
+                eps_fn,
+                sch,
+                shape,
+                jax.random.key(2),
+                sampler=sampler,
+                num_steps=nfe,
+                spacing=spacing,
+                options={"eta": eta} if "eta" in jdiff.SAMPLERS[sampler].options else {},
+            )
+            rows.append(
+                dict(
+                    sampler=f"{sampler}(eta={eta})" if sampler == "ddim" else sampler,
+                    spacing=spacing,
+                    nfe=nfe,
+                    metric="frechet_to_data",
+                    value=frechet(np.asarray(x, np.float64), mean, cov),
+                )
+            )
 
     if args.json:
         with open(args.json, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     print(f"schedule={args.schedule}, T=1000, data N(mu, S) in {args.dim} dims, {args.samples} samples\n")
-    print("Deterministic samplers: RMS error to the exact ODE solution from the same x_T "
-          "(heun uses 2N-1 evaluations: at most the column's NFE)")
+    print(
+        "Deterministic samplers: RMS error to the exact ODE solution from the same x_T "
+        "(heun uses 2N-1 evaluations: at most the column's NFE)"
+    )
     nfes = sorted({r["nfe"] for r in rows if r["metric"] == "rmse_to_exact_ode"})
     print("| sampler | spacing | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
     print("|---|---|" + "---|" * len(nfes))
     for sampler, spacing in DETERMINISTIC:
-        vals = {r["nfe"]: r["value"] for r in rows if r["sampler"] == sampler and r["spacing"] == spacing
-                and r["metric"] == "rmse_to_exact_ode"}
+        vals = {
+            r["nfe"]: r["value"]
+            for r in rows
+            if r["sampler"] == sampler and r["spacing"] == spacing and r["metric"] == "rmse_to_exact_ode"
+        }
         print(f"| {sampler} | {spacing} | " + " | ".join(f"{vals[n]:.2e}" if n in vals else "" for n in nfes) + " |")
-    print(f"\nStochastic samplers: Frechet distance of the samples to the data Gaussian "
-          f"(exact data samples: {floor:.2e})")
+    print(
+        f"\nStochastic samplers: Frechet distance of the samples to the data Gaussian (exact data samples: {floor:.2e})"
+    )
     nfes = NFES + (1000,)
     print("| sampler | spacing | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
     print("|---|---|" + "---|" * len(nfes))

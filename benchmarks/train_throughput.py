@@ -13,11 +13,12 @@ For each model (default: `unet_small` on 8x8x1 and the DDPM CIFAR-10 U-Net `unet
            weight decay on matrices only as in jdiff), EMA of the parameters with torch._foreach_lerp_.
            Threads: torch.set_num_threads(os.cpu_count()); XLA uses all cores by default.
 
-Both step on one fixed batch (jdiff: the first batch of `Setup.batches`; PyTorch: random; data loading is not
-measured); each step is timed to completion (`jax.block_until_ready` on the jdiff side). The measurements are interleaved in rounds (jdiff block, PyTorch
-block, the order alternating between rounds) so that load from other jobs affects both alike; a round gives
-batch / median step time, and the figures reported are the medians over rounds. "jdiff / torch" > 1 means
-jdiff trains faster. Every measurement is printed as a JSON line; a markdown table follows at the end.
+Both step on one fixed batch (jdiff: the first batch of `Setup.batches`, PyTorch: random; data loading is not
+measured); each step is timed to completion (`jax.block_until_ready` on the jdiff side). The measurements are
+interleaved in rounds (jdiff block, PyTorch block, the order alternating between rounds) so that load from other
+jobs affects both alike; a round gives batch / median step time, and the figures reported are the medians over
+rounds. "jdiff / torch" > 1 means jdiff trains faster. Every measurement is printed as a JSON line; a markdown
+table follows at the end.
 
 The PyTorch peer needs the optional `bench` extra (`pip install -e ".[bench]"`, i.e.
 `pip install torch==2.13.0 diffusers`; a plain `pip install torch` pulls a multi-GB CUDA build). Without it
@@ -58,14 +59,8 @@ class Defaults(NamedTuple):
     warmup: int
 
 
-MODELS = {
-    "unet_small": Defaults("digits", 64, 10, 3),
-    "unet_ddpm_cifar10": Defaults("cifar10", 8, 3, 1),
-}
-QUICK = {
-    "unet_small": Defaults("digits", 8, 2, 1),
-    "unet_ddpm_cifar10": Defaults("cifar10", 2, 1, 1),
-}
+MODELS = {"unet_small": Defaults("digits", 64, 10, 3), "unet_ddpm_cifar10": Defaults("cifar10", 8, 3, 1)}
+QUICK = {"unet_small": Defaults("digits", 8, 2, 1), "unet_ddpm_cifar10": Defaults("cifar10", 2, 1, 1)}
 QUICK_ROUNDS = 2
 NO_TORCH = "PyTorch peer skipped: torch/diffusers not installed"
 
@@ -101,15 +96,17 @@ def _fmt(x: Any, spec: str = ".1f") -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The per-model summary rows as a markdown table."""
-    head = ("| model | batch | params jdiff | params torch | jdiff compile s | jdiff img/s | torch img/s "
-            "| jdiff / torch |")
+    head = (
+        "| model | batch | params jdiff | params torch | jdiff compile s | jdiff img/s | torch img/s | jdiff / torch |"
+    )
     lines = [head, "|" + "---|" * head.count(" |")]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['jdiff_params']:,} | "
             f"{'-' if r['torch_params'] is None else format(r['torch_params'], ',')} | "
             f"{_fmt(r['jdiff_compile_s'])} | {_fmt(r['jdiff_images_per_s'])} | "
-            f"{_fmt(r['torch_images_per_s'])} | {_fmt(r['ratio'], '.2f')} |")
+            f"{_fmt(r['torch_images_per_s'])} | {_fmt(r['ratio'], '.2f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -121,9 +118,17 @@ def train_config(name: str, batch: int) -> TrainConfig:
     """The training preset of `name` (unconditional model) with the benchmark's batch size; the data is the
     digits set at the model's input shape (only its first batch is used)."""
     h, _, c = model_input_shape(name)
-    return apply_overrides(get_preset(MODELS[name].preset), {
-        "model.name": name, "optim.batch_size": batch, "data.class_conditional": False,
-        "data.dataset": "digits", "data.image_size": h, "data.channels": c})
+    return apply_overrides(
+        get_preset(MODELS[name].preset),
+        {
+            "model.name": name,
+            "optim.batch_size": batch,
+            "data.class_conditional": False,
+            "data.dataset": "digits",
+            "data.image_size": h,
+            "data.channels": c,
+        },
+    )
 
 
 class JdiffStep:
@@ -166,8 +171,11 @@ def _norm_widths(name: str) -> list[int]:
     h, w, c = model_input_shape(name)
     params = abstract_params(build_model(train_config(name, 1), None), (1, h, w, c))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return [leaf.shape[0] for path, leaf in flat
-            if "norm" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith("['scale']")]
+    return [
+        leaf.shape[0]
+        for path, leaf in flat
+        if "norm" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith("['scale']")
+    ]
 
 
 def diffusers_config(name: str) -> tuple[dict, list[str]]:
@@ -177,12 +185,22 @@ def diffusers_config(name: str) -> tuple[dict, list[str]]:
     """
     cfg = model_config(name)
     h, w, c = model_input_shape(name)
-    unsupported = {k: cfg[k] for k in ("num_classes", "learn_sigma", "num_head_channels", "use_scale_shift_norm",
-                                       "resblock_updown", "out_channels") if cfg[k]}
+    unsupported = {
+        k: cfg[k]
+        for k in (
+            "num_classes",
+            "learn_sigma",
+            "num_head_channels",
+            "use_scale_shift_norm",
+            "resblock_updown",
+            "out_channels",
+        )
+        if cfg[k]
+    }
     if unsupported:
         raise ValueError(f"no diffusers UNet2DModel peer for {name} with {unsupported}")
     widths = [cfg["ch"] * m for m in cfg["ch_mult"]]
-    attn = [min(h, w) // 2 ** i in tuple(cfg["attention_resolutions"]) for i in range(len(widths))]
+    attn = [min(h, w) // 2**i in tuple(cfg["attention_resolutions"]) for i in range(len(widths))]
     notes = []
     heads = cfg["num_heads"]
     head_dims = {wd // heads for wd, a in zip(widths, attn) if a} | {widths[-1] // heads}
@@ -192,15 +210,25 @@ def diffusers_config(name: str) -> tuple[dict, list[str]]:
     groups = num_groups(widths[0], cfg["norm_groups"])
     jdiff_groups = sorted({num_groups(n, cfg["norm_groups"]) for n in _norm_widths(name)})
     if jdiff_groups != [groups]:
-        notes.append(f"GroupNorm groups differ (same params and FLOPs): jdiff {jdiff_groups} by width, "
-                     f"diffusers {groups} everywhere")
+        notes.append(
+            f"GroupNorm groups differ (same params and FLOPs): jdiff {jdiff_groups} by width, "
+            f"diffusers {groups} everywhere"
+        )
     kwargs = dict(
-        sample_size=(h, w), in_channels=c, out_channels=c, block_out_channels=tuple(widths),
+        sample_size=(h, w),
+        in_channels=c,
+        out_channels=c,
+        block_out_channels=tuple(widths),
         layers_per_block=cfg["num_res_blocks"],
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        attention_head_dim=head_dim, norm_num_groups=groups, norm_eps=1e-6, dropout=cfg["dropout"],
-        downsample_padding=0, flip_sin_to_cos=False, freq_shift=0,
+        attention_head_dim=head_dim,
+        norm_num_groups=groups,
+        norm_eps=1e-6,
+        dropout=cfg["dropout"],
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=0,
     )
     return kwargs, notes
 
@@ -208,8 +236,10 @@ def diffusers_config(name: str) -> tuple[dict, list[str]]:
 def make_adamw(torch: Any, params: list, config: TrainConfig) -> tuple[Any, str]:
     """AdamW as in jdiff (decay on ndim >= 2 only); fused CPU kernel when available, else foreach."""
     opt = config.optim
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": opt.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": opt.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     kw = dict(lr=opt.lr, betas=(opt.adam_b1, opt.adam_b2), eps=opt.adam_eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw), "fused"
@@ -284,13 +314,24 @@ def first_and_warmup(step: Callable[[], None], warmup: int) -> float:
     return first
 
 
-def measure_round(emit: Emitter, step: Callable[[], None], *, model: str, framework: str, rnd: int,
-                  batch: int, steps: int) -> float:
+def measure_round(
+    emit: Emitter, step: Callable[[], None], *, model: str, framework: str, rnd: int, batch: int, steps: int
+) -> float:
     """One timed block; emits and returns its images/s (batch / median step time)."""
     wall, cpu = time_steps(step, steps)
     med = statistics.median(wall)
-    emit(kind="round", model=model, framework=framework, round=rnd, batch=batch, steps=steps,
-         step_s=med, cpu_s=statistics.median(cpu), images_per_s=batch / med, step_s_all=wall)
+    emit(
+        kind="round",
+        model=model,
+        framework=framework,
+        round=rnd,
+        batch=batch,
+        steps=steps,
+        step_s=med,
+        cpu_s=statistics.median(cpu),
+        images_per_s=batch / med,
+        step_s_all=wall,
+    )
     return batch / med
 
 
@@ -303,18 +344,37 @@ def bench_model(emit: Emitter, name: str, args: argparse.Namespace, peer: Option
     batch, steps, warmup = args.batch[name], args.steps[name], args.warmup[name]
     jd = JdiffStep(name, batch)
     first = first_and_warmup(jd, warmup)
-    emit(kind="jdiff_compile", model=name, batch=batch, devices=jd.devices, compile_s=jd.compile_s,
-         first_exec_s=first, time_to_first_step_s=jd.compile_s + first)
+    emit(
+        kind="jdiff_compile",
+        model=name,
+        batch=batch,
+        devices=jd.devices,
+        compile_s=jd.compile_s,
+        first_exec_s=first,
+        time_to_first_step_s=jd.compile_s + first,
+    )
     runners: list[tuple[str, Callable[[], None]]] = [("jdiff", jd)]
     tp = None
     if peer is not None:
         tp = TorchStep(name, batch, peer, args.torch_channels_last)
         first_t = first_and_warmup(tp, warmup)
-        emit(kind="torch_first_step", model=name, batch=batch, first_step_s=first_t, optimizer=tp.opt_impl,
-             channels_last=args.torch_channels_last)
+        emit(
+            kind="torch_first_step",
+            model=name,
+            batch=batch,
+            first_step_s=first_t,
+            optimizer=tp.opt_impl,
+            channels_last=args.torch_channels_last,
+        )
         runners.append(("torch", tp))
-    emit(kind="params", model=name, jdiff_params=jd.params, torch_params=tp.n_params if tp else None,
-         match=(tp.n_params == jd.params) if tp else None, notes=tp.notes if tp else [])
+    emit(
+        kind="params",
+        model=name,
+        jdiff_params=jd.params,
+        torch_params=tp.n_params if tp else None,
+        match=(tp.n_params == jd.params) if tp else None,
+        notes=tp.notes if tp else [],
+    )
     ips: dict[str, list[float]] = {fw: [] for fw, _ in runners}
     for rnd in range(args.rounds):
         order = runners if rnd % 2 == 0 else runners[::-1]
@@ -323,24 +383,43 @@ def bench_model(emit: Emitter, name: str, args: argparse.Namespace, peer: Option
             ips[fw].append(measure_round(emit, step, model=name, framework=fw, rnd=rnd, batch=batch, steps=steps))
     jd_ips = statistics.median(ips["jdiff"])
     t_ips = statistics.median(ips["torch"]) if tp else None
-    return emit(kind="summary", model=name, batch=batch, steps=steps, rounds=args.rounds,
-                jdiff_params=jd.params, torch_params=tp.n_params if tp else None,
-                jdiff_compile_s=jd.compile_s, jdiff_images_per_s=jd_ips, torch_images_per_s=t_ips,
-                ratio=jd_ips / t_ips if t_ips else None,
-                round_ratios=[a / b for a, b in zip(ips["jdiff"], ips["torch"])] if tp else None)
+    return emit(
+        kind="summary",
+        model=name,
+        batch=batch,
+        steps=steps,
+        rounds=args.rounds,
+        jdiff_params=jd.params,
+        torch_params=tp.n_params if tp else None,
+        jdiff_compile_s=jd.compile_s,
+        jdiff_images_per_s=jd_ips,
+        torch_images_per_s=t_ips,
+        ratio=jd_ips / t_ips if t_ips else None,
+        round_ratios=[a / b for a, b in zip(ips["jdiff"], ips["torch"])] if tp else None,
+    )
 
 
 def environment(peer: Optional[tuple[Any, Any]], threads: Optional[int]) -> dict:
     """Versions, devices and thread counts."""
-    env = dict(kind="env", python=platform.python_version(), machine=platform.machine(),
-               cpu_count=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
-               devices=[str(d) for d in jax.local_devices()])
+    env = dict(
+        kind="env",
+        python=platform.python_version(),
+        machine=platform.machine(),
+        cpu_count=os.cpu_count(),
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        devices=[str(d) for d in jax.local_devices()],
+    )
     if peer is not None:
         import diffusers
 
         torch = peer[0]
-        env.update(torch=torch.__version__, diffusers=diffusers.__version__, torch_threads=threads,
-                   torch_interop_threads=torch.get_num_interop_threads())
+        env.update(
+            torch=torch.__version__,
+            diffusers=diffusers.__version__,
+            torch_threads=threads,
+            torch_interop_threads=torch.get_num_interop_threads(),
+        )
     return env
 
 
@@ -362,8 +441,9 @@ def per_model(text: Optional[str], defaults: dict[str, int], flag: str) -> dict[
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
     per = "N for every model or MODEL=N,... (defaults: {})"
     for flag, field in (("batch", "batch"), ("steps", "steps"), ("warmup", "warmup")):
@@ -374,8 +454,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/diffusers peer")
     p.add_argument("--torch-channels-last", action="store_true", help="NHWC memory format for the PyTorch peer")
     p.add_argument("--json", metavar="PATH", help="also write the JSON lines to PATH")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: tiny batches, 1-2 timed steps, {QUICK_ROUNDS} rounds")
+    p.add_argument(
+        "--quick", action="store_true", help=f"smoke run: tiny batches, 1-2 timed steps, {QUICK_ROUNDS} rounds"
+    )
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in MODELS]
@@ -408,14 +489,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         emit.close()
     print()
     if peer is not None:
-        print(f"PyTorch {peer[0].__version__}, {threads} threads; jax {jax.__version__} on "
-              f"{len(jax.local_devices())} {jax.default_backend()} device(s), {os.cpu_count()} cores")
+        print(
+            f"PyTorch {peer[0].__version__}, {threads} threads; jax {jax.__version__} on "
+            f"{len(jax.local_devices())} {jax.default_backend()} device(s), {os.cpu_count()} cores"
+        )
     print(markdown_table(summaries))
     for r in emit.rows:
         if r.get("kind") == "params" and r["torch_params"] is not None:
             same = "same" if r["match"] else "DIFFERENT"
-            print(f"\n{r['model']}: {same} parameter count (jdiff {r['jdiff_params']:,}, "
-                  f"diffusers {r['torch_params']:,})" + "".join(f"; {n}" for n in r["notes"]))
+            print(
+                f"\n{r['model']}: {same} parameter count (jdiff {r['jdiff_params']:,}, "
+                f"diffusers {r['torch_params']:,})" + "".join(f"; {n}" for n in r["notes"])
+            )
     return 0
 
 

@@ -21,7 +21,21 @@ from jdiff.schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Schedule", "get_schedule", "schedule_from_betas", "rescale_zero_terminal_snr", "alpha_bar_at",
-    "log_snr_at", "t_from_log_snr", "q_sample", "q_posterior", "to_x0_eps", "convert_prediction",
-    "diffusion_loss", "snr_weight", "sample", "ddim_invert", "SAMPLERS", "SPACINGS",
+    "Schedule",
+    "get_schedule",
+    "schedule_from_betas",
+    "rescale_zero_terminal_snr",
+    "alpha_bar_at",
+    "log_snr_at",
+    "t_from_log_snr",
+    "q_sample",
+    "q_posterior",
+    "to_x0_eps",
+    "convert_prediction",
+    "diffusion_loss",
+    "snr_weight",
+    "sample",
+    "ddim_invert",
+    "SAMPLERS",
+    "SPACINGS",
 ]

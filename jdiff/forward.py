@@ -47,9 +47,10 @@ def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
     Args: x0 and noise (B, ...) float; t (B,) int in [0, T-1]. Returns x_t (B, ...).
     """
     check_shapes(x0, t, noise=noise)
-    return _gather(schedule.sqrt_alphas_cumprod, t, x0) * x0 + _gather(
-        schedule.sqrt_one_minus_alphas_cumprod, t, x0
-    ) * noise
+    return (
+        _gather(schedule.sqrt_alphas_cumprod, t, x0) * x0
+        + _gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+    )
 
 
 def q_posterior(schedule: Schedule, x0: Array, x_t: Array, t: Array) -> tuple[Array, Array, Array]:
@@ -58,9 +59,7 @@ def q_posterior(schedule: Schedule, x0: Array, x_t: Array, t: Array) -> tuple[Ar
     Returns (mean (B, ...), variance (B, 1...), clipped log variance (B, 1...)).
     """
     check_shapes(x_t, t, x0=x0)
-    mean = _gather(schedule.posterior_mean_coef1, t, x_t) * x0 + _gather(
-        schedule.posterior_mean_coef2, t, x_t
-    ) * x_t
+    mean = _gather(schedule.posterior_mean_coef1, t, x_t) * x0 + _gather(schedule.posterior_mean_coef2, t, x_t) * x_t
     return (
         mean,
         _gather(schedule.posterior_variance, t, x_t),
@@ -117,9 +116,7 @@ def target_from_x0_eps(prediction: str, x0: Array, eps: Array, alpha: Array, sig
     raise AssertionError  # unreachable
 
 
-def convert_prediction(
-    out: Array, x: Array, alpha: Array, sigma: Array, *, source: str, target: str
-) -> Array:
+def convert_prediction(out: Array, x: Array, alpha: Array, sigma: Array, *, source: str, target: str) -> Array:
     """Converts a prediction between the "eps", "x0" and "v" parameterizations at x."""
     x0, eps = to_x0_eps(source, out, x, alpha, sigma)
     return target_from_x0_eps(target, x0, eps, alpha, sigma)

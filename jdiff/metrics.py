@@ -113,15 +113,21 @@ def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return batch["image"], batch["label"]
 
 
-def train_digit_classifier(images: np.ndarray, labels: np.ndarray, hidden: tuple[int, ...] = CLASSIFIER_HIDDEN,
-                           alpha: float = CLASSIFIER_ALPHA, seed: int = 0):
+def train_digit_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    hidden: tuple[int, ...] = CLASSIFIER_HIDDEN,
+    alpha: float = CLASSIFIER_ALPHA,
+    seed: int = 0,
+):
     """A ReLU MLP (`sklearn.neural_network.MLPClassifier`, Adam, L2 ``alpha``) fitted on (images, labels)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
     from threadpoolctl import threadpool_limits
 
-    clf = MLPClassifier(hidden_layer_sizes=tuple(hidden), activation="relu", alpha=alpha, max_iter=2000,
-                        random_state=seed)
+    clf = MLPClassifier(
+        hidden_layer_sizes=tuple(hidden), activation="relu", alpha=alpha, max_iter=2000, random_state=seed
+    )
     # One BLAS thread: the matrices are tiny, and threaded BLAS on a busy machine is ~50x slower here.
     with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -197,9 +203,16 @@ def near_copy_threshold(heldout: np.ndarray, train_images: np.ndarray, percentil
     return float(np.percentile(nearest_distances(heldout, train_images), percentile))
 
 
-def score_images(clf, images: np.ndarray, ref_feats: np.ndarray, *, labels: Optional[np.ndarray] = None,
-                 train_images: Optional[np.ndarray] = None, copy_threshold: Optional[float] = None,
-                 threshold: float = CONFIDENCE) -> dict:
+def score_images(
+    clf,
+    images: np.ndarray,
+    ref_feats: np.ndarray,
+    *,
+    labels: Optional[np.ndarray] = None,
+    train_images: Optional[np.ndarray] = None,
+    copy_threshold: Optional[float] = None,
+    threshold: float = CONFIDENCE,
+) -> dict:
     """All figures of one image set: confident share, class spread, Frechet distance to ``ref_feats``.
 
     Args:
@@ -239,4 +252,3 @@ def score_images(clf, images: np.ndarray, ref_feats: np.ndarray, *, labels: Opti
         if copy_threshold is not None:
             out["near_copy_share"] = float(np.mean(nn < copy_threshold))
     return out
-

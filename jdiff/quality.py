@@ -65,9 +65,18 @@ def load_npz(path: str, num: int | None) -> tuple[np.ndarray, np.ndarray | None]
     return images, labels
 
 
-def sample_checkpoint(workdir: str, *, num: int, step: int | None = None, sampler: str = "ddim", steps: int = 50,
-                      eta: float | None = None, seed: int = 0, labels: str = "balanced",
-                      guidance: float | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def sample_checkpoint(
+    workdir: str,
+    *,
+    num: int,
+    step: int | None = None,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float | None = None,
+    seed: int = 0,
+    labels: str = "balanced",
+    guidance: float | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """(images (num, 8, 8, 1) in [-1, 1], asked-for labels or None, info dict) drawn from a run's EMA params
     with `jdiff.run.Generator` (what sample.py uses). ValueError if the run cannot be loaded or is not digits.
 
@@ -83,8 +92,10 @@ def sample_checkpoint(workdir: str, *, num: int, step: int | None = None, sample
         raise ValueError(str(e)) from None
     d = run.config.data
     if d.dataset != "digits" or d.image_size not in (None, 8) or d.channels not in (None, 1):
-        raise ValueError(f"{workdir} was trained on {d.dataset!r} (image_size={d.image_size}, "
-                         f"channels={d.channels}); this benchmark scores 8x8 grey digits only")
+        raise ValueError(
+            f"{workdir} was trained on {d.dataset!r} (image_size={d.image_size}, "
+            f"channels={d.channels}); this benchmark scores 8x8 grey digits only"
+        )
     num_classes = run.num_classes
     y, mode = None, "unconditional"
     if num_classes:
@@ -96,22 +107,37 @@ def sample_checkpoint(workdir: str, *, num: int, step: int | None = None, sample
             mode += f", guidance {guidance:g}"
     else:
         guidance = None
-    settings = jrun.Settings(sampler=sampler, steps=steps, options={} if eta is None else {"eta": eta},
-                             guidance=guidance)
+    settings = jrun.Settings(
+        sampler=sampler, steps=steps, options={} if eta is None else {"eta": eta}, guidance=guidance
+    )
     model, schedule = jrun.build_model(run.config, num_classes), jrun.build_schedule(run.config)
     devices = jax.devices()
-    gen = jrun.Generator(model, schedule, settings, image_shape=run.image_shape, num_classes=num_classes,
-                         prediction=run.config.diffusion.objective, batch=jrun.auto_batch(num, len(devices)),
-                         devices=devices)
+    gen = jrun.Generator(
+        model,
+        schedule,
+        settings,
+        image_shape=run.image_shape,
+        num_classes=num_classes,
+        prediction=run.config.diffusion.objective,
+        batch=jrun.auto_batch(num, len(devices)),
+        devices=devices,
+    )
     try:
         _, _, params = jrun.load_params(run, step=step, model=model)
     except jrun.CheckpointError as e:
         raise ValueError(str(e)) from None
     t0 = time.time()
     x, _, _ = gen.draw(params, num, seed=seed, labels=y)
-    info = {"workdir": workdir, "step": step or "latest", "sampler": sampler, "steps": steps, "eta": eta,
-            "objective": run.config.diffusion.objective, "conditioning": mode,
-            "sample_seconds": round(time.time() - t0, 2)}
+    info = {
+        "workdir": workdir,
+        "step": step or "latest",
+        "sampler": sampler,
+        "steps": steps,
+        "eta": eta,
+        "objective": run.config.diffusion.objective,
+        "conditioning": mode,
+        "sample_seconds": round(time.time() - t0, 2),
+    }
     if y is not None and labels != "balanced":
         y = None  # null labels ask for no class
     return np.clip(x, -1.0, 1.0), y, info
@@ -162,18 +188,25 @@ def _evaluate(images: np.ndarray, labels: np.ndarray | None, seed: int) -> dict:
     floor["frechet"] = float(np.mean(floor["frechet_draws"]))
     floor["frechet_std"] = float(np.std(floor["frechet_draws"]))
 
-    rows = {"samples": metrics.score_images(clf, images, ref, labels=labels, **kw),
-            "real train digits (floor)": floor}
+    rows = {"samples": metrics.score_images(clf, images, ref, labels=labels, **kw), "real train digits (floor)": floor}
     for name, x in reference_sets(train_x, train_y, n_ref, seed).items():
         rows[name] = metrics.score_images(clf, x, ref, **kw)
     heldout_nn = float(np.median(metrics.nearest_distances(test_x, train_x)))
     return {
-        "classifier": {"hidden": list(metrics.CLASSIFIER_HIDDEN), "alpha": metrics.CLASSIFIER_ALPHA,
-                       "trained_on": f"digits test split ({len(test_x)})",
-                       "accuracy_on_train_split": acc, "num_eval": len(train_x)},
-        "reference": {"set": f"digits test split ({len(test_x)})", "feature_dim": int(ref.shape[1]),
-                      "heldout_nn_train_median": heldout_nn, "near_copy_threshold": copy_at,
-                      "near_copy_percentile": metrics.COPY_PERCENTILE},
+        "classifier": {
+            "hidden": list(metrics.CLASSIFIER_HIDDEN),
+            "alpha": metrics.CLASSIFIER_ALPHA,
+            "trained_on": f"digits test split ({len(test_x)})",
+            "accuracy_on_train_split": acc,
+            "num_eval": len(train_x),
+        },
+        "reference": {
+            "set": f"digits test split ({len(test_x)})",
+            "feature_dim": int(ref.shape[1]),
+            "heldout_nn_train_median": heldout_nn,
+            "near_copy_threshold": copy_at,
+            "near_copy_percentile": metrics.COPY_PERCENTILE,
+        },
         "rows": rows,
         "eval_seconds": round(time.time() - t0, 2),
     }
@@ -211,10 +244,13 @@ def markdown(result: dict) -> str:
             f"| {name} | {row['num']} | {_fmt(row['confident_share'])} | {' '.join(map(str, row['class_counts']))} | "
             f"{_fmt(row['class_entropy_bits'], 2)} | {_fmt(row['class_max_min_ratio'], 2)} | {fd} | "
             f"{_fmt(row.get('label_agreement'))} | {_fmt(row.get('nn_train_median'), 2)} | "
-            f"{_fmt(row.get('near_copy_share'))} |")
+            f"{_fmt(row.get('near_copy_share'))} |"
+        )
     lines.append("")
-    lines.append(f"(label agreement: share classified as the digit asked for / the true digit; "
-                 f"floor row: Frechet mean ± std over {FLOOR_DRAWS} draws; evaluation {result['eval_seconds']:.1f} s)")
+    lines.append(
+        f"(label agreement: share classified as the digit asked for / the true digit; "
+        f"floor row: Frechet mean ± std over {FLOOR_DRAWS} draws; evaluation {result['eval_seconds']:.1f} s)"
+    )
     return "\n".join(lines)
 
 
@@ -241,8 +277,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=None, help="eta of samplers that have it (DDIM)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--labels", choices=("balanced", "null"), default="balanced",
-                   help="class-conditional models: balanced = N/10 of each digit, null = unconditional")
+    p.add_argument(
+        "--labels",
+        choices=("balanced", "null"),
+        default="balanced",
+        help="class-conditional models: balanced = N/10 of each digit, null = unconditional",
+    )
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--save-samples", default=None, help="write the scored samples to this .npz")
     p.add_argument("--json", default=None, help="also write the result as JSON to this path ('-': stdout)")
@@ -257,8 +297,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             workdir = args.workdir or "runs/digits"
             images, labels, info = sample_checkpoint(
-                workdir, num=args.num or 500, step=args.step, sampler=args.sampler, steps=args.steps,
-                eta=args.eta, seed=args.seed, labels=args.labels, guidance=args.guidance)
+                workdir,
+                num=args.num or 500,
+                step=args.step,
+                sampler=args.sampler,
+                steps=args.steps,
+                eta=args.eta,
+                seed=args.seed,
+                labels=args.labels,
+                guidance=args.guidance,
+            )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.save_samples:

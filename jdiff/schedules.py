@@ -126,9 +126,7 @@ def linear_betas(num_timesteps: int, *, beta_start: float = 1e-4, beta_end: floa
     return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
 
 
-def scaled_linear_betas(
-    num_timesteps: int, *, beta_start: float = 0.00085, beta_end: float = 0.012
-) -> np.ndarray:
+def scaled_linear_betas(num_timesteps: int, *, beta_start: float = 0.00085, beta_end: float = 0.012) -> np.ndarray:
     """Latent diffusion / Stable Diffusion: beta_t = linspace(sqrt(beta_start), sqrt(beta_end), T)^2."""
     return np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_timesteps, dtype=np.float64) ** 2
 
@@ -190,9 +188,7 @@ def get_schedule(
         b = np.asarray(betas, dtype=np.float64)
     else:
         if name not in BETA_SCHEDULES:
-            raise ValueError(
-                f"Unknown schedule name {name!r}; allowed values: {sorted(BETA_SCHEDULES) + ['custom']}."
-            )
+            raise ValueError(f"Unknown schedule name {name!r}; allowed values: {sorted(BETA_SCHEDULES) + ['custom']}.")
         if betas is not None:
             raise ValueError(f'betas= is only accepted with name="custom", not with {name!r}.')
         if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:

@@ -120,8 +120,12 @@ class Spec:
         if self.kind in (int, float):
             if self.kind is float and not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
-            bad = ((self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
-                   or (self.le is not None and not value <= self.le) or (self.lt is not None and not value < self.lt))
+            bad = (
+                (self.ge is not None and not value >= self.ge)
+                or (self.gt is not None and not value > self.gt)
+                or (self.le is not None and not value <= self.le)
+                or (self.lt is not None and not value < self.lt)
+            )
             if bad:
                 raise ValueError(f"{name} must be {self.describe().split(' ', 1)[1]}, got {value}")
         return value

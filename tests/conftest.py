@@ -14,10 +14,30 @@ REPO = Path(__file__).resolve().parents[1]
 # A U-Net small enough to compile in seconds: one level, 8 channels, no attention.
 TINY_MODEL = {"ch": 8, "ch_mult": (1,), "num_res_blocks": 1, "attention_resolutions": (), "norm_groups": 4}
 TINY_FLAGS = [
-    "--model.ch", "8", "--model.ch_mult", "(1,)", "--model.num_res_blocks", "1",
-    "--model.attention_resolutions", "()", "--model.norm_groups", "4",
-    "--optim.batch_size", "8", "--diffusion.num_timesteps", "100", "--run.log_every", "2",
-    "--optim.warmup_steps", "2", "--sampling.num_samples", "4", "--sampling.columns", "4", "--sampling.steps", "2",
+    "--model.ch",
+    "8",
+    "--model.ch_mult",
+    "(1,)",
+    "--model.num_res_blocks",
+    "1",
+    "--model.attention_resolutions",
+    "()",
+    "--model.norm_groups",
+    "4",
+    "--optim.batch_size",
+    "8",
+    "--diffusion.num_timesteps",
+    "100",
+    "--run.log_every",
+    "2",
+    "--optim.warmup_steps",
+    "2",
+    "--sampling.num_samples",
+    "4",
+    "--sampling.columns",
+    "4",
+    "--sampling.steps",
+    "2",
     "--no_progress",
 ]
 
@@ -28,9 +48,18 @@ def make_tiny_config(workdir, **overrides):
     from jdiff.config import apply_overrides, get_preset
 
     base = {
-        "model.fields": dict(TINY_MODEL), "optim.batch_size": 8, "optim.steps": 4, "diffusion.num_timesteps": 100,
-        "optim.warmup_steps": 2, "optim.lr": 1e-3, "run.log_every": 2, "run.checkpoint_every": 2,
-        "run.keep_checkpoints": 10, "sampling.every": 0, "sampling.num_samples": 0, "sampling.steps": 2,
+        "model.fields": dict(TINY_MODEL),
+        "optim.batch_size": 8,
+        "optim.steps": 4,
+        "diffusion.num_timesteps": 100,
+        "optim.warmup_steps": 2,
+        "optim.lr": 1e-3,
+        "run.log_every": 2,
+        "run.checkpoint_every": 2,
+        "run.keep_checkpoints": 10,
+        "sampling.every": 0,
+        "sampling.num_samples": 0,
+        "sampling.steps": 2,
         "run.workdir": str(workdir),
     }
     return apply_overrides(get_preset("digits"), [*base.items(), *overrides.items()])
@@ -60,5 +89,6 @@ def run_train_py(args, *, cwd, timeout=240, env=None):
     e = dict(os.environ)
     e.update(env or {})
     e.setdefault("PYTHONPATH", str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=e)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e
+    )

@@ -6,11 +6,11 @@ import numpy as np
 import optax
 
 # Tests only: XLA's -O0 backend cuts CPU compile time (mostly the params' RNG code) ~4x.
-FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def fast_jit(f, **kw):
-    return jax.jit(f, compiler_options=FAST if jax.default_backend() == 'cpu' else None, **kw)
+    return jax.jit(f, compiler_options=FAST if jax.default_backend() == "cpu" else None, **kw)
 
 
 def perturb(params, seed=0, scale=0.05):
@@ -21,8 +21,10 @@ def perturb(params, seed=0, scale=0.05):
 
 def jit_fwd(m):
     """Jitted ``(params, x, t, y, key, train) -> out``: one compile per (shapes, train) for all tests."""
-    return fast_jit(lambda p, x, t, y, key, train: m.apply({'params': p}, x, t, y, train=train,
-                                                           rngs={'dropout': key}), static_argnames='train')
+    return fast_jit(
+        lambda p, x, t, y, key, train: m.apply({"params": p}, x, t, y, train=train, rngs={"dropout": key}),
+        static_argnames="train",
+    )
 
 
 def inputs(shape, seed=0):
@@ -37,7 +39,7 @@ def assert_bf16_close_to_f32(tiny):
     o16 = jit_fwd(m.clone(dtype=jnp.bfloat16))(p, x, t, y, k, train=False)
     o32 = f(p, x, t, y, k, train=False)
     assert o16.dtype == jnp.float32
-    rel = float(jnp.sqrt(jnp.mean((o16 - o32) ** 2) / jnp.mean(o32 ** 2)))
+    rel = float(jnp.sqrt(jnp.mean((o16 - o32) ** 2) / jnp.mean(o32**2)))
     assert rel < 0.05, rel
 
 

@@ -9,7 +9,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jdiff.data import ArraySource, BatchIterator, batch_at, iterate_batches
 

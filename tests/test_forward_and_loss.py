@@ -10,9 +10,9 @@ import pytest
 import jdiff
 from jdiff.forward import convert_prediction, to_x0_eps
 
-X_IMAGE = jnp.asarray(
-    [[1, -1, -1, 1], [-1, 1, 1, -1], [-1, 1, 1, -1], [1, -1, -1, 1]], jnp.float32
-)[None, :, :, None]  # a 4x4 "X", NHWC (1, 4, 4, 1)
+X_IMAGE = jnp.asarray([[1, -1, -1, 1], [-1, 1, 1, -1], [-1, 1, 1, -1], [1, -1, -1, 1]], jnp.float32)[
+    None, :, :, None
+]  # a 4x4 "X", NHWC (1, 4, 4, 1)
 T3 = jdiff.get_schedule("custom", betas=[0.1, 0.2, 0.3])  # abar = 0.9, 0.72, 0.504
 
 
@@ -82,14 +82,17 @@ def test_prediction_conversions_round_trip_and_definitions():
 
 # ---------------------------------------------------------------------------------------------------- loss
 
+
 def _oracle(sch, x0_true, objective):
     """For single-point data the exact predictor of every objective is known from x_t."""
+
     def model_fn(x_t, t):
         ti = t.astype(jnp.int32)
         a = sch.sqrt_alphas_cumprod[ti].reshape(-1, 1, 1, 1)
         s = sch.sqrt_one_minus_alphas_cumprod[ti].reshape(-1, 1, 1, 1)
         eps = (x_t - a * x0_true) / s
         return {"eps": eps, "x0": jnp.broadcast_to(x0_true, x_t.shape), "v": a * eps - s * x0_true}[objective]
+
     return model_fn
 
 
@@ -98,8 +101,9 @@ def _oracle(sch, x0_true, objective):
 def test_loss_is_zero_for_the_exact_predictor(objective, weighting):
     sch = jdiff.get_schedule("linear", 1000)
     x0 = jnp.broadcast_to(X_IMAGE, (16, 4, 4, 1))
-    loss, m = jdiff.diffusion_loss(_oracle(sch, X_IMAGE, objective), sch, x0, jax.random.key(0),
-                                   objective=objective, weighting=weighting)
+    loss, m = jdiff.diffusion_loss(
+        _oracle(sch, X_IMAGE, objective), sch, x0, jax.random.key(0), objective=objective, weighting=weighting
+    )
     assert float(loss) < 1e-6 and float(m["mse"]) < 1e-6
 
 
@@ -115,8 +119,9 @@ def test_min_snr_weights_closed_form():
     g = 5.0
     np.testing.assert_allclose(jdiff.snr_weight(snr, objective="x0", weighting="min_snr"), [0.5, 5, 5])
     np.testing.assert_allclose(jdiff.snr_weight(snr, objective="eps", weighting="min_snr"), [1, 1, 0.25])
-    np.testing.assert_allclose(jdiff.snr_weight(snr, objective="v", weighting="min_snr"),
-                               [0.5 / 1.5, 5 / 6, 5 / 21], rtol=1e-6)
+    np.testing.assert_allclose(
+        jdiff.snr_weight(snr, objective="v", weighting="min_snr"), [0.5 / 1.5, 5 / 6, 5 / 21], rtol=1e-6
+    )
     np.testing.assert_allclose(jdiff.snr_weight(jnp.array([0.0]), objective="eps", weighting="min_snr"), [1.0])
     np.testing.assert_allclose(jdiff.snr_weight(snr, objective="v", weighting="simple"), [1, 1, 1])
     assert g == 5.0
@@ -135,10 +140,13 @@ def test_min_snr_loss_is_the_same_x0_space_loss_for_every_objective():
             s = sch.sqrt_one_minus_alphas_cumprod[ti].reshape(-1, 1, 1, 1)
             x0_hat = jnp.broadcast_to(X_IMAGE + delta, x_t.shape)
             return convert_prediction(x0_hat, x_t, a, s, source="x0", target=objective)
+
         return f
 
-    losses = [float(jdiff.diffusion_loss(model_for(o), sch, x0, jax.random.key(7), objective=o,
-                                         weighting="min_snr")[0]) for o in ("eps", "x0", "v")]
+    losses = [
+        float(jdiff.diffusion_loss(model_for(o), sch, x0, jax.random.key(7), objective=o, weighting="min_snr")[0])
+        for o in ("eps", "x0", "v")
+    ]
     np.testing.assert_allclose(losses, losses[1], rtol=2e-3)
     assert losses[1] > 0
 
@@ -148,8 +156,9 @@ def test_per_example_weights_mask_out_examples():
     x0 = jnp.broadcast_to(X_IMAGE, (4, 4, 4, 1))
     exact = _oracle(sch, X_IMAGE, "x0")
     bad = lambda x, t: exact(x, t) + jnp.array([0.0, 0.0, 100.0, 100.0]).reshape(4, 1, 1, 1)
-    masked, _ = jdiff.diffusion_loss(bad, sch, x0, jax.random.key(0), objective="x0",
-                                     weights=jnp.array([1.0, 1.0, 0.0, 0.0]))
+    masked, _ = jdiff.diffusion_loss(
+        bad, sch, x0, jax.random.key(0), objective="x0", weights=jnp.array([1.0, 1.0, 0.0, 0.0])
+    )
     full, _ = jdiff.diffusion_loss(bad, sch, x0, jax.random.key(0), objective="x0")
     assert float(masked) < 1e-8 and abs(float(full) - 5000.0) < 1e-2
 
@@ -166,11 +175,14 @@ def test_loss_is_differentiable_and_uses_first_half_of_learned_variance_output()
     assert np.isfinite(float(g)) and float(loss(0.5)) < 10
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(objective="score"), "allowed values"),
-    (dict(weighting="p2"), "allowed values"),
-    (dict(weights=jnp.ones(3)), "weights"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(objective="score"), "allowed values"),
+        (dict(weighting="p2"), "allowed values"),
+        (dict(weights=jnp.ones(3)), "weights"),
+    ],
+)
 def test_loss_bad_input(kwargs, match):
     sch = jdiff.get_schedule("linear", 10)
     with pytest.raises(ValueError, match=match):

@@ -8,12 +8,20 @@ JDIFF = Path(__file__).resolve().parents[1] / "jdiff"
 
 # Layer of each top-level unit of jdiff; a unit may import units of a lower layer, and itself.
 LAYERS = {
-    "spec": 0, "_logs": 0,
-    "schedules": 1, "forward": 2, "losses": 3, "analytic": 3,  # the math
-    "sampling": 4, "models": 4, "data": 4, "metrics": 5,
+    "spec": 0,
+    "_logs": 0,
+    "schedules": 1,
+    "forward": 2,
+    "losses": 3,
+    "analytic": 3,  # the math
+    "sampling": 4,
+    "models": 4,
+    "data": 4,
+    "metrics": 5,
     "config": 6,
     "run": 7,
-    "training": 8, "quality": 8,
+    "training": 8,
+    "quality": 8,
     "cli": 9,
 }
 TOP = {"__init__"}  # jdiff/__init__.py re-exports the core API

@@ -154,8 +154,9 @@ def test_classifier_accuracy_on_unseen_digits(clf, digits):
 
 def test_numpy_forward_matches_sklearn(clf, digits):
     x = digits[2][:50]
-    np.testing.assert_allclose(metrics.class_probs(clf, x), clf.predict_proba(metrics.flatten_images(x)),
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        metrics.class_probs(clf, x), clf.predict_proba(metrics.flatten_images(x)), rtol=1e-6, atol=1e-9
+    )
     feats = metrics.hidden_features(clf, x)
     assert feats.shape == (50, metrics.CLASSIFIER_HIDDEN[-1]) and feats.min() >= 0.0
 
@@ -226,7 +227,18 @@ def test_benchmark_checkpoint(tiny_config, tmp_path, capsys):
     train(config, devices=jax.devices()[:1], progress=False, log=lambda s: None)
     out = tmp_path / "r.json"
     npz = tmp_path / "s.npz"
-    argv = ["--workdir", config.run.workdir, "--num", "20", "--steps", "2", "--json", str(out), "--save-samples", str(npz)]
+    argv = [
+        "--workdir",
+        config.run.workdir,
+        "--num",
+        "20",
+        "--steps",
+        "2",
+        "--json",
+        str(out),
+        "--save-samples",
+        str(npz),
+    ]
     assert quality.main(argv) == 0
     assert "| samples | 20 |" in capsys.readouterr().out
     result = json.loads(out.read_text())

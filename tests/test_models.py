@@ -5,13 +5,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdiff.models import (DiT, LabelEmbedder, UNet, abstract_params, count_params, drop_labels,
-                          forward_flops, get_model, list_models, model_config, model_input_shape,
-                          sincos_2d, timestep_embedding, tree_size)
+from jdiff.models import (
+    DiT,
+    LabelEmbedder,
+    UNet,
+    abstract_params,
+    count_params,
+    drop_labels,
+    forward_flops,
+    get_model,
+    list_models,
+    model_config,
+    model_input_shape,
+    sincos_2d,
+    timestep_embedding,
+    tree_size,
+)
 from jdiff.models.layers import check_inputs
 
-
 # ---------------------------------------------------------------- embeddings
+
 
 def test_timestep_embedding_formula_and_fractional_t():
     t = jnp.array([0.0, 1.0, 2.5, 999.0])
@@ -20,8 +33,9 @@ def test_timestep_embedding_formula_and_fractional_t():
     freqs = 10000.0 ** (-np.arange(4) / 4)
     ref = np.concatenate([np.sin(np.outer(t, freqs)), np.cos(np.outer(t, freqs))], axis=1)
     np.testing.assert_allclose(e, ref, atol=1e-4)
-    np.testing.assert_allclose(timestep_embedding(t, 8, cos_first=True),
-                               np.concatenate([ref[:, 4:], ref[:, :4]], axis=1), atol=1e-4)
+    np.testing.assert_allclose(
+        timestep_embedding(t, 8, cos_first=True), np.concatenate([ref[:, 4:], ref[:, :4]], axis=1), atol=1e-4
+    )
     assert not np.allclose(timestep_embedding(jnp.array([2.5]), 8), timestep_embedding(jnp.array([2.0]), 8))
     odd = timestep_embedding(t, 7)
     assert odd.shape == (4, 7) and np.all(np.asarray(odd[:, -1]) == 0)
@@ -30,8 +44,9 @@ def test_timestep_embedding_formula_and_fractional_t():
 def _official_2d_sincos(dim, grid):  # facebookresearch/DiT models.py, square grid
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum('m,d->md', pos.reshape(-1), omega)
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
     g = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)), 0)
     g = g.reshape(2, 1, grid, grid)
     return np.concatenate([one_d(dim // 2, g[0]), one_d(dim // 2, g[1])], axis=1)
@@ -41,22 +56,22 @@ def test_sincos_2d_matches_dit_reference_and_non_square():
     np.testing.assert_allclose(sincos_2d(64, 4, 4), _official_2d_sincos(64, 4), atol=1e-6)
     e = sincos_2d(32, 3, 5)
     assert e.shape == (15, 32) and len(np.unique(e.round(5), axis=0)) == 15
-    with pytest.raises(ValueError, match='divisible by 4'):
+    with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d(30, 2, 2)
 
 
 def test_label_embedder_null_row_and_validation():
     emb = LabelEmbedder(num_classes=10, hidden=8)
     p = emb.init(jax.random.key(0), jnp.array([0, 10], jnp.int32), 2)
-    assert p['params']['table']['embedding'].shape == (11, 8)
+    assert p["params"]["table"]["embedding"].shape == (11, 8)
     null = emb.apply(p, None, 3)
     np.testing.assert_array_equal(null, emb.apply(p, jnp.full((3,), 10, jnp.int32), 3))
     for bad in ([0, 11], [-1, 3]):
-        with pytest.raises(ValueError, match=r'\[0, num_classes\]=\[0, 10\]'):
+        with pytest.raises(ValueError, match=r"\[0, num_classes\]=\[0, 10\]"):
             emb.apply(p, jnp.array(bad, jnp.int32), 2)
-    with pytest.raises(ValueError, match='integer'):
+    with pytest.raises(ValueError, match="integer"):
         emb.apply(p, jnp.array([0.0, 1.0]), 2)
-    with pytest.raises(ValueError, match='shape'):
+    with pytest.raises(ValueError, match="shape"):
         emb.apply(p, jnp.array([0, 1, 2], jnp.int32), 2)
     # Traced labels cannot be checked: no error under jit (documented).
     jax.jit(lambda y: emb.apply(p, y, 2))(jnp.array([0, 11], jnp.int32))
@@ -74,55 +89,57 @@ def test_drop_labels():
 
 def test_check_inputs_shared_by_unet_and_dit():
     x = jnp.zeros((1, 8, 12, 1))
-    check_inputs(x, None, None, 4, 'M')
-    check_inputs(x, jnp.zeros((1,), jnp.int32), 10, 2, 'M')
-    with pytest.raises(ValueError, match=r'NHWC .* got shape \(8, 12, 1\)'):
-        check_inputs(x[0], None, None, 1, 'M')
-    with pytest.raises(ValueError, match=r'^M, so .* multiples of 8 \(allowed: 8, 16, 24, ...\).*H=8, W=12'):
-        check_inputs(x, None, None, 8, 'M')
-    with pytest.raises(ValueError, match='unconditional'):
-        check_inputs(x, jnp.zeros((1,), jnp.int32), None, 4, 'M')
+    check_inputs(x, None, None, 4, "M")
+    check_inputs(x, jnp.zeros((1,), jnp.int32), 10, 2, "M")
+    with pytest.raises(ValueError, match=r"NHWC .* got shape \(8, 12, 1\)"):
+        check_inputs(x[0], None, None, 1, "M")
+    with pytest.raises(ValueError, match=r"^M, so .* multiples of 8 \(allowed: 8, 16, 24, ...\).*H=8, W=12"):
+        check_inputs(x, None, None, 8, "M")
+    with pytest.raises(ValueError, match="unconditional"):
+        check_inputs(x, jnp.zeros((1,), jnp.int32), None, 4, "M")
 
 
 # ---------------------------------------------------------------- registry
 
+
 def test_registry_names():
     names = list_models()
-    for n in ['unet_ddpm_cifar10', 'unet_small', 'unet_tiny', 'unet_mnist', 'dit_tiny']:
+    for n in ["unet_ddpm_cifar10", "unet_small", "unet_tiny", "unet_mnist", "dit_tiny"]:
         assert n in names
-    for s in ['s', 'b', 'l', 'xl']:
+    for s in ["s", "b", "l", "xl"]:
         for p in (2, 4, 8):
-            assert f'dit_{s}{p}' in names
-            assert model_config(f'dit_{s}{p}')['patch_size'] == p
-    assert isinstance(get_model('unet_small'), UNet) and isinstance(get_model('dit_s2'), DiT)
+            assert f"dit_{s}{p}" in names
+            assert model_config(f"dit_{s}{p}")["patch_size"] == p
+    assert isinstance(get_model("unet_small"), UNet) and isinstance(get_model("dit_s2"), DiT)
 
 
 def test_registry_overrides_and_errors():
-    m = get_model('unet_small', ch_mult=[1, 2, 2])  # lists (JSON) -> tuples: module stays hashable
+    m = get_model("unet_small", ch_mult=[1, 2, 2])  # lists (JSON) -> tuples: module stays hashable
     assert m.ch_mult == (1, 2, 2) and isinstance(hash(m), int)
-    m = get_model('dit_s2', num_classes=10, dtype=jnp.bfloat16)
+    m = get_model("dit_s2", num_classes=10, dtype=jnp.bfloat16)
     assert m.num_classes == 10 and m.dtype == jnp.bfloat16 and m.depth == 12
-    cfg = model_config('unet_ddpm_cifar10')
-    assert cfg['ch'] == 128 and tuple(cfg['ch_mult']) == (1, 2, 2, 2) and cfg['dropout'] == 0.1
-    cfg['ch'] = 1  # a copy: the registry is unchanged
-    assert model_config('unet_ddpm_cifar10')['ch'] == 128 and get_model('unet_ddpm_cifar10').ch == 128
-    assert model_input_shape('dit_xl2') == (32, 32, 4)
-    with pytest.raises(ValueError, match='unknown model name.*allowed:.*unet_small'):
-        get_model('unet_huge')
-    with pytest.raises(ValueError, match='unknown model name'):
-        model_config('nope')
+    cfg = model_config("unet_ddpm_cifar10")
+    assert cfg["ch"] == 128 and tuple(cfg["ch_mult"]) == (1, 2, 2, 2) and cfg["dropout"] == 0.1
+    cfg["ch"] = 1  # a copy: the registry is unchanged
+    assert model_config("unet_ddpm_cifar10")["ch"] == 128 and get_model("unet_ddpm_cifar10").ch == 128
+    assert model_input_shape("dit_xl2") == (32, 32, 4)
+    with pytest.raises(ValueError, match="unknown model name.*allowed:.*unet_small"):
+        get_model("unet_huge")
+    with pytest.raises(ValueError, match="unknown model name"):
+        model_config("nope")
     with pytest.raises(ValueError, match=r"unknown override.*'chanels'.*allowed fields:.*ch_mult"):
-        get_model('unet_small', chanels=3)
+        get_model("unet_small", chanels=3)
 
 
 def test_small_configs_param_budgets():
-    assert count_params(get_model('unet_small'), (1, 8, 8, 1)) < 1_000_000
-    assert count_params(get_model('unet_tiny'), (1, 8, 8, 1)) < 250_000
-    assert 1_000_000 <= count_params(get_model('unet_mnist'), (1, 28, 28, 1)) <= 4_000_000
-    assert count_params(get_model('dit_tiny'), (1, 8, 8, 1)) < 2_000_000
+    assert count_params(get_model("unet_small"), (1, 8, 8, 1)) < 1_000_000
+    assert count_params(get_model("unet_tiny"), (1, 8, 8, 1)) < 250_000
+    assert 1_000_000 <= count_params(get_model("unet_mnist"), (1, 28, 28, 1)) <= 4_000_000
+    assert count_params(get_model("dit_tiny"), (1, 8, 8, 1)) < 2_000_000
 
 
 # ---------------------------------------------------------------- stats
+
 
 def test_count_params_with_labels_and_no_allocation():
     m = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), num_classes=5)
@@ -135,7 +152,7 @@ def test_count_params_with_labels_and_no_allocation():
 
 
 def test_tree_size_counts_any_leaves():
-    tree = {'a': np.zeros((2, 3)), 'b': [jnp.ones(4), jax.ShapeDtypeStruct((5, 1), jnp.bfloat16)], 'c': 1.0}
+    tree = {"a": np.zeros((2, 3)), "b": [jnp.ones(4), jax.ShapeDtypeStruct((5, 1), jnp.bfloat16)], "c": 1.0}
     assert tree_size(tree) == 6 + 4 + 5 + 1 and isinstance(tree_size(tree), int)
     assert tree_size({}) == 0
 

@@ -12,12 +12,15 @@ TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=None
 POS = lambda d: 256 * d  # the reference stores the (frozen) 16x16-patch pos-embed as a parameter
 
 
-@pytest.mark.parametrize('name,paper,official', [
-    ('dit_xl2', 675e6, 675_129_632),  # facebookresearch/DiT models.py DiT_XL_2
-    ('dit_s2', 33.0e6, 32_963_360),   # same code, DiT_S_2 (counted by hand from models.py)
-    ('dit_b2', 130e6, None),
-    ('dit_l2', 458e6, None),
-])
+@pytest.mark.parametrize(
+    "name,paper,official",
+    [
+        ("dit_xl2", 675e6, 675_129_632),  # facebookresearch/DiT models.py DiT_XL_2
+        ("dit_s2", 33.0e6, 32_963_360),  # same code, DiT_S_2 (counted by hand from models.py)
+        ("dit_b2", 130e6, None),
+        ("dit_l2", 458e6, None),
+    ],
+)
 def test_param_counts_match_paper(name, paper, official):
     m = get_model(name)
     n = count_params(m, (1, 32, 32, 4), with_labels=True)
@@ -26,14 +29,14 @@ def test_param_counts_match_paper(name, paper, official):
         assert n + POS(m.hidden_size) == official
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def tiny():
     """(model, real init params, init output, x, t, y) of a tiny class-conditional DiT, non-square input."""
-    m = DiT(**{**TINY, 'num_classes': 10, 'learn_sigma': True})
+    m = DiT(**{**TINY, "num_classes": 10, "learn_sigma": True})
     x, t = inputs((4, 8, 12, 1))
     y = jnp.array([0, 3, 7, 10], jnp.int32)
     out, v = fast_jit(m.init_with_output)(jax.random.key(1), x, t, y)
-    return m, v['params'], out, x, t, y, jit_fwd(m)
+    return m, v["params"], out, x, t, y, jit_fwd(m)
 
 
 def test_untrained_outputs_zero_and_shapes(tiny):
@@ -53,8 +56,8 @@ def test_remat_keeps_param_tree():
 
 
 def test_patch_size_error():
-    with pytest.raises(ValueError, match=r'patch_size=4.*multiples of 4'):
-        DiT(**{**TINY, 'patch_size': 4}).init(jax.random.key(0), jnp.zeros((1, 8, 10, 1)), jnp.zeros((1,)))
+    with pytest.raises(ValueError, match=r"patch_size=4.*multiples of 4"):
+        DiT(**{**TINY, "patch_size": 4}).init(jax.random.key(0), jnp.zeros((1, 8, 10, 1)), jnp.zeros((1,)))
 
 
 def test_conditioning_changes_output(tiny):
@@ -63,8 +66,8 @@ def test_conditioning_changes_output(tiny):
     base = f(p, x, t, y, k, train=False)
     assert not np.allclose(base, f(p, x, t + 100.0, y, k, train=False), atol=1e-3)
     assert not np.allclose(base, f(p, x, t, y[::-1], k, train=False), atol=1e-3)
-    with pytest.raises(ValueError, match=r'\[0, 10\]'):
-        m.apply({'params': p}, x, t, jnp.array([-1, 2, 3, 4], jnp.int32))  # eager: labels are concrete
+    with pytest.raises(ValueError, match=r"\[0, 10\]"):
+        m.apply({"params": p}, x, t, jnp.array([-1, 2, 3, 4], jnp.int32))  # eager: labels are concrete
     # no dropout layers (label dropout is the caller's drop_labels): train=True gives the same output
     np.testing.assert_array_equal(base, f(p, x, t, y, k, train=True))
 
@@ -76,4 +79,4 @@ def test_bf16_compute_close_to_f32(tiny):
 def test_adam_reduces_loss(tiny):
     m, p, _, x, t, y, _ = tiny
     target = jax.random.normal(jax.random.key(3), (4, 8, 12, 2))
-    assert_adam_reduces_loss(lambda p: jnp.mean((m.apply({'params': p}, x, t, y) - target) ** 2), p)
+    assert_adam_reduces_loss(lambda p: jnp.mean((m.apply({"params": p}, x, t, y) - target) ** 2), p)

@@ -27,17 +27,30 @@ def _make_run(workdir: str, class_conditional: bool) -> str:
     from jdiff.run import build_model, save_run_config
     from jdiff.training import init_train_state, make_optimizer
 
-    over = {"workdir": workdir, "class_conditional": str(class_conditional), "num_timesteps": str(T),
-            "sample_steps": "10", "model.ch": "8", "model.ch_mult": "(1,)", "model.attention_resolutions": "()",
-            "model.num_heads": "1"}
+    over = {
+        "workdir": workdir,
+        "class_conditional": str(class_conditional),
+        "num_timesteps": str(T),
+        "sample_steps": "10",
+        "model.ch": "8",
+        "model.ch_mult": "(1,)",
+        "model.attention_resolutions": "()",
+        "model.num_heads": "1",
+    }
     config = apply_overrides(get_preset("digits"), over)
     num_classes = 10 if class_conditional else None
     save_run_config(workdir, config, {"num_classes": num_classes, "image_shape": [8, 8, 1]})
     model = build_model(config, num_classes)
     abstract = jax.eval_shape(lambda: init_train_state(model, make_optimizer(config.optim), (8, 8, 1), 0))
     rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
-                         if np.issubdtype(a.dtype, np.floating) else np.zeros(a.shape, a.dtype), abstract)
+    state = jax.tree.map(
+        lambda a: (
+            (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
+            if np.issubdtype(a.dtype, np.floating)
+            else np.zeros(a.shape, a.dtype)
+        ),
+        abstract,
+    )
     with Checkpointer(workdir, async_save=False) as ck:
         ck.save(0, state)
     return workdir
@@ -62,8 +75,14 @@ def runs(tmp_path_factory):
 def _cli(*args, env=None, timeout=300):
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     e.update(env or {})
-    return subprocess.run([sys.executable, SAMPLE_PY, *map(str, args), "--no-progress"], capture_output=True,
-                          text=True, cwd=REPO, env=e, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, SAMPLE_PY, *map(str, args), "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=e,
+        timeout=timeout,
+    )
 
 
 COMMON = ("--num", 20, "--steps", 10, "--batch-size", 8)
@@ -84,8 +103,9 @@ def test_same_seed_same_samples_files_and_warm_cache(runs):
     persistent-cache hit on the second run."""
     cache = runs["root"] / "xla_cache"
     out_a, out_b = runs["root"] / "out_a", runs["root"] / "out_b"
-    first, second = (_cli("--workdir", runs["cond"], *COMMON, *TRAJ, "--cache-dir", cache, "--out", o)
-                     for o in (out_a, out_b))
+    first, second = (
+        _cli("--workdir", runs["cond"], *COMMON, *TRAJ, "--cache-dir", cache, "--out", o) for o in (out_a, out_b)
+    )
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     a, b = _npz(out_a), _npz(out_b)
     assert a["images"].shape == (20, 8, 8, 1) and a["images"].dtype == np.float32
@@ -115,8 +135,15 @@ def test_two_devices_shard_the_batch_and_agree_with_one(runs):
     outs = {}
     for n in (1, 2):
         outs[n] = runs["root"] / f"out_{n}dev"
-        r = _cli("--workdir", runs["cond"], *COMMON, "--no-cache", "--out", outs[n],
-                 env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        r = _cli(
+            "--workdir",
+            runs["cond"],
+            *COMMON,
+            "--no-cache",
+            "--out",
+            outs[n],
+            env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"},
+        )
         assert r.returncode == 0, r.stderr
         assert f"{n} device(s), batch 8" in r.stdout
     # Different partitioned programs: equal up to float reassociation.
@@ -139,8 +166,11 @@ REQUEST_ERRORS = {
     "steps_above_T": (("--workdir", "{cond}", "--steps", str(T + 1)), 2, f"T={T}"),
     "eta_above_1": (("--workdir", "{cond}", "--eta", "1.5"), 2, "eta"),
     "eta_below_0": (("--workdir", "{cond}", "--eta", "-0.1"), 2, "eta"),
-    "option_of_another_sampler": (("--workdir", "{cond}", "--sampler", "heun", "--eta", "1"), 2,
-                                  "sampler 'heun' has no option 'eta'"),
+    "option_of_another_sampler": (
+        ("--workdir", "{cond}", "--sampler", "heun", "--eta", "1"),
+        2,
+        "sampler 'heun' has no option 'eta'",
+    ),
     "batch_not_multiple_of_devices": (("--workdir", "{cond}", "--batch-size", "0"), 2, "multiple of the number"),
 }
 
@@ -148,6 +178,7 @@ REQUEST_ERRORS = {
 @pytest.fixture(scope="module")
 def process_errors(runs):
     """Every boundary error case, run concurrently (each a separate process)."""
+
     def one(args):
         return _cli(*(a.format(**runs) for a in args), "--num", 4, timeout=120)
 
@@ -191,10 +222,30 @@ def test_request_errors_are_one_line(runs, sample_cli, capsys, case):
 @pytest.mark.subprocess
 def test_sampling_a_run_never_imports_training(runs):
     """sample.py on a trained run loads it through jdiff.run alone (checked in a fresh process)."""
-    code = ("import sys; from jdiff.cli.sample import main; rc = main(sys.argv[1:]); "
-            "print('TRAINING', sorted(m for m in sys.modules if m.startswith('jdiff.training')))")
-    r = subprocess.run([sys.executable, "-c", code, "--workdir", runs["cond"], "--num", "2", "--steps", "2",
-                        "--no-cache", "--no-progress", "--out", str(runs["root"] / "out_imports")],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    code = (
+        "import sys; from jdiff.cli.sample import main; rc = main(sys.argv[1:]); "
+        "print('TRAINING', sorted(m for m in sys.modules if m.startswith('jdiff.training')))"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--workdir",
+            runs["cond"],
+            "--num",
+            "2",
+            "--steps",
+            "2",
+            "--no-cache",
+            "--no-progress",
+            "--out",
+            str(runs["root"] / "out_imports"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "TRAINING []" in r.stdout, r.stdout

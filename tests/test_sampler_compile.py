@@ -43,11 +43,18 @@ def _lowered_text(sampler, num_steps, **kw):
     sch = jdiff.get_schedule("linear", 1000)
     # jdiff.sample validates and then calls this jitted program; lower it directly.
     static_options, traced_options = _split_options(jdiff.SAMPLERS[sampler], {})  # the defaults
-    args = (_conv_model, PARAMS, sch, jax.random.key(0), traced_options, Guidance(None, None, None), None,
-            None, None)
-    return _sample_jit.lower(*args, shape=SHAPE, sampler=jdiff.SAMPLERS[sampler], num_steps=num_steps, prediction="eps",
-                             spacing=kw.get("spacing", "linspace"), static_options=static_options, rho=7.0,
-                             trajectory_every=None).as_text()
+    args = (_conv_model, PARAMS, sch, jax.random.key(0), traced_options, Guidance(None, None, None), None, None, None)
+    return _sample_jit.lower(
+        *args,
+        shape=SHAPE,
+        sampler=jdiff.SAMPLERS[sampler],
+        num_steps=num_steps,
+        prediction="eps",
+        spacing=kw.get("spacing", "linspace"),
+        static_options=static_options,
+        rho=7.0,
+        trajectory_every=None,
+    ).as_text()
 
 
 @pytest.mark.parametrize("sampler", sorted(jdiff.SAMPLERS))
@@ -72,8 +79,7 @@ def test_changing_eta_guidance_rng_schedule_or_params_does_not_recompile():
     with count_compiles() as events:
         outs = []
         for i, (eta, g, sch) in enumerate([(0.3, 1.5, sch_a), (1.0, 4.0, sch_b), (0.0, 7.5, sch_a)]):
-            outs.append(jdiff.sample(_conv_model, sch, SHAPE, jax.random.key(i + 1), eta=eta, guidance_scale=g,
-                                     **kw))
+            outs.append(jdiff.sample(_conv_model, sch, SHAPE, jax.random.key(i + 1), eta=eta, guidance_scale=g, **kw))
         outs.append(jdiff.sample(_conv_model, sch_b, SHAPE, jax.random.key(9), eta=0.5, guidance_scale=2.0, **kw2))
         jax.block_until_ready(outs)
     assert events == [], f"{len(events)} recompilations"

@@ -42,8 +42,17 @@ def _toy_validate(opts):
 
 @pytest.fixture
 def toy():
-    smp = register(Sampler(name="toy", step=_toy_step, nfe=lambda n: n, stochastic=False, zero_terminal_snr=False,
-                           options={"gain": GAIN, "negate": NEGATE}, validate=_toy_validate))
+    smp = register(
+        Sampler(
+            name="toy",
+            step=_toy_step,
+            nfe=lambda n: n,
+            stochastic=False,
+            zero_terminal_snr=False,
+            options={"gain": GAIN, "negate": NEGATE},
+            validate=_toy_validate,
+        )
+    )
     yield smp
     SAMPLERS.pop("toy")
 
@@ -73,27 +82,32 @@ def test_capabilities_of_the_built_in_samplers():
 def test_a_sampler_that_is_not_stochastic_ignores_rng_after_x_T(name):
     x_T = jax.random.normal(jax.random.key(0), (8, 2))
     opts = {"eta": 1.0} if "eta" in get_sampler(name).options else {}
-    a, b = (jdiff.sample(GAUSS, LIN, (8, 2), jax.random.key(k), sampler=name, num_steps=5, x_init=x_T, options=opts)
-            for k in (1, 2))
+    a, b = (
+        jdiff.sample(GAUSS, LIN, (8, 2), jax.random.key(k), sampler=name, num_steps=5, x_init=x_T, options=opts)
+        for k in (1, 2)
+    )
     assert np.array_equal(a, b) == (not get_sampler(name).stochastic)
 
 
-@pytest.mark.parametrize("sampler, kwargs, match", [
-    ("dpmpp_2m", dict(options={"eta": 0.0}), r"^sampler 'dpmpp_2m' has no option 'eta' \(its options: none\)$"),
-    ("euler", dict(eta=0.0), r"sampler 'euler' has no option 'eta' \(its options: none\)"),
-    ("heun", dict(variance="posterior"), r"sampler 'heun' has no option 'variance'"),
-    ("ddim", dict(variance="beta"), r"sampler 'ddim' has no option 'variance' \(its options: eta\)"),
-    ("ddpm", dict(options={"eta": 1.0}), r"sampler 'ddpm' has no option 'eta' \(its options: variance\)"),
-    ("ddim", dict(options={"etta": 1.0}), r"no option 'etta'"),
-    ("ddim", dict(eta=1.5), r"^eta must be in \[0, 1\], got 1.5$"),
-    ("ddim", dict(options={"eta": -0.1}), r"eta must be in \[0, 1\]"),
-    ("ddim", dict(options={"eta": "lots"}), r"bad value 'lots' for eta: expected float in \[0, 1\]"),
-    ("ddim", dict(eta=jnp.ones(2)), r"eta must be a scalar"),
-    ("ddim", dict(eta=True), r"bad value True for eta"),
-    ("ddpm", dict(variance="foo"), r"^bad value 'foo' for variance; allowed: posterior, beta, learned$"),
-    ("ddpm", dict(options={"variance": 3}), r"bad value 3 for variance"),
-    ("ddim", dict(eta=0.5, options={"eta": 0.5}), r"eta is given twice"),
-])
+@pytest.mark.parametrize(
+    "sampler, kwargs, match",
+    [
+        ("dpmpp_2m", dict(options={"eta": 0.0}), r"^sampler 'dpmpp_2m' has no option 'eta' \(its options: none\)$"),
+        ("euler", dict(eta=0.0), r"sampler 'euler' has no option 'eta' \(its options: none\)"),
+        ("heun", dict(variance="posterior"), r"sampler 'heun' has no option 'variance'"),
+        ("ddim", dict(variance="beta"), r"sampler 'ddim' has no option 'variance' \(its options: eta\)"),
+        ("ddpm", dict(options={"eta": 1.0}), r"sampler 'ddpm' has no option 'eta' \(its options: variance\)"),
+        ("ddim", dict(options={"etta": 1.0}), r"no option 'etta'"),
+        ("ddim", dict(eta=1.5), r"^eta must be in \[0, 1\], got 1.5$"),
+        ("ddim", dict(options={"eta": -0.1}), r"eta must be in \[0, 1\]"),
+        ("ddim", dict(options={"eta": "lots"}), r"bad value 'lots' for eta: expected float in \[0, 1\]"),
+        ("ddim", dict(eta=jnp.ones(2)), r"eta must be a scalar"),
+        ("ddim", dict(eta=True), r"bad value True for eta"),
+        ("ddpm", dict(variance="foo"), r"^bad value 'foo' for variance; allowed: posterior, beta, learned$"),
+        ("ddpm", dict(options={"variance": 3}), r"bad value 3 for variance"),
+        ("ddim", dict(eta=0.5, options={"eta": 0.5}), r"eta is given twice"),
+    ],
+)
 def test_unknown_options_and_bad_values_are_rejected_before_tracing(sampler, kwargs, match):
     with pytest.raises(ValueError, match=match):
         jdiff.sample(_never_called, LIN, (4, 2), jax.random.key(0), sampler=sampler, **kwargs)
@@ -123,14 +137,17 @@ def test_changing_a_traced_option_does_not_recompile_and_a_static_one_does():
     jdiff.sample(_conv_model, sch, SHAPE, jax.random.key(0), sampler="ddim", eta=0.0, **kw)  # warm
     jdiff.sample(_conv_model, sch, SHAPE, jax.random.key(0), sampler="ddpm", variance="posterior", **kw)
     with count_compiles() as events:
-        outs = [jdiff.sample(_conv_model, sch, SHAPE, jax.random.key(0), sampler="ddim", options={"eta": e}, **kw)
-                for e in (0.2, 1.0, "0.7")]
+        outs = [
+            jdiff.sample(_conv_model, sch, SHAPE, jax.random.key(0), sampler="ddim", options={"eta": e}, **kw)
+            for e in (0.2, 1.0, "0.7")
+        ]
         jax.block_until_ready(outs)
     assert events == [], f"{len(events)} recompilations"
     assert not np.allclose(outs[0], outs[1])
     with count_compiles() as events:
-        jdiff.sample(_conv_model, sch, SHAPE, jax.random.key(0), sampler="ddpm", variance="beta",
-                     **kw).block_until_ready()
+        jdiff.sample(
+            _conv_model, sch, SHAPE, jax.random.key(0), sampler="ddpm", variance="beta", **kw
+        ).block_until_ready()
     assert len(events) >= 1
 
 
@@ -138,8 +155,9 @@ def test_a_registered_sampler_works_through_sample_with_nothing_else_changed(toy
     run = lambda **kw: jdiff.sample(POINT_FN, LIN, (16, 2), jax.random.key(0), sampler="toy", num_steps=5, **kw)
     np.testing.assert_allclose(run(), jnp.broadcast_to(POINT, (16, 2)), atol=2e-4)
     np.testing.assert_allclose(run(options={"gain": 2.0}), jnp.broadcast_to(2 * POINT, (16, 2)), atol=4e-4)
-    np.testing.assert_allclose(run(options={"gain": "0.5", "negate": "true"}), jnp.broadcast_to(-0.5 * POINT, (16, 2)),
-                               atol=2e-4)
+    np.testing.assert_allclose(
+        run(options={"gain": "0.5", "negate": "true"}), jnp.broadcast_to(-0.5 * POINT, (16, 2)), atol=2e-4
+    )
     assert "toy" in jdiff.SAMPLERS and check_options("toy") == {"gain": 1.0, "negate": False}
     assert all_options()["gain"] == (GAIN, ("toy",)) and all_options()["negate"] == (NEGATE, ("toy",))
     with pytest.raises(ValueError, match="gain must be > 0"):
@@ -160,8 +178,9 @@ def test_the_toy_fixture_leaves_the_registry_as_it_was():
 def test_registration_checks_the_declaration():
     before = dict(SAMPLERS)
     step = lambda denoise, x, s, key, opts: x
-    make = lambda **options: Sampler(name="bad", step=step, nfe=lambda n: n, stochastic=False,
-                                     zero_terminal_snr=True, options=options)
+    make = lambda **options: Sampler(
+        name="bad", step=step, nfe=lambda n: n, stochastic=False, zero_terminal_snr=True, options=options
+    )
     with pytest.raises(ValueError, match="option 'eta' differs from sampler 'ddim'"):
         register(make(eta=Spec(float, 0.5, "another eta", ge=0.0, le=1.0)))
     with pytest.raises(ValueError, match="traced option 'mode' must be a non-optional int or float"):
@@ -176,8 +195,9 @@ def test_registration_checks_the_declaration():
 @pytest.mark.parametrize("name", sorted(SAMPLERS) + ["toy"])
 def test_zero_terminal_snr_support_follows_the_capability_flag(name, toy):
     z = jdiff.get_schedule("linear", 100, zero_terminal_snr=True)
-    run = lambda **kw: jdiff.sample(lambda x, t: jnp.zeros_like(x), z, (4, 2), jax.random.key(0), sampler=name,
-                                    num_steps=3, prediction="v", **kw)
+    run = lambda **kw: jdiff.sample(
+        lambda x, t: jnp.zeros_like(x), z, (4, 2), jax.random.key(0), sampler=name, num_steps=3, prediction="v", **kw
+    )
     if get_sampler(name).zero_terminal_snr:
         assert np.all(np.isfinite(run(spacing="trailing")))
         with pytest.raises(ValueError, match="terminal SNR"):  # the Karras spacing needs a finite sigma_max

@@ -24,11 +24,14 @@ def test_registry_has_the_issue_samplers():
     assert set(ALL) >= {"ddpm", "ddim", "dpmpp_2m", "euler", "heun"}
 
 
-@pytest.mark.parametrize("spacing, expected", [
-    ("linspace", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),
-    ("leading", [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
-    ("trailing", [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
-])
+@pytest.mark.parametrize(
+    "spacing, expected",
+    [
+        ("linspace", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),
+        ("leading", [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
+        ("trailing", [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
+    ],
+)
 def test_timestep_spacings_match_lin_et_al_table(spacing, expected):
     np.testing.assert_array_equal(discrete_timesteps(spacing, 10, 1000), expected)
 
@@ -56,8 +59,7 @@ def test_single_point_data_is_recovered_exactly(sampler, spacing):
     target = jnp.asarray([[0.5, -0.25, 1.0]])
     f = gaussian_eps_fn(LIN, target[0], np.zeros((3, 3)))
     options = {"eta": 1.0} if "eta" in jdiff.SAMPLERS[sampler].options else {}
-    x = jdiff.sample(f, LIN, (64, 3), jax.random.key(0), sampler=sampler, num_steps=7, spacing=spacing,
-                     options=options)
+    x = jdiff.sample(f, LIN, (64, 3), jax.random.key(0), sampler=sampler, num_steps=7, spacing=spacing, options=options)
     np.testing.assert_allclose(x, jnp.broadcast_to(target, x.shape), atol=2e-4)
 
 
@@ -74,8 +76,10 @@ def test_zero_terminal_snr_with_v_prediction(sampler):
         s = jnp.where(t[:, None] >= 999, 1.0, s)
         e = jnp.where(t[:, None] >= 999, x, eps(x, t))  # at abar = 0, x = eps
         return a * e - s * target
-    x = jdiff.sample(v_model, z, (16, 2), jax.random.key(1), sampler=sampler, num_steps=10,
-                     spacing="trailing", prediction="v")
+
+    x = jdiff.sample(
+        v_model, z, (16, 2), jax.random.key(1), sampler=sampler, num_steps=10, spacing="trailing", prediction="v"
+    )
     np.testing.assert_allclose(x, jnp.broadcast_to(target, x.shape), atol=1e-3)
 
 
@@ -112,8 +116,9 @@ def _ode_rmse(sampler, spacing, nfe, x_T):
     n = (nfe + 1) // 2 if sampler == "heun" else nfe
     g = make_grid(LIN, spacing, n)
     ref = gaussian_ode_solution(MEAN, COV, np.asarray(x_T), float(g.alpha[0]), float(g.sigma[0]))
-    x = jdiff.sample(GAUSS, LIN, x_T.shape, jax.random.key(0), sampler=sampler, num_steps=n, spacing=spacing,
-                     x_init=x_T)
+    x = jdiff.sample(
+        GAUSS, LIN, x_T.shape, jax.random.key(0), sampler=sampler, num_steps=n, spacing=spacing, x_init=x_T
+    )
     return float(np.sqrt(np.mean((np.asarray(x, np.float64) - ref) ** 2)))
 
 
@@ -132,19 +137,32 @@ def test_ode_samplers_converge_to_the_exact_flow_and_fast_samplers_beat_ddim():
     assert err[("heun", 81)] < 0.35 * err[("ddim", 81)]
 
 
-@pytest.mark.parametrize("sampler, steps, extra", [
-    ("ddpm", 1000, {"variance": "posterior"}),
-    ("ddpm", 1000, {"variance": "beta"}),
-    ("ddim", 250, {"eta": 1.0}),
-    ("ddim", 100, {"eta": 0.0}),
-    ("dpmpp_2m", 25, {}),
-    ("heun", 25, {}),
-])
+@pytest.mark.parametrize(
+    "sampler, steps, extra",
+    [
+        ("ddpm", 1000, {"variance": "posterior"}),
+        ("ddpm", 1000, {"variance": "beta"}),
+        ("ddim", 250, {"eta": 1.0}),
+        ("ddim", 100, {"eta": 0.0}),
+        ("dpmpp_2m", 25, {}),
+        ("heun", 25, {}),
+    ],
+)
 def test_samples_match_the_gaussian(sampler, steps, extra):
     n = 4000
-    x = np.asarray(jdiff.sample(GAUSS, LIN, (n, 2), jax.random.key(11), sampler=sampler, num_steps=steps,
-                                spacing="karras" if sampler in ("heun", "dpmpp_2m") else "linspace", **extra),
-                   np.float64)
+    x = np.asarray(
+        jdiff.sample(
+            GAUSS,
+            LIN,
+            (n, 2),
+            jax.random.key(11),
+            sampler=sampler,
+            num_steps=steps,
+            spacing="karras" if sampler in ("heun", "dpmpp_2m") else "linspace",
+            **extra,
+        ),
+        np.float64,
+    )
     se_mean = np.sqrt(np.diag(COV) / n)
     assert np.all(np.abs(x.mean(0) - MEAN) < 4.5 * se_mean), x.mean(0)
     cov = np.cov(x.T)
@@ -152,15 +170,17 @@ def test_samples_match_the_gaussian(sampler, steps, extra):
     assert np.all(np.abs(cov - COV) < 4.5 * se_cov + 2e-3), cov
 
 
-@pytest.mark.parametrize("sampler, steps, extra", [
-    ("ddpm", 1000, {}), ("ddim", 200, {"eta": 0.5}), ("dpmpp_2m", 50, {}), ("heun", 50, {})])
+@pytest.mark.parametrize(
+    "sampler, steps, extra", [("ddpm", 1000, {}), ("ddim", 200, {"eta": 0.5}), ("dpmpp_2m", 50, {}), ("heun", 50, {})]
+)
 def test_gaussian_mixture_weights_and_spreads(sampler, steps, extra):
     means, stds, w = np.array([[-2.0, 0.0], [2.0, 1.0]]), np.array([0.3, 0.5]), np.array([0.3, 0.7])
     f = gmm_eps_fn(LIN, means, stds, w)
     n = 4000
     spacing = "karras" if sampler in ("heun", "dpmpp_2m") else "linspace"
-    x = np.asarray(jdiff.sample(f, LIN, (n, 2), jax.random.key(4), sampler=sampler, num_steps=steps,
-                                spacing=spacing, **extra))
+    x = np.asarray(
+        jdiff.sample(f, LIN, (n, 2), jax.random.key(4), sampler=sampler, num_steps=steps, spacing=spacing, **extra)
+    )
     comp = np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), axis=1)
     frac = np.bincount(comp, minlength=2) / n
     assert abs(frac[0] - 0.3) < 4 * np.sqrt(0.21 / n), frac
@@ -175,16 +195,23 @@ def test_prediction_types_give_the_same_samples():
         def f(x, t):
             abar = jdiff.alpha_bar_at(LIN, t)[:, None]
             return convert_prediction(GAUSS(x, t), x, jnp.sqrt(abar), jnp.sqrt(1 - abar), source="eps", target=kind)
+
         return f
-    outs = [jdiff.sample(as_type(k), LIN, (64, 2), jax.random.key(8), sampler="ddpm", num_steps=20, prediction=k)
-            for k in ("eps", "x0", "v")]
+
+    outs = [
+        jdiff.sample(as_type(k), LIN, (64, 2), jax.random.key(8), sampler="ddpm", num_steps=20, prediction=k)
+        for k in ("eps", "x0", "v")
+    ]
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-3)
     np.testing.assert_allclose(outs[2], outs[0], atol=2e-3)
 
 
 # Class-conditional model: class 0 -> N(-1, .1), class 1 -> N(+1, .1); the null label 2 -> their mixture.
-_COND = [gaussian_eps_fn(LIN, [-1.0], [[0.1]]), gaussian_eps_fn(LIN, [1.0], [[0.1]]),
-         gmm_eps_fn(LIN, [[-1.0], [1.0]], [0.1**0.5] * 2, [0.5, 0.5])]
+_COND = [
+    gaussian_eps_fn(LIN, [-1.0], [[0.1]]),
+    gaussian_eps_fn(LIN, [1.0], [[0.1]]),
+    gmm_eps_fn(LIN, [[-1.0], [1.0]], [0.1**0.5] * 2, [0.5, 0.5]),
+]
 
 
 def _cond_model(x, t, y):
@@ -222,6 +249,7 @@ def test_clipping_and_dynamic_thresholding():
 def test_learned_variance_interpolates_between_beta_and_posterior():
     def with_var(v):
         return functools.partial(lambda v, x, t: jnp.concatenate([GAUSS(x, t), jnp.full_like(x, v)], -1), v)
+
     kw = dict(sampler="ddpm", num_steps=30)
     for v, ref_var in ((1.0, "beta"), (-1.0, "posterior")):
         learned = jdiff.sample(with_var(v), LIN, (32, 1, 1, 2), jax.random.key(1), variance="learned", **kw)
@@ -244,29 +272,33 @@ def test_trajectory():
 def test_params_are_passed_to_model_fn():
     def model(params, x, t):
         return GAUSS(x, t) * params["scale"]
+
     a = jdiff.sample(model, LIN, (16, 2), jax.random.key(0), num_steps=10, params={"scale": jnp.float32(1.0)})
     b = jdiff.sample(GAUSS, LIN, (16, 2), jax.random.key(0), num_steps=10)
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(sampler="plms"), "allowed values"),
-    (dict(spacing="uniform"), "allowed values"),
-    (dict(prediction="score"), "allowed values"),
-    (dict(num_steps=0), r"\[1, 1000\]"),
-    (dict(num_steps=1001), r"\[1, 1000\]"),
-    (dict(num_steps=2.5), "num_steps"),
-    (dict(eta=1.5), r"\[0, 1\]"),
-    (dict(eta=-0.1), r"\[0, 1\]"),
-    (dict(sampler="ddpm", variance="fixed"), "variance; allowed: posterior, beta, learned"),
-    (dict(labels=jnp.zeros(3, jnp.int32)), r"\(4,\)"),
-    (dict(guidance_scale=2.0), "labels"),
-    (dict(x_init=jnp.zeros((4, 3))), "x_init"),
-    (dict(clip_x0=(1.0, -1.0)), "clip_x0"),
-    (dict(dynamic_threshold=1.5), "dynamic_threshold"),
-    (dict(return_trajectory_every=0), "return_trajectory_every"),
-    (dict(shape=(4, 0)), "shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sampler="plms"), "allowed values"),
+        (dict(spacing="uniform"), "allowed values"),
+        (dict(prediction="score"), "allowed values"),
+        (dict(num_steps=0), r"\[1, 1000\]"),
+        (dict(num_steps=1001), r"\[1, 1000\]"),
+        (dict(num_steps=2.5), "num_steps"),
+        (dict(eta=1.5), r"\[0, 1\]"),
+        (dict(eta=-0.1), r"\[0, 1\]"),
+        (dict(sampler="ddpm", variance="fixed"), "variance; allowed: posterior, beta, learned"),
+        (dict(labels=jnp.zeros(3, jnp.int32)), r"\(4,\)"),
+        (dict(guidance_scale=2.0), "labels"),
+        (dict(x_init=jnp.zeros((4, 3))), "x_init"),
+        (dict(clip_x0=(1.0, -1.0)), "clip_x0"),
+        (dict(dynamic_threshold=1.5), "dynamic_threshold"),
+        (dict(return_trajectory_every=0), "return_trajectory_every"),
+        (dict(shape=(4, 0)), "shape"),
+    ],
+)
 def test_bad_input_is_rejected_before_tracing(kwargs, match):
     args = dict(shape=(4, 2))
     args.update(kwargs)

@@ -6,7 +6,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 from conftest import with_changes
 
 from jdiff.run import Checkpointer, CheckpointError, build_model, load_for_inference, make_mesh, replicated
@@ -17,8 +16,7 @@ QUIET = dict(progress=False, log=lambda s: None)
 
 def _abstract(config, devices):
     model = build_model(config, 10)
-    abstract = jax.eval_shape(lambda: init_train_state(model, make_optimizer(config.optim), (8, 8, 1),
-                                                       config.run.seed))
+    abstract = jax.eval_shape(lambda: init_train_state(model, make_optimizer(config.optim), (8, 8, 1), config.run.seed))
     rep = replicated(make_mesh(devices))
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
 
@@ -104,8 +102,16 @@ def test_load_for_inference(trained_run):
     _assert_trees_equal(params, _restore(trained_run, 2, jax.devices()[:1]).params)
     import jdiff
 
-    x = jdiff.sample(model.apply, schedule, (2, 8, 8, 1), jax.random.PRNGKey(0), params={"params": ema},
-                     labels=np.array([1, 2], np.int32), num_steps=2, clip_x0=(-1, 1))
+    x = jdiff.sample(
+        model.apply,
+        schedule,
+        (2, 8, 8, 1),
+        jax.random.PRNGKey(0),
+        params={"params": ema},
+        labels=np.array([1, 2], np.int32),
+        num_steps=2,
+        clip_x0=(-1, 1),
+    )
     assert x.shape == (2, 8, 8, 1) and np.isfinite(np.asarray(x)).all()
 
 

@@ -31,8 +31,20 @@ def cli_run(tmp_path_factory):
     """`python train.py` on the embedded digits: 4 steps, checkpoints every 2, the last 2 kept."""
     root = tmp_path_factory.mktemp("cli_run")
     wd = root / "run"
-    r = run_train_py([*TINY_FLAGS, "--optim.steps", "4", "--run.checkpoint_every", "2", "--run.keep_checkpoints", "2",
-                      "--run.workdir", str(wd)], cwd=root)
+    r = run_train_py(
+        [
+            *TINY_FLAGS,
+            "--optim.steps",
+            "4",
+            "--run.checkpoint_every",
+            "2",
+            "--run.keep_checkpoints",
+            "2",
+            "--run.workdir",
+            str(wd),
+        ],
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr
     return wd
 
@@ -94,8 +106,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     wd = tmp_path / "run"
     args = [*TINY_FLAGS, "--steps", "100000", "--checkpoint_every", "0", "--log_every", "1", "--workdir", str(wd)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -128,8 +146,9 @@ def test_signal_in_process_stops_at_a_checkpoint_on_an_image_folder(tmp_path, ti
         (root / cls).mkdir(parents=True)
         for i in range(5):
             Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
-    config = tiny_config(dataset=str(root), image_size=8, channels=3, steps=50, checkpoint_every=0,
-                         sample_every=0, num_samples=4)
+    config = tiny_config(
+        dataset=str(root), image_size=8, channels=3, steps=50, checkpoint_every=0, sample_every=0, num_samples=4
+    )
 
     def hook(step, batch):
         assert batch["image"].shape == (8, 8, 8, 3) and int(np.max(batch["label"])) <= 1
@@ -163,8 +182,10 @@ BAD_FLAGS = {
     "bad_preset": (["--preset", "imagenet"], "invalid choice"),
     "unknown_model": (["--model", "resnet"], "bad value 'resnet' for model.name; allowed: dit_b2"),
     "unknown_sampler_option": (["--sampling.etaa", "1"], "sampler 'ddim' has no option 'etaa' (its options: eta)"),
-    "option_of_another_sampler": (["--sampling.sampler", "euler", "--sampling.eta", "1"],
-                                  "sampler 'euler' has no option 'eta'"),
+    "option_of_another_sampler": (
+        ["--sampling.sampler", "euler", "--sampling.eta", "1"],
+        "sampler 'euler' has no option 'eta'",
+    ),
     "bad_sampler_option": (["--sampling.eta", "2"], "sampling.eta must be in [0, 1]"),
     "unknown_model_field": (["--model.chanels", "8"], "unknown model field(s) ['chanels']"),
     "model_flag_without_value": (["--model.ch"], "needs a value"),
@@ -184,11 +205,13 @@ def test_bad_flags_exit_2_with_one_line(case, capsys, tmp_path):
 def test_run_time_errors_exit_with_one_line(tmp_path, capsys):
     """Errors found once the run starts: a missing dataset or an unprepared tfds one (no download), a batch that
     does not split over the devices, --resume without a checkpoint."""
-    code, line = _fail(["--dataset", str(tmp_path / "no_such_dir"), "--workdir", str(tmp_path / "a"),
-                        "--image_size", "8"], capsys)
+    code, line = _fail(
+        ["--dataset", str(tmp_path / "no_such_dir"), "--workdir", str(tmp_path / "a"), "--image_size", "8"], capsys
+    )
     assert code == 2 and "cannot open dataset" in line, line
-    code, line = _fail(["--dataset", "mnist", "--data_dir", str(tmp_path / "tfds"), "--workdir", str(tmp_path / "a")],
-                       capsys)
+    code, line = _fail(
+        ["--dataset", "mnist", "--data_dir", str(tmp_path / "tfds"), "--workdir", str(tmp_path / "a")], capsys
+    )
     assert code == 2 and "not prepared" in line and "tfds build mnist" in line, line
     code, line = _fail([*TINY_FLAGS, "--batch_size", "12", "--workdir", str(tmp_path / "b")], capsys)
     assert code == 2 and f"number of devices ({jax.device_count()})" in line, line
@@ -231,12 +254,35 @@ def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config):
     """Two train.py processes (2 CPU devices each) joined by jax.distributed train the same model as one
     process on 4 devices: same global batch, same noise, gradients all-reduced across processes."""
     wd = tmp_path / "mp"
-    flags = [*TINY_FLAGS, "--steps", "3", "--checkpoint_every", "0", "--num_samples", "0", "--lr", "1e-3",
-             "--workdir", str(wd), "--coordinator_address", f"localhost:{_free_port()}", "--num_processes", "2"]
+    flags = [
+        *TINY_FLAGS,
+        "--steps",
+        "3",
+        "--checkpoint_every",
+        "0",
+        "--num_samples",
+        "0",
+        "--lr",
+        "1e-3",
+        "--workdir",
+        str(wd),
+        "--coordinator_address",
+        f"localhost:{_free_port()}",
+        "--num_processes",
+        "2",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags, "--process_id", str(i)],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *flags, "--process_id", str(i)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         errs = [p.communicate(timeout=240)[1] for p in procs]
     finally:

@@ -11,8 +11,7 @@ from jdiff.training.state import tree_all_finite
 
 @pytest.mark.parametrize("log_every", [1, 100])
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, log_every):
-    config = tiny_config(workdir=tmp_path / "nan", steps=20, checkpoint_every=2, log_every=log_every,
-                         num_samples=4)
+    config = tiny_config(workdir=tmp_path / "nan", steps=20, checkpoint_every=2, log_every=log_every, num_samples=4)
 
     def poison(step, batch):
         if step == 5:

@@ -18,8 +18,9 @@ def cfg(**kw):
 
 def test_warmup_then_constant():
     s = lr_schedule(cfg(lr=1e-3, warmup_steps=100, lr_decay="constant", steps=1000))
-    np.testing.assert_allclose([s(0), s(25), s(50), s(100), s(101), s(999)],
-                               [0.0, 2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        [s(0), s(25), s(50), s(100), s(101), s(999)], [0.0, 2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6, atol=1e-12
+    )
 
 
 def test_warmup_then_cosine_to_end_factor():
@@ -42,15 +43,21 @@ def test_gradient_clipping_is_applied_before_adam():
     grads = {"w": jnp.full((3, 4), 2.0), "b": jnp.full(4, 2.0)}  # global norm 8
     state = tx.init(params)
     _, state = tx.update(grads, state, params)
-    adam_state = next(s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-                      if isinstance(s, optax.ScaleByAdamState))
+    adam_state = next(
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    )
     # mu = (1 - b1) * clipped grads, clipped to global norm 0.5.
     np.testing.assert_allclose(float(optax.tree.norm(adam_state.mu)), 0.1 * 0.5, rtol=1e-5)
     tx_off = make_optimizer(cfg(grad_clip=0.0, lr=1e-3))
     st = tx_off.init(params)
     _, st = tx_off.update(grads, st, params)
-    mu = next(s for s in jax.tree.leaves(st, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-              if isinstance(s, optax.ScaleByAdamState)).mu
+    mu = next(
+        s
+        for s in jax.tree.leaves(st, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ).mu
     np.testing.assert_allclose(float(optax.tree.norm(mu)), 0.1 * 8.0, rtol=1e-5)
 
 
@@ -66,8 +73,8 @@ def test_weight_decay_only_on_matrices():
 
 def test_ema_decay_warmup_values():
     np.testing.assert_allclose(
-        [float(ema_decay_at(s, 0.999, True)) for s in (0, 1, 10, 10_000)],
-        [1 / 10, 2 / 11, 11 / 20, 0.999], rtol=1e-6)
+        [float(ema_decay_at(s, 0.999, True)) for s in (0, 1, 10, 10_000)], [1 / 10, 2 / 11, 11 / 20, 0.999], rtol=1e-6
+    )
     assert float(ema_decay_at(0, 0.9999, False)) == pytest.approx(0.9999)
 
 

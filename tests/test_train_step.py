@@ -18,6 +18,7 @@ from jdiff.training.step import accumulate, init_accumulator, make_step_fn, trai
 
 class TinyNet(nn.Module):
     """Conv denoiser with time and label embeddings and dropout: (B, H, W, C), (B,), (B,) -> (B, H, W, C)."""
+
     num_classes: int | None = 10
     dropout: float = 0.2
     dtype: jnp.dtype = jnp.float32
@@ -43,8 +44,7 @@ def _config(**kw):
 
 def _batch(n=16, seed=0):
     r = np.random.default_rng(seed)
-    return {"image": r.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32),
-            "label": r.integers(0, 10, n).astype(np.int32)}
+    return {"image": r.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32), "label": r.integers(0, 10, n).astype(np.int32)}
 
 
 def _run_steps(devices, config, model, num_steps=2):
@@ -88,8 +88,11 @@ def test_step_rng_and_metrics():
     batch = jax.tree.map(jnp.asarray, _batch())
     step = jax.jit(functools.partial(train_step, model=model, config=config))
     s1, m1 = step(state, batch, schedule=schedule)
-    s2, m2 = step(s1.replace(params=state.params, opt_state=state.opt_state, ema_params=state.ema_params),
-                  batch, schedule=schedule)
+    s2, m2 = step(
+        s1.replace(params=state.params, opt_state=state.opt_state, ema_params=state.ema_params),
+        batch,
+        schedule=schedule,
+    )
     # Same params and batch but step 1 instead of 0: different noise/timesteps -> different loss.
     assert float(m1["loss"]) != float(m2["loss"])
     assert int(s1.step) == 1 and int(s2.step) == 2
@@ -109,7 +112,8 @@ def test_bfloat16_compute_keeps_float32_params():
     tx = make_optimizer(config.optim)
     state = jax.jit(functools.partial(init_train_state, model, tx, (8, 8, 1), 0))()
     new, m = jax.jit(functools.partial(train_step, model=model, config=config))(
-        state, jax.tree.map(jnp.asarray, _batch()), schedule=jdiff.get_schedule("linear", 100))
+        state, jax.tree.map(jnp.asarray, _batch()), schedule=jdiff.get_schedule("linear", 100)
+    )
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.ema_params))
     assert np.isfinite(float(m["loss"]))

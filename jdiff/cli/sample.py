@@ -47,29 +47,57 @@ def build_parser() -> Parser:
     p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep spacing")
     opts = p.add_argument_group("sampler options (each applies to the samplers named)")
     for name, (spec, samplers) in all_options().items():
-        opts.add_argument(*both(f"--{name}"), dest=f"option:{name}", default=None, metavar=spec.kind.__name__.upper(),
-                          help=f"{spec.help}; {spec.describe()}, default {spec.default} ({', '.join(samplers)})")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (class-conditional models; 1 = plain conditional)")
+        opts.add_argument(
+            *both(f"--{name}"),
+            dest=f"option:{name}",
+            default=None,
+            metavar=spec.kind.__name__.upper(),
+            help=f"{spec.help}; {spec.describe()}, default {spec.default} ({', '.join(samplers)})",
+        )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (class-conditional models; 1 = plain conditional)",
+    )
     lab = p.add_mutually_exclusive_group()
-    lab.add_argument("--labels", type=_labels, default=None, metavar="0,1,2",
-                     help="class labels, cycled over the samples (default: 0..C-1 repeated)")
+    lab.add_argument(
+        "--labels",
+        type=_labels,
+        default=None,
+        metavar="0,1,2",
+        help="class labels, cycled over the samples (default: 0..C-1 repeated)",
+    )
     lab.add_argument("--class", dest="class_", type=int, default=None, metavar="C", help="one class for all samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(*both("--batch-size"), type=int, default=None,
-                   help="global batch, a multiple of the device count (default: up to 256, chosen to fit)")
+    p.add_argument(
+        *both("--batch-size"),
+        type=int,
+        default=None,
+        help="global batch, a multiple of the device count (default: up to 256, chosen to fit)",
+    )
     p.add_argument("--params", choices=("ema", "raw"), default="ema", help="EMA (default) or raw parameters")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--out", default=None, help="output directory (default: WORKDIR/samples)")
     p.add_argument("--trajectory", action="store_true", help="also write the denoising steps (PNG strip + GIF)")
-    p.add_argument(*both("--trajectory-every"), type=int, default=None, metavar="K",
-                   help="keep every K-th step in the trajectory (default: steps // 10)")
+    p.add_argument(
+        *both("--trajectory-every"),
+        type=int,
+        default=None,
+        metavar="K",
+        help="keep every K-th step in the trajectory (default: steps // 10)",
+    )
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument(*both("--cache-dir"), default=DEFAULT_CACHE,
-                       help=f"persistent compilation cache (default {DEFAULT_CACHE})")
+    cache.add_argument(
+        *both("--cache-dir"), default=DEFAULT_CACHE, help=f"persistent compilation cache (default {DEFAULT_CACHE})"
+    )
     cache.add_argument(*both("--no-cache"), action="store_true", help="no persistent compilation cache")
-    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
-                   help="clip the predicted x0 to [-1, 1] at every step (default on)")
+    p.add_argument(
+        "--clip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clip the predicted x0 to [-1, 1] at every step (default on)",
+    )
     p.add_argument(*both("--no-progress"), action="store_true", help="no progress bar")
     return p
 
@@ -117,18 +145,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     devices = jax.devices()
     try:
         options = _options(args)
-        settings = jrun.Settings(sampler=args.sampler, steps=args.steps, spacing=args.spacing, options=options,
-                                 guidance=args.guidance, clip=args.clip, trajectory_every=every)
+        settings = jrun.Settings(
+            sampler=args.sampler,
+            steps=args.steps,
+            spacing=args.spacing,
+            options=options,
+            guidance=args.guidance,
+            clip=args.clip,
+            trajectory_every=every,
+        )
         y = jrun.labels_for(args.num, run.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
         model, schedule = jrun.build_model(config, run.num_classes), jrun.build_schedule(config)
         prediction = config.diffusion.objective
-        print(f"{config.model.name} ({args.params} params) from {args.workdir}: {args.num} samples "
-              f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({args.spacing}"
-              + "".join(f", {k} {v}" for k, v in options.items())
-              + f", prediction {prediction}), {len(devices)} device(s), batch {batch}", flush=True)
-        gen = jrun.Generator(model, schedule, settings, image_shape=run.image_shape, num_classes=run.num_classes,
-                             prediction=prediction, batch=batch, devices=devices)
+        print(
+            f"{config.model.name} ({args.params} params) from {args.workdir}: {args.num} samples "
+            f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({args.spacing}"
+            + "".join(f", {k} {v}" for k, v in options.items())
+            + f", prediction {prediction}), {len(devices)} device(s), batch {batch}",
+            flush=True,
+        )
+        gen = jrun.Generator(
+            model,
+            schedule,
+            settings,
+            image_shape=run.image_shape,
+            num_classes=run.num_classes,
+            prediction=prediction,
+            batch=batch,
+            devices=devices,
+        )
         cache_dir = None if args.no_cache else jrun.enable_compilation_cache(args.cache_dir)
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
         stats = gen.compile(abstract)  # validates the request before any weights are read
@@ -139,8 +185,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"compile: {stats.describe(cache_dir)}", flush=True)
     try:
         with quiet_absl():  # orbax's read-only-manager notices
-            _, _, params = jrun.load_params(run, step=args.step, which="ema" if args.params == "ema" else "params",
-                                            model=model)
+            _, _, params = jrun.load_params(
+                run, step=args.step, which="ema" if args.params == "ema" else "params", model=model
+            )
     except (jrun.CheckpointError, OSError) as e:
         fail(PROG, e, 1)
     images, traj, spent = gen.draw(params, args.num, seed=args.seed, labels=y, progress=not args.no_progress)
@@ -150,9 +197,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     out_dir = args.out or os.path.join(args.workdir, "samples")
     stem = f"{args.sampler}_{args.steps}steps_seed{args.seed}" + (
-        f"_g{args.guidance:g}" if args.guidance is not None else "")
-    columns = (run.num_classes if (y is not None and labels is None and args.num >= run.num_classes)
-               else math.ceil(math.sqrt(args.num)))  # one column per class when the labels cycle
+        f"_g{args.guidance:g}" if args.guidance is not None else ""
+    )
+    columns = (
+        run.num_classes
+        if (y is not None and labels is None and args.num >= run.num_classes)
+        else math.ceil(math.sqrt(args.num))
+    )  # one column per class when the labels cycle
     up = jrun.upscale_for(run.image_shape)
     path = lambda suffix: os.path.join(out_dir, stem + suffix)
     from jdiff.sampling import check_options
@@ -160,10 +211,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         written = [
             jrun.save_png(jrun.image_grid(images, columns=columns, upscale=up), path(".png")),
-            jrun.write_npz(path(".npz"), images, y, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
-                           seed=args.seed, params=args.params, prediction=prediction,
-                           guidance=float("nan") if args.guidance is None else args.guidance,
-                           **check_options(args.sampler, options)),
+            jrun.write_npz(
+                path(".npz"),
+                images,
+                y,
+                sampler=args.sampler,
+                steps=args.steps,
+                spacing=args.spacing,
+                seed=args.seed,
+                params=args.params,
+                prediction=prediction,
+                guidance=float("nan") if args.guidance is None else args.guidance,
+                **check_options(args.sampler, options),
+            ),
         ]
         if traj is not None:
             written += jrun.write_trajectory(traj, path("_trajectory.png"), path("_trajectory.gif"), up)
@@ -172,4 +232,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for p in written:
         print(f"wrote {p}")
     return 0
-

@@ -16,8 +16,18 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 from jdiff.cli.common import Parser, both, fail, unknown_flag
-from jdiff.config import (ALIASES, KEYS, PRESETS, ConfigError, TrainConfig, apply_overrides, fixed_conflicts,
-                          get_preset, resolve, to_dict)
+from jdiff.config import (
+    ALIASES,
+    KEYS,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    fixed_conflicts,
+    get_preset,
+    resolve,
+    to_dict,
+)
 
 PROG = "train.py"
 
@@ -40,8 +50,10 @@ def _key_help() -> str:
             lines.append(f"  --model.FIELD: a field of the chosen model (unet_small: {fields})")
         if k.path == "sampling.options":
             for name, (spec, samplers) in all_options().items():
-                lines.append(f"  --sampling.{name}: {spec.help}; {spec.describe()}, default {spec.default} "
-                             f"(samplers: {', '.join(samplers)})")
+                lines.append(
+                    f"  --sampling.{name}: {spec.help}; {spec.describe()}, default {spec.default} "
+                    f"(samplers: {', '.join(samplers)})"
+                )
     return "\n".join(lines)
 
 
@@ -62,8 +74,17 @@ reads its own slice of each global batch.
 config keys:
 {keys}"""
 
-FLAGS = ("--preset", "--set", "--resume", "--print_config", "--no_progress", "--coordinator_address",
-         "--num_processes", "--process_id", "--help")
+FLAGS = (
+    "--preset",
+    "--set",
+    "--resume",
+    "--print_config",
+    "--no_progress",
+    "--coordinator_address",
+    "--num_processes",
+    "--process_id",
+    "--help",
+)
 
 
 def build_parser() -> Parser:
@@ -75,14 +96,27 @@ def build_parser() -> Parser:
             parser.print_help()
             parser.exit()
 
-    p = Parser(prog=PROG, description="Train a jdiff diffusion model.", allow_abbrev=False, add_help=False,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog=PROG,
+        description="Train a jdiff diffusion model.",
+        allow_abbrev=False,
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-h", "--help", action=Help, nargs=0, help="show this help, with every config key, and exit")
     p.add_argument("--preset", choices=list(PRESETS), help="named base config (default: digits)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="deprecated (removed in 0.3): same as --KEY VALUE")
-    p.add_argument(*both("--resume"), action="store_true",
-                   help="require an existing checkpoint in the workdir (error if there is none)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="deprecated (removed in 0.3): same as --KEY VALUE",
+    )
+    p.add_argument(
+        *both("--resume"),
+        action="store_true",
+        help="require an existing checkpoint in the workdir (error if there is none)",
+    )
     p.add_argument(*both("--print_config"), action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument(*both("--no_progress"), action="store_true", help="no progress bar (log lines instead)")
     p.add_argument(*both("--coordinator_address"), metavar="HOST:PORT", help="multi-host: the coordinator")
@@ -124,7 +158,9 @@ def parse_args(argv: Sequence[str]):
     return ns, overrides
 
 
-def resolve_config(preset: Optional[str], overrides: "Sequence[tuple[str, Any]] | Mapping[str, Any]") -> tuple[TrainConfig, bool]:
+def resolve_config(
+    preset: Optional[str], overrides: "Sequence[tuple[str, Any]] | Mapping[str, Any]"
+) -> tuple[TrainConfig, bool]:
     """The config to run: the preset (default digits) + overrides, or, when the workdir already holds a
     config.json, the saved config + overrides (resume). Returns (config, resumed).
 
@@ -144,7 +180,8 @@ def resolve_config(preset: Optional[str], overrides: "Sequence[tuple[str, Any]] 
     if conflicts:
         raise ConfigError(
             f"{fresh.run.workdir} holds a run with a different model/data setup ({'; '.join(conflicts)}); "
-            "resume with the same settings or choose a new --run.workdir")
+            "resume with the same settings or choose a new --run.workdir"
+        )
     return resumed, True
 
 
@@ -158,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ns.print_config:
         print(json.dumps(to_dict(config), indent=2, sort_keys=True))
         return 0
-    from jdiff.run import CheckpointError, Checkpointer, maybe_initialize_distributed
+    from jdiff.run import Checkpointer, CheckpointError, maybe_initialize_distributed
 
     try:
         maybe_initialize_distributed(ns.coordinator_address, ns.num_processes, ns.process_id)

@@ -60,8 +60,7 @@ class RunConfig(_Section):
     section = "run"
     workdir: str = setting("runs/digits", "output directory (checkpoints, config.json, metrics.jsonl, samples/)")
     seed: int = setting(0, "seed of initialisation, data order, noise and samples", ge=0)
-    checkpoint_every: int = setting(1000, "save a checkpoint every N steps (and at the end; 0: only at the end)",
-                                    ge=0)
+    checkpoint_every: int = setting(1000, "save a checkpoint every N steps (and at the end; 0: only at the end)", ge=0)
     keep_checkpoints: int = setting(3, "keep the last K checkpoints", ge=1)
     async_checkpoint: bool = setting(True, "save checkpoints in the background")
     log_every: int = setting(100, "fetch and log metrics every N steps", ge=1)
@@ -75,16 +74,18 @@ class RunConfig(_Section):
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Section):
     section = "data"
-    dataset: str = setting("digits", 'dataset: "digits", a tfds name (e.g. mnist, cifar10) or an image folder path',
-                           fixed=True)
+    dataset: str = setting(
+        "digits", 'dataset: "digits", a tfds name (e.g. mnist, cifar10) or an image folder path', fixed=True
+    )
     data_dir: Optional[str] = setting(None, "tfds data directory (none: tfds default)")
     split: str = setting("train", "dataset split")
     image_size: Optional[int] = setting(None, "resize images to this side (none: native size)", fixed=True, ge=1)
     channels: Optional[int] = setting(None, "1 or 3 (none: native)", fixed=True, choices=(1, 3))
     random_flip: bool = setting(False, "random horizontal flips")
     class_conditional: bool = setting(True, "condition on labels when the dataset has them", fixed=True)
-    label_dropout: float = setting(0.1, "probability of replacing a label by the null label (classifier-free "
-                                        "guidance)", ge=0.0, le=1.0)
+    label_dropout: float = setting(
+        0.1, "probability of replacing a label by the null label (classifier-free guidance)", ge=0.0, le=1.0
+    )
 
 
 def _model_names() -> tuple:
@@ -96,11 +97,13 @@ def _model_names() -> tuple:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Section):
     section = "model"
-    name: str = setting("unet_small", "registered model (jdiff.models.list_models())", alias="model", fixed=True,
-                        choices=_model_names)
+    name: str = setting(
+        "unet_small", "registered model (jdiff.models.list_models())", alias="model", fixed=True, choices=_model_names
+    )
     dtype: str = setting("float32", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16"))
-    fields: dict = setting({}, "module field overrides of the model, set one with --model.FIELD VALUE",
-                           alias="model_overrides", fixed=True)
+    fields: dict = setting(
+        {}, "module field overrides of the model, set one with --model.FIELD VALUE", alias="model_overrides", fixed=True
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,8 +134,9 @@ class DiffusionConfig(_Section):
     section = "diffusion"
     schedule: str = setting("linear", "beta schedule", fixed=True, choices=tuple(BETA_SCHEDULES))
     num_timesteps: int = setting(1000, "T, number of diffusion steps", fixed=True, ge=1)
-    zero_terminal_snr: bool = setting(False, "rescale the schedule to zero terminal SNR (use with objective v)",
-                                      fixed=True)
+    zero_terminal_snr: bool = setting(
+        False, "rescale the schedule to zero terminal SNR (use with objective v)", fixed=True
+    )
     objective: str = setting("eps", "what the model predicts", fixed=True, choices=PREDICTIONS)
     weighting: str = setting("simple", "loss weighting", choices=WEIGHTINGS)
     min_snr_gamma: float = setting(5.0, "gamma of min-SNR weighting", gt=0.0)
@@ -150,8 +154,11 @@ class OptimConfig(_Section):
     steps: int = setting(2000, "total number of training steps", ge=0)
     lr: float = setting(2e-3, "peak learning rate", gt=0.0)
     warmup_steps: int = setting(100, "linear learning-rate warm-up steps (lr(0) = 0)", ge=0)
-    lr_decay: str = setting("cosine", "after warm-up: constant, or cosine to lr * end_lr_factor at the last step",
-                            choices=("constant", "cosine"))
+    lr_decay: str = setting(
+        "cosine",
+        "after warm-up: constant, or cosine to lr * end_lr_factor at the last step",
+        choices=("constant", "cosine"),
+    )
     end_lr_factor: float = setting(0.05, "final lr / peak lr for cosine decay", ge=0.0, le=1.0)
     adam_b1: float = setting(0.9, "Adam beta1", ge=0.0, lt=1.0)
     adam_b2: float = setting(0.99, "Adam beta2", ge=0.0, lt=1.0)
@@ -185,8 +192,9 @@ class SamplingConfig(_Section):
     sampler: str = setting("ddim", "sampler of the grid", choices=_sampler_names)
     steps: int = setting(100, "sampling steps of the grid", alias="sample_steps", ge=1)
     spacing: str = setting("linspace", "timestep spacing of the grid", choices=_spacings)
-    guidance_scale: Optional[float] = setting(None, "classifier-free guidance scale for the grid (none: plain "
-                                                    "conditional)")
+    guidance_scale: Optional[float] = setting(
+        None, "classifier-free guidance scale for the grid (none: plain conditional)"
+    )
     upscale: int = setting(4, "nearest-neighbour upscaling of the grid PNG", alias="sample_upscale", ge=1)
     options: dict = setting({}, "options of the sampler, set one with --sampling.OPTION VALUE (e.g. eta)")
 
@@ -200,8 +208,14 @@ class SamplingConfig(_Section):
             raise ConfigError(f"sampling.options: {' '.join(str(e).split())}") from None
 
 
-SECTIONS = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
-            "optim": OptimConfig, "sampling": SamplingConfig}
+SECTIONS = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "optim": OptimConfig,
+    "sampling": SamplingConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,5 +231,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.sampling.steps > self.diffusion.num_timesteps:
-            raise ConfigError(f"sampling.steps ({self.sampling.steps}) must be <= diffusion.num_timesteps "
-                              f"({self.diffusion.num_timesteps})")
+            raise ConfigError(
+                f"sampling.steps ({self.sampling.steps}) must be <= diffusion.num_timesteps "
+                f"({self.diffusion.num_timesteps})"
+            )

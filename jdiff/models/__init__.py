@@ -7,16 +7,36 @@ with NHWC float ``x``, (B,) float timesteps ``t`` and optional (B,) int32 labels
 """
 
 from jdiff.models.dit import DiT, DiTBlock
-from jdiff.models.embeddings import (LabelEmbedder, TimestepEmbedder, check_labels, drop_labels,
-                                     sincos_1d, sincos_2d, timestep_embedding)
+from jdiff.models.embeddings import (
+    LabelEmbedder,
+    TimestepEmbedder,
+    check_labels,
+    drop_labels,
+    sincos_1d,
+    sincos_2d,
+    timestep_embedding,
+)
 from jdiff.models.registry import get_model, list_models, model_config, model_input_shape
 from jdiff.models.stats import abstract_params, count_params, forward_flops, tree_size
 from jdiff.models.unet import UNet
 
 __all__ = [
-    'UNet', 'DiT', 'DiTBlock',
-    'get_model', 'list_models', 'model_config', 'model_input_shape',
-    'count_params', 'tree_size', 'forward_flops', 'abstract_params',
-    'timestep_embedding', 'TimestepEmbedder', 'LabelEmbedder', 'check_labels', 'drop_labels',
-    'sincos_1d', 'sincos_2d',
+    "UNet",
+    "DiT",
+    "DiTBlock",
+    "get_model",
+    "list_models",
+    "model_config",
+    "model_input_shape",
+    "count_params",
+    "tree_size",
+    "forward_flops",
+    "abstract_params",
+    "timestep_embedding",
+    "TimestepEmbedder",
+    "LabelEmbedder",
+    "check_labels",
+    "drop_labels",
+    "sincos_1d",
+    "sincos_2d",
 ]

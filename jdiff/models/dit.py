@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from jdiff.models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
 from jdiff.models.layers import MultiHeadSelfAttention, check_inputs, modulate
@@ -28,7 +28,7 @@ zeros = nn.initializers.zeros
 def adaln_modulation(c: jax.Array, chunks: int, hidden: int, kw: dict) -> list[jax.Array]:
     """`chunks` (B, D) vectors (shifts, scales, gates) from Dense(SiLU(c)), zero-initialised (adaLN-Zero).
     Called inside a compact module: the Dense is that module's `adaLN_modulation`."""
-    mod = nn.Dense(chunks * hidden, kernel_init=zeros, name='adaLN_modulation', **kw)(nn.silu(c))
+    mod = nn.Dense(chunks * hidden, kernel_init=zeros, name="adaLN_modulation", **kw)(nn.silu(c))
     return jnp.split(mod, chunks, axis=-1)
 
 
@@ -37,6 +37,7 @@ class DiTBlock(nn.Module):
     ``x += gate1 * Attn(modulate(LN(x), shift1, scale1))``;
     ``x += gate2 * MLP(modulate(LN(x), shift2, scale2))``, MLP = Dense(4D), GELU(tanh), Dense(D).
     (B, L, D), (B, D) -> (B, L, D)."""
+
     hidden: int
     num_heads: int
     mlp_ratio: float = 4.0
@@ -48,18 +49,20 @@ class DiTBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(c, 6, self.hidden, kw)
         ln = lambda name: nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name=name, **kw)
-        h = MultiHeadSelfAttention(self.num_heads, kernel_init=xavier, name='attn', **kw)(
-            modulate(ln('norm1')(x), shift1, scale1))
+        h = MultiHeadSelfAttention(self.num_heads, kernel_init=xavier, name="attn", **kw)(
+            modulate(ln("norm1")(x), shift1, scale1)
+        )
         x = x + gate1[:, None] * h
-        h = modulate(ln('norm2')(x), shift2, scale2)
-        h = nn.Dense(int(self.hidden * self.mlp_ratio), kernel_init=xavier, name='mlp_fc1', **kw)(h)
-        h = nn.Dense(self.hidden, kernel_init=xavier, name='mlp_fc2', **kw)(nn.gelu(h, approximate=True))
+        h = modulate(ln("norm2")(x), shift2, scale2)
+        h = nn.Dense(int(self.hidden * self.mlp_ratio), kernel_init=xavier, name="mlp_fc1", **kw)(h)
+        h = nn.Dense(self.hidden, kernel_init=xavier, name="mlp_fc2", **kw)(nn.gelu(h, approximate=True))
         return x + gate2[:, None] * h
 
 
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) + LayerNorm + zero-initialised Dense to p*p*out per token.
     (B, L, D), (B, D) -> (B, L, p*p*out)."""
+
     hidden: int
     patch_out: int
     dtype: Dtype = jnp.float32
@@ -69,9 +72,8 @@ class FinalLayer(nn.Module):
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shift, scale = adaln_modulation(c, 2, self.hidden, kw)
-        x = modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name='norm', **kw)(x),
-                     shift, scale)
-        return nn.Dense(self.patch_out, kernel_init=zeros, name='linear', **kw)(x)
+        x = modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm", **kw)(x), shift, scale)
+        return nn.Dense(self.patch_out, kernel_init=zeros, name="linear", **kw)(x)
 
 
 class DiT(nn.Module):
@@ -84,6 +86,7 @@ class DiT(nn.Module):
     dtype / param_dtype. Output is float32. ``train`` changes nothing (no dropout layers);
     label dropout for classifier-free guidance is ``drop_labels``, done by the caller.
     """
+
     patch_size: int = 2
     hidden_size: int = 1152
     depth: int = 28
@@ -97,32 +100,38 @@ class DiT(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
-                 train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False) -> jax.Array:
         p = self.patch_size
-        check_inputs(x, y, self.num_classes, p, f'DiT with patch_size={p} cuts images into {p}x{p} patches')
+        check_inputs(x, y, self.num_classes, p, f"DiT with patch_size={p} cuts images into {p}x{p} patches")
         b, hgt, wid, c_in = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gh, gw, d = hgt // p, wid // p, self.hidden_size
 
         # Patchify: conv with kernel = stride = p (== linear on flattened patches).
-        h = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', name='x_embedder',
-                    kernel_init=nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2)),
-                    **kw)(x.astype(self.dtype))
+        h = nn.Conv(
+            d,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            name="x_embedder",
+            kernel_init=nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2)),
+            **kw,
+        )(x.astype(self.dtype))
         h = h.reshape(b, gh * gw, d) + jnp.asarray(sincos_2d(d, gh, gw), self.dtype)[None]
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        c = TimestepEmbedder(d, freq_dim=256, cos_first=True, kernel_init=nn.initializers.normal(0.02),
-                             name='t_embedder', **kw)(t)
+        c = TimestepEmbedder(
+            d, freq_dim=256, cos_first=True, kernel_init=nn.initializers.normal(0.02), name="t_embedder", **kw
+        )(t)
         if self.num_classes is not None:
-            c = c + LabelEmbedder(self.num_classes, d, name='y_embedder', **kw)(y, b)
+            c = c + LabelEmbedder(self.num_classes, d, name="y_embedder", **kw)(y, b)
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            h = block_cls(d, self.num_heads, self.mlp_ratio, name=f'blocks_{i}', **kw)(h, c)
+            h = block_cls(d, self.num_heads, self.mlp_ratio, name=f"blocks_{i}", **kw)(h, c)
 
         out_ch = (self.out_channels or c_in) * (2 if self.learn_sigma else 1)
-        h = FinalLayer(d, p * p * out_ch, name='final_layer', **kw)(h, c)
+        h = FinalLayer(d, p * p * out_ch, name="final_layer", **kw)(h, c)
         # Unpatchify: (B, gh*gw, p*p*out) -> (B, gh*p, gw*p, out).
         h = h.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hgt, wid, out_ch)
         return h.astype(jnp.float32)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 Dtype = Any
 
 
-def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 10000.0,
-                       cos_first: bool = False) -> jax.Array:
+def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 10000.0, cos_first: bool = False) -> jax.Array:
     """Sinusoidal timestep embedding (Vaswani et al. 2017 Sec. 3.5; DDPM App. B; ADM).
 
     ``emb[:, i] = sin(t * f_i)``, ``emb[:, half + i] = cos(t * f_i)`` with
@@ -48,6 +47,7 @@ class TimestepEmbedder(nn.Module):
     ``(B,) float t -> (B, hidden) dtype``. ``freq_dim`` is the sinusoid width
     (DDPM U-Net: ``ch``; DiT: 256).
     """
+
     hidden: int
     freq_dim: int = 256
     cos_first: bool = False
@@ -58,9 +58,10 @@ class TimestepEmbedder(nn.Module):
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         emb = timestep_embedding(t, self.freq_dim, cos_first=self.cos_first)
-        dense = lambda name: nn.Dense(self.hidden, kernel_init=self.kernel_init, dtype=self.dtype,
-                                      param_dtype=self.param_dtype, name=name)
-        return dense('dense_1')(nn.silu(dense('dense_0')(emb)))
+        dense = lambda name: nn.Dense(
+            self.hidden, kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        return dense("dense_1")(nn.silu(dense("dense_0")(emb)))
 
 
 def check_labels(y: jax.Array, num_classes: int, batch: int | None = None) -> None:
@@ -73,17 +74,18 @@ def check_labels(y: jax.Array, num_classes: int, batch: int | None = None) -> No
     Validate labels before a jitted train/sample loop.
     """
     if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
-        raise ValueError(f'class labels y must be an integer array, got dtype {jnp.result_type(y)}')
+        raise ValueError(f"class labels y must be an integer array, got dtype {jnp.result_type(y)}")
     if jnp.ndim(y) != 1 or (batch is not None and jnp.shape(y)[0] != batch):
-        raise ValueError(f'class labels y must have shape (B,)=({batch},), got {jnp.shape(y)}')
+        raise ValueError(f"class labels y must have shape (B,)=({batch},), got {jnp.shape(y)}")
     if isinstance(y, jax.core.Tracer):
         return
     yv = np.asarray(y)
     if yv.size and (yv.min() < 0 or yv.max() > num_classes):
         raise ValueError(
-            f'class labels y must be in [0, num_classes]=[0, {num_classes}] '
-            f'({num_classes} is the null label for classifier-free guidance); '
-            f'got min {yv.min()}, max {yv.max()}')
+            f"class labels y must be in [0, num_classes]=[0, {num_classes}] "
+            f"({num_classes} is the null label for classifier-free guidance); "
+            f"got min {yv.min()}, max {yv.max()}"
+        )
 
 
 def drop_labels(key: jax.Array, y: jax.Array, prob: float, null_label: int) -> jax.Array:
@@ -103,6 +105,7 @@ class LabelEmbedder(nn.Module):
     ``y=None`` embeds the null label; label dropout is ``drop_labels``, done by the caller.
     ``(B,) int32 -> (B, hidden) dtype``.
     """
+
     num_classes: int
     hidden: int
     embedding_init: Any = nn.initializers.normal(0.02)
@@ -116,8 +119,14 @@ class LabelEmbedder(nn.Module):
         else:
             y = jnp.asarray(y)
             check_labels(y, self.num_classes, batch)
-        table = nn.Embed(self.num_classes + 1, self.hidden, embedding_init=self.embedding_init,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name='table')
+        table = nn.Embed(
+            self.num_classes + 1,
+            self.hidden,
+            embedding_init=self.embedding_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="table",
+        )
         return table(y)
 
 
@@ -125,9 +134,9 @@ def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     """1-D sin-cos position embedding (MAE ``get_1d_sincos_pos_embed_from_grid``):
     ``(M,) -> (M, dim)`` float64, [sin | cos], frequencies ``10000 ** (-2i/dim)``."""
     if dim % 2:
-        raise ValueError(f'sin-cos position embedding width must be even, got {dim}')
+        raise ValueError(f"sin-cos position embedding width must be even, got {dim}")
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = np.einsum('m,d->md', np.asarray(pos, np.float64).reshape(-1), omega)
+    out = np.einsum("m,d->md", np.asarray(pos, np.float64).reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
@@ -140,7 +149,7 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     computed at trace time (a constant, not a parameter).
     """
     if dim % 4:
-        raise ValueError(f'2-D sin-cos position embedding width must be divisible by 4, got {dim}')
+        raise ValueError(f"2-D sin-cos position embedding width must be divisible by 4, got {dim}")
     gw, gh = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
     emb = np.concatenate([sincos_1d(dim // 2, gw), sincos_1d(dim // 2, gh)], axis=1)
     return emb.astype(np.float32)

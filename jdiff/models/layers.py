@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Dtype = Any
 
@@ -16,14 +16,16 @@ def check_inputs(x: jax.Array, y: jax.Array | None, num_classes: int | None, mul
     for an unconditional model (``num_classes=None``). ``why`` starts the size message, e.g.
     ``'UNet with ch_mult=(1, 2) downsamples 1 times'``. Label values are checked by ``LabelEmbedder``."""
     if x.ndim != 4:
-        raise ValueError(f'x must be NHWC (B, H, W, C), got shape {x.shape}')
+        raise ValueError(f"x must be NHWC (B, H, W, C), got shape {x.shape}")
     hgt, wid = x.shape[1:3]
     if hgt % multiple or wid % multiple:
         m = multiple
-        raise ValueError(f'{why}, so image height and width must be multiples of {m} (allowed: {m}, {2 * m}, '
-                         f'{3 * m}, ...); got x.shape={tuple(x.shape)} (H={hgt}, W={wid})')
+        raise ValueError(
+            f"{why}, so image height and width must be multiples of {m} (allowed: {m}, {2 * m}, "
+            f"{3 * m}, ...); got x.shape={tuple(x.shape)} (H={hgt}, W={wid})"
+        )
     if y is not None and num_classes is None:
-        raise ValueError('y was given but the model is unconditional (num_classes=None)')
+        raise ValueError("y was given but the model is unconditional (num_classes=None)")
 
 
 def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
@@ -41,10 +43,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     q, k, v: (B, L, heads, head_dim) in any float dtype -> (B, L, heads, head_dim) in q's dtype.
     """
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k * jnp.asarray(scale, k.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k * jnp.asarray(scale, k.dtype), preferred_element_type=jnp.float32)
     w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum('bhqk,bkhd->bqhd', w, v)
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -53,6 +54,7 @@ class MultiHeadSelfAttention(nn.Module):
     Parameters: qkv Dense(C -> 3C) and output Dense(C -> C), both with bias
     (same count as separate q, k, v, proj layers: 4 C^2 + 4 C).
     """
+
     num_heads: int = 1
     kernel_init: Any = nn.initializers.lecun_normal()
     out_kernel_init: Any = None
@@ -63,13 +65,19 @@ class MultiHeadSelfAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, c = x.shape
         if c % self.num_heads:
-            raise ValueError(f'attention width {c} not divisible by num_heads={self.num_heads}')
-        qkv = nn.Dense(3 * c, kernel_init=self.kernel_init, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name='qkv')(x)
+            raise ValueError(f"attention width {c} not divisible by num_heads={self.num_heads}")
+        qkv = nn.Dense(3 * c, kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(
+            x
+        )
         q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads), 3, axis=2)
         h = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0]).reshape(b, n, c)
-        return nn.Dense(c, kernel_init=self.out_kernel_init or self.kernel_init, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name='proj')(h)
+        return nn.Dense(
+            c,
+            kernel_init=self.out_kernel_init or self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="proj",
+        )(h)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:

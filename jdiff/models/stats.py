@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 
 def tree_size(tree: Any) -> int:
     """Total element count of a pytree's leaves: arrays, numpy arrays or ``jax.ShapeDtypeStruct``
     (a leaf without ``shape``, e.g. a Python number, counts 1). The parameter count of a params tree."""
-    return sum(math.prod(getattr(a, 'shape', ())) for a in jax.tree.leaves(tree))
+    return sum(math.prod(getattr(a, "shape", ())) for a in jax.tree.leaves(tree))
 
 
 def _abstract_inputs(input_shape: Sequence[int], with_labels: bool):
@@ -30,8 +30,8 @@ def abstract_params(model: nn.Module, input_shape: Sequence[int], *, with_labels
     x, t, y = _abstract_inputs(input_shape, with_labels)
 
     def init(x, t, y):
-        rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-        return model.init(rngs, x, t, y)['params']
+        rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+        return model.init(rngs, x, t, y)["params"]
 
     return jax.eval_shape(init, x, t, y)
 
@@ -48,14 +48,20 @@ def count_params(model: nn.Module, input_shape: Sequence[int], *, with_labels: b
 def _flops(cost: Any) -> float:
     """Extract 'flops' from a cost analysis that may be a dict, a list of dicts (older jax) or None."""
     if cost is None:
-        raise RuntimeError('XLA cost analysis is unavailable on this backend')
+        raise RuntimeError("XLA cost analysis is unavailable on this backend")
     if isinstance(cost, dict):
         cost = [cost]
-    return float(sum(c.get('flops', 0.0) for c in cost if c))
+    return float(sum(c.get("flops", 0.0) for c in cost if c))
 
 
-def forward_flops(model: nn.Module, params_or_abstract: Any, input_shape: Sequence[int], *,
-                  with_labels: bool = False, compile: bool = False) -> float:
+def forward_flops(
+    model: nn.Module,
+    params_or_abstract: Any,
+    input_shape: Sequence[int],
+    *,
+    with_labels: bool = False,
+    compile: bool = False,
+) -> float:
     """FLOPs of one forward pass (``train=False``) for a batch of NHWC ``input_shape``,
     from XLA's HLO cost analysis (a multiply-add counts as 2 FLOPs).
 
@@ -69,10 +75,10 @@ def forward_flops(model: nn.Module, params_or_abstract: Any, input_shape: Sequen
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), params_or_abstract)
 
     def fwd(params, x, t, y):
-        return model.apply({'params': params}, x, t, y, train=False)
+        return model.apply({"params": params}, x, t, y, train=False)
 
     lowered = jax.jit(fwd).lower(shapes, x, t, y)
-    if not compile and hasattr(lowered, 'cost_analysis'):
+    if not compile and hasattr(lowered, "cost_analysis"):
         try:
             return _flops(lowered.cost_analysis())
         except Exception:  # fall back to the compiled executable

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from jdiff.models.embeddings import LabelEmbedder, TimestepEmbedder
 from jdiff.models.layers import MultiHeadSelfAttention, check_inputs, num_groups
@@ -25,7 +25,7 @@ Dtype = Any
 
 # DDPM's default_init: variance_scaling(1, 'fan_avg', 'uniform'); zero init for the
 # last conv of each block, attention output and final conv (DDPM init_scale=0, ADM zero_module).
-default_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
 
 
@@ -47,6 +47,7 @@ class ResBlock(nn.Module):
     ``GN(h) * (1 + scale) + shift`` (ADM AdaGN). 1x1 shortcut when channels change.
     (B, H, W, Cin), (B, E) -> (B, H', W', out_ch), H' = 2H / H/2 / H for up / down / none.
     """
+
     out_ch: int
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
@@ -59,30 +60,31 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gn = lambda c, name: nn.GroupNorm(num_groups(c, self.norm_groups), name=name, **kw)
-        h = nn.silu(gn(x.shape[-1], 'norm_0')(x))
-        if self.updown == 'up':
+        h = nn.silu(gn(x.shape[-1], "norm_0")(x))
+        if self.updown == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
-        elif self.updown == 'down':
+        elif self.updown == "down":
             h, x = avg_pool2(h), avg_pool2(x)
-        h = nn.Conv(self.out_ch, (3, 3), kernel_init=default_init, name='conv_0', **kw)(h)
+        h = nn.Conv(self.out_ch, (3, 3), kernel_init=default_init, name="conv_0", **kw)(h)
         n_emb = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
-        e = nn.Dense(n_emb, kernel_init=default_init, name='emb_proj', **kw)(nn.silu(emb))
+        e = nn.Dense(n_emb, kernel_init=default_init, name="emb_proj", **kw)(nn.silu(emb))
         e = e[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = gn(self.out_ch, 'norm_1')(h) * (1 + scale) + shift
+            h = gn(self.out_ch, "norm_1")(h) * (1 + scale) + shift
         else:
-            h = gn(self.out_ch, 'norm_1')(h + e)
+            h = gn(self.out_ch, "norm_1")(h + e)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-        h = nn.Conv(self.out_ch, (3, 3), kernel_init=zero_init, name='conv_1', **kw)(h)
+        h = nn.Conv(self.out_ch, (3, 3), kernel_init=zero_init, name="conv_1", **kw)(h)
         if x.shape[-1] != self.out_ch:
-            x = nn.Dense(self.out_ch, kernel_init=default_init, name='shortcut', **kw)(x)
+            x = nn.Dense(self.out_ch, kernel_init=default_init, name="shortcut", **kw)(x)
         return x + h
 
 
 class AttnBlock(nn.Module):
     """Spatial self-attention block: ``x + proj(MHSA(GN(x)))`` over the H*W positions
     (DDPM App. B, single head; ADM multi-head). (B, H, W, C) -> (B, H, W, C)."""
+
     num_heads: int = 1
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
@@ -91,34 +93,46 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hh, ww, c = x.shape
-        h = nn.GroupNorm(num_groups(c, self.norm_groups), dtype=self.dtype,
-                         param_dtype=self.param_dtype, name='norm')(x)
-        h = MultiHeadSelfAttention(self.num_heads, kernel_init=default_init, out_kernel_init=zero_init,
-                                   dtype=self.dtype, param_dtype=self.param_dtype,
-                                   name='attn')(h.reshape(b, hh * ww, c))
+        h = nn.GroupNorm(num_groups(c, self.norm_groups), dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
+            x
+        )
+        h = MultiHeadSelfAttention(
+            self.num_heads,
+            kernel_init=default_init,
+            out_kernel_init=zero_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="attn",
+        )(h.reshape(b, hh * ww, c))
         return x + h.reshape(b, hh, ww, c)
+
+
+def conv3x3(module: nn.Module, x: jax.Array, **kw) -> jax.Array:
+    """The 3x3 convolution `conv` of a resampling `module` (its dtypes), keeping the channel count."""
+    kw.update(kernel_init=default_init, dtype=module.dtype, param_dtype=module.param_dtype, name="conv")
+    return nn.Conv(x.shape[-1], (3, 3), **kw)(x)
 
 
 class Downsample(nn.Module):
     """Learned 2x downsampling: Conv3x3 stride 2 (SAME, i.e. DDPM's (0, 1) padding)."""
+
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding='SAME', kernel_init=default_init,
-                       dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
+        return conv3x3(self, x, strides=(2, 2), padding="SAME")
 
 
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling followed by Conv3x3."""
+
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Conv(x.shape[-1], (3, 3), kernel_init=default_init, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name='conv')(upsample_nearest(x))
+        return conv3x3(self, upsample_nearest(x))
 
 
 class UNet(nn.Module):
@@ -147,6 +161,7 @@ class UNet(nn.Module):
         >= 4 channels per group is used, see ``layers.num_groups``).
       dtype / param_dtype: compute / parameter dtypes. Output is always float32.
     """
+
     ch: int = 128
     ch_mult: Sequence[int] = (1, 2, 2, 2)
     num_res_blocks: int = 2
@@ -166,63 +181,64 @@ class UNet(nn.Module):
     def _heads(self, c: int) -> int:
         if self.num_head_channels:
             if c % self.num_head_channels:
-                raise ValueError(f'num_head_channels={self.num_head_channels} must divide every '
-                                 f'attention width; got width {c}')
+                raise ValueError(
+                    f"num_head_channels={self.num_head_channels} must divide every attention width; got width {c}"
+                )
             return c // self.num_head_channels
         return self.num_heads
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
-                 train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False) -> jax.Array:
         n_down = len(self.ch_mult) - 1
-        check_inputs(x, y, self.num_classes, 2 ** n_down,
-                     f'UNet with ch_mult={tuple(self.ch_mult)} downsamples {n_down} times')
+        check_inputs(
+            x, y, self.num_classes, 2**n_down, f"UNet with ch_mult={tuple(self.ch_mult)} downsamples {n_down} times"
+        )
         b, _, _, c_in = x.shape
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        res_kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                      norm_groups=self.norm_groups, **kw)
+        res_kw = dict(
+            dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, norm_groups=self.norm_groups, **kw
+        )
         attn = lambda h, name: AttnBlock(self._heads(h.shape[-1]), self.norm_groups, name=name, **kw)(h)
         use_attn = lambda h: min(h.shape[1], h.shape[2]) in tuple(self.attention_resolutions)
 
-        emb = TimestepEmbedder(4 * self.ch, freq_dim=self.ch, kernel_init=default_init,
-                               name='time_embed', **kw)(t)
+        emb = TimestepEmbedder(4 * self.ch, freq_dim=self.ch, kernel_init=default_init, name="time_embed", **kw)(t)
         if self.num_classes is not None:
-            emb = emb + LabelEmbedder(self.num_classes, 4 * self.ch, name='label_embed', **kw)(y, b)
+            emb = emb + LabelEmbedder(self.num_classes, 4 * self.ch, name="label_embed", **kw)(y, b)
 
-        h = nn.Conv(self.ch, (3, 3), kernel_init=default_init, name='conv_in', **kw)(x.astype(self.dtype))
+        h = nn.Conv(self.ch, (3, 3), kernel_init=default_init, name="conv_in", **kw)(x.astype(self.dtype))
         hs = [h]
         for lvl, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
-                h = ResBlock(self.ch * mult, name=f'down_{lvl}_res_{i}', **res_kw)(h, emb, train)
+                h = ResBlock(self.ch * mult, name=f"down_{lvl}_res_{i}", **res_kw)(h, emb, train)
                 if use_attn(h):
-                    h = attn(h, f'down_{lvl}_attn_{i}')
+                    h = attn(h, f"down_{lvl}_attn_{i}")
                 hs.append(h)
             if lvl != len(self.ch_mult) - 1:
                 if self.resblock_updown:
-                    h = ResBlock(h.shape[-1], updown='down', name=f'down_{lvl}_resample', **res_kw)(h, emb, train)
+                    h = ResBlock(h.shape[-1], updown="down", name=f"down_{lvl}_resample", **res_kw)(h, emb, train)
                 else:
-                    h = Downsample(name=f'down_{lvl}_resample', **kw)(h)
+                    h = Downsample(name=f"down_{lvl}_resample", **kw)(h)
                 hs.append(h)
 
-        h = ResBlock(h.shape[-1], name='mid_res_0', **res_kw)(h, emb, train)
-        h = attn(h, 'mid_attn')
-        h = ResBlock(h.shape[-1], name='mid_res_1', **res_kw)(h, emb, train)
+        h = ResBlock(h.shape[-1], name="mid_res_0", **res_kw)(h, emb, train)
+        h = attn(h, "mid_attn")
+        h = ResBlock(h.shape[-1], name="mid_res_1", **res_kw)(h, emb, train)
 
         for lvl, mult in reversed(list(enumerate(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
-                h = ResBlock(self.ch * mult, name=f'up_{lvl}_res_{i}', **res_kw)(h, emb, train)
+                h = ResBlock(self.ch * mult, name=f"up_{lvl}_res_{i}", **res_kw)(h, emb, train)
                 if use_attn(h):
-                    h = attn(h, f'up_{lvl}_attn_{i}')
+                    h = attn(h, f"up_{lvl}_attn_{i}")
             if lvl != 0:
                 if self.resblock_updown:
-                    h = ResBlock(h.shape[-1], updown='up', name=f'up_{lvl}_resample', **res_kw)(h, emb, train)
+                    h = ResBlock(h.shape[-1], updown="up", name=f"up_{lvl}_resample", **res_kw)(h, emb, train)
                 else:
-                    h = Upsample(name=f'up_{lvl}_resample', **kw)(h)
+                    h = Upsample(name=f"up_{lvl}_resample", **kw)(h)
         assert not hs
 
         out_ch = (self.out_channels or c_in) * (2 if self.learn_sigma else 1)
-        h = nn.silu(nn.GroupNorm(num_groups(h.shape[-1], self.norm_groups), name='norm_out', **kw)(h))
-        h = nn.Conv(out_ch, (3, 3), kernel_init=zero_init, name='conv_out', **kw)(h)
+        h = nn.silu(nn.GroupNorm(num_groups(h.shape[-1], self.norm_groups), name="norm_out", **kw)(h))
+        h = nn.Conv(out_ch, (3, 3), kernel_init=zero_init, name="conv_out", **kw)(h)
         return h.astype(jnp.float32)

@@ -8,18 +8,49 @@ for sampling never does.
 
 from jdiff.run.build import build_model, build_schedule, build_source, model_num_classes
 from jdiff.run.checkpoint import Checkpointer, CheckpointError, load_for_inference, load_params, restore_subtree
-from jdiff.run.generate import (CompileStats, Generator, Settings, auto_batch, enable_compilation_cache,
-                                labels_for)
+from jdiff.run.generate import CompileStats, Generator, Settings, auto_batch, enable_compilation_cache, labels_for
 from jdiff.run.images import image_grid, sample_path, save_png, upscale_for, write_npz, write_trajectory
-from jdiff.run.mesh import (batch_sharding, check_batch_size, local_copy, make_mesh,
-                            maybe_initialize_distributed, replicated)
+from jdiff.run.mesh import (
+    batch_sharding,
+    check_batch_size,
+    local_copy,
+    make_mesh,
+    maybe_initialize_distributed,
+    replicated,
+)
 from jdiff.run.rundir import RunError, RunInfo, load_run_config, open_run, save_run_config
 
 __all__ = [
-    "build_model", "build_schedule", "build_source", "model_num_classes",
-    "Checkpointer", "CheckpointError", "load_for_inference", "load_params", "restore_subtree",
-    "Generator", "Settings", "CompileStats", "auto_batch", "enable_compilation_cache", "labels_for",
-    "image_grid", "save_png", "sample_path", "upscale_for", "write_npz", "write_trajectory",
-    "make_mesh", "batch_sharding", "replicated", "local_copy", "check_batch_size", "maybe_initialize_distributed",
-    "RunInfo", "RunError", "open_run", "save_run_config", "load_run_config",
+    "build_model",
+    "build_schedule",
+    "build_source",
+    "model_num_classes",
+    "Checkpointer",
+    "CheckpointError",
+    "load_for_inference",
+    "load_params",
+    "restore_subtree",
+    "Generator",
+    "Settings",
+    "CompileStats",
+    "auto_batch",
+    "enable_compilation_cache",
+    "labels_for",
+    "image_grid",
+    "save_png",
+    "sample_path",
+    "upscale_for",
+    "write_npz",
+    "write_trajectory",
+    "make_mesh",
+    "batch_sharding",
+    "replicated",
+    "local_copy",
+    "check_batch_size",
+    "maybe_initialize_distributed",
+    "RunInfo",
+    "RunError",
+    "open_run",
+    "save_run_config",
+    "load_run_config",
 ]

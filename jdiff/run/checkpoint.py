@@ -57,7 +57,8 @@ class Checkpointer:
         try:
             with quiet_absl(not create):  # orbax warns about every option that read-only mode turns off
                 options = ocp.CheckpointManagerOptions(
-                    max_to_keep=keep, create=create, enable_async_checkpointing=async_save, read_only=not create)
+                    max_to_keep=keep, create=create, enable_async_checkpointing=async_save, read_only=not create
+                )
                 self._manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {one_line(e, 300)}") from None
@@ -81,8 +82,7 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
         if step not in self._manager.all_steps():
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
-                                  f"(available: {self.all_steps()})")
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (available: {self.all_steps()})")
         return step
 
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
@@ -94,10 +94,11 @@ class Checkpointer:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:  # noqa: BLE001
             older = [s for s in self.all_steps() if s < step]
-            hint = (f"; move it away to resume from checkpoint {older[-1]}" if older else "")
+            hint = f"; move it away to resume from checkpoint {older[-1]}" if older else ""
             raise CheckpointError(
                 f"checkpoint {os.path.join(self.directory, str(step))} is corrupted or does not match "
-                f"this model/optimizer{hint} ({_orbax_reason(e)})") from None
+                f"this model/optimizer{hint} ({_orbax_reason(e)})"
+            ) from None
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
@@ -118,8 +119,7 @@ class Checkpointer:
 # Inference.
 
 
-def load_params(run: RunInfo, *, step: Optional[int] = None, which: str = "ema", device: Any = None,
-                model: Any = None):
+def load_params(run: RunInfo, *, step: Optional[int] = None, which: str = "ema", device: Any = None, model: Any = None):
     """Loads a trained model for sampling: (model, schedule, params) of run `run` (see `jdiff.run.open_run`),
     restoring only the requested parameters from disk.
 
@@ -160,15 +160,18 @@ def restore_subtree(workdir: str, key: str, abstract: Any, sharding: Any, *, ste
     with Checkpointer(workdir, create=False) as ckpt:
         path = os.path.join(ckpt.directory, str(ckpt.resolve_step(step)), "default")
     item = {key: abstract}
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape,
-                                                               dtype=a.dtype), item)
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape, dtype=a.dtype), item
+    )
     try:
         with ocp.PyTreeCheckpointer() as ck:
-            out = ck.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                               partial_restore=True))
+            out = ck.restore(
+                path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+            )
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {os.path.dirname(path)} is corrupted or does not match the saved "
-                              f"config ({_orbax_reason(e)})") from None
+        raise CheckpointError(
+            f"checkpoint {os.path.dirname(path)} is corrupted or does not match the saved config ({_orbax_reason(e)})"
+        ) from None
     tree = out[key]
     shapes_ok = jax.tree.map(lambda a, b: tuple(np.shape(a)) == tuple(b.shape), tree, abstract)
     if not all(jax.tree.leaves(shapes_ok)):

@@ -48,8 +48,9 @@ def labels_for(num: int, num_classes: Optional[int], labels: Optional[Sequence[i
     base = np.asarray(labels if labels is not None and len(labels) else np.arange(num_classes), np.int64)
     bad = base[(base < 0) | (base >= num_classes)]
     if bad.size:
-        raise ValueError(f"labels {sorted(set(bad.tolist()))} out of range: this model has classes "
-                         f"0..{num_classes - 1}")
+        raise ValueError(
+            f"labels {sorted(set(bad.tolist()))} out of range: this model has classes 0..{num_classes - 1}"
+        )
     return np.resize(base, num).astype(np.int32)
 
 
@@ -107,8 +108,18 @@ class Generator:
     traced options (e.g. eta).
     """
 
-    def __init__(self, model: Any, schedule: Any, settings: Settings, *, image_shape: Sequence[int],
-                 num_classes: Optional[int], prediction: str, batch: int, devices: Optional[Sequence[Any]] = None):
+    def __init__(
+        self,
+        model: Any,
+        schedule: Any,
+        settings: Settings,
+        *,
+        image_shape: Sequence[int],
+        num_classes: Optional[int],
+        prediction: str,
+        batch: int,
+        devices: Optional[Sequence[Any]] = None,
+    ):
         s = settings
         self.mesh = make_mesh(devices)
         check_batch_size(batch, self.mesh.devices.size)
@@ -131,11 +142,23 @@ class Generator:
             x_t = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(init_key, i), self.shape[1:]))(idx)
             x_t = jax.lax.with_sharding_constraint(x_t, self._rows)
             out = jdiff.sample(
-                model.apply, sch, self.shape, jax.random.fold_in(loop_key, batch_index), params={"params": params},
-                sampler=s.sampler, num_steps=s.steps, options={**fixed_options, **traced_options},
-                prediction=prediction, spacing=s.spacing, x_init=x_t, labels=labels,
-                guidance_scale=guidance if guided else None, null_label=num_classes if guided else None,
-                clip_x0=(-1.0, 1.0) if s.clip else None, return_trajectory_every=s.trajectory_every)
+                model.apply,
+                sch,
+                self.shape,
+                jax.random.fold_in(loop_key, batch_index),
+                params={"params": params},
+                sampler=s.sampler,
+                num_steps=s.steps,
+                options={**fixed_options, **traced_options},
+                prediction=prediction,
+                spacing=s.spacing,
+                x_init=x_t,
+                labels=labels,
+                guidance_scale=guidance if guided else None,
+                null_label=num_classes if guided else None,
+                clip_x0=(-1.0, 1.0) if s.clip else None,
+                return_trajectory_every=s.trajectory_every,
+            )
             if s.trajectory_every is None:
                 return out, None
             return out[0], out[1][:, :TRAJECTORY_SAMPLES]
@@ -145,10 +168,15 @@ class Generator:
 
     def _args(self, params: Any, seed: int, index: int, labels: Optional[np.ndarray]):
         rep = lambda x: jax.device_put(x, self._rep)
-        return (params, self._schedule, rep(jax.random.key(seed)), rep(jnp.int32(index)),
-                None if labels is None else jax.device_put(jnp.asarray(labels, jnp.int32), self._rows),
-                {k: rep(jnp.asarray(v, jnp.float32)) for k, v in self._traced.items()},
-                rep(jnp.float32(self.settings.guidance or 0.0)))
+        return (
+            params,
+            self._schedule,
+            rep(jax.random.key(seed)),
+            rep(jnp.int32(index)),
+            None if labels is None else jax.device_put(jnp.asarray(labels, jnp.int32), self._rows),
+            {k: rep(jnp.asarray(v, jnp.float32)) for k, v in self._traced.items()},
+            rep(jnp.float32(self.settings.guidance or 0.0)),
+        )
 
     def compile(self, params: Any) -> CompileStats:
         """Traces, lowers and compiles the program once, timing each and noting persistent-cache hits.
@@ -160,7 +188,8 @@ class Generator:
         hits, saved = [], []
         on_event = lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None
         on_duration = lambda name, secs, **kw: (
-            saved.append(secs) if name == "/jax/compilation_cache/compile_time_saved_sec" else None)
+            saved.append(secs) if name == "/jax/compilation_cache/compile_time_saved_sec" else None
+        )
         jax.monitoring.register_event_listener(on_event)
         jax.monitoring.register_event_duration_secs_listener(on_duration)
         try:
@@ -182,8 +211,9 @@ class Generator:
         x, traj = self._compiled(*self._args(params, seed, index, labels))
         return np.asarray(x), None if traj is None else np.asarray(traj)
 
-    def draw(self, params: Any, num: int, *, seed: int = 0, labels: Optional[np.ndarray] = None,
-             progress: bool = False):
+    def draw(
+        self, params: Any, num: int, *, seed: int = 0, labels: Optional[np.ndarray] = None, progress: bool = False
+    ):
         """`num` images in batches: (images (num, H, W, C) float32 in [-1, 1] when clipping, trajectory of
         batch 0 or None, seconds spent sampling after compilation). `labels`: (num,) ints (see `labels_for`);
         the last batch is padded with its own labels."""
@@ -195,7 +225,7 @@ class Generator:
         for i in tqdm(range(-(-num // b)), desc="sampling", unit="batch", disable=None if progress else True):
             y = None
             if labels is not None:
-                y = labels[i * b:(i + 1) * b]
+                y = labels[i * b : (i + 1) * b]
                 y = np.resize(y, b) if len(y) < b else y
             t0 = time.perf_counter()
             x, tr = self(params, i, y, seed=seed)

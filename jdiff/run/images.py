@@ -23,7 +23,7 @@ def image_grid(images: np.ndarray, *, columns: int, upscale: int = 1, pad: int =
     for i in range(n):
         r, q = divmod(i, cols)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = u8[i]
+        grid[y : y + h, x : x + w] = u8[i]
     return grid
 
 
@@ -51,9 +51,12 @@ def upscale_for(image_shape: Sequence[int], min_side: int = 64) -> int:
 def write_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray], **meta: Any) -> str:
     """images float32 (N, H, W, C) as sampled, labels int32 (N,) (empty if unconditional), and `meta`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    np.savez(path, images=images.astype(np.float32),
-             labels=np.zeros((0,), np.int32) if labels is None else labels.astype(np.int32),
-             **{k: np.asarray(v) for k, v in meta.items()})
+    np.savez(
+        path,
+        images=images.astype(np.float32),
+        labels=np.zeros((0,), np.int32) if labels is None else labels.astype(np.int32),
+        **{k: np.asarray(v) for k, v in meta.items()},
+    )
     return path
 
 

@@ -11,7 +11,8 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -49,6 +50,7 @@ def check_batch_size(global_batch_size: int, devices: "int | Mesh", *, flag: str
 def local_copy(tree: Any) -> Any:
     """A replicated global pytree as single-device arrays on this process's first addressable replica
     (for host-local work such as sampling a preview grid without cross-host collectives)."""
+
     def one(x):
         if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
             return x.addressable_data(0)
@@ -58,9 +60,7 @@ def local_copy(tree: Any) -> Any:
 
 
 def maybe_initialize_distributed(
-    coordinator_address: Optional[str] = None,
-    num_processes: Optional[int] = None,
-    process_id: Optional[int] = None,
+    coordinator_address: Optional[str] = None, num_processes: Optional[int] = None, process_id: Optional[int] = None
 ) -> bool:
     """Calls `jax.distributed.initialize` when a coordinator address is given (argument or env var
     JDIFF_COORDINATOR_ADDRESS, with JDIFF_NUM_PROCESSES / JDIFF_PROCESS_ID). Must run before any other JAX
@@ -72,8 +72,9 @@ def maybe_initialize_distributed(
     n = num_processes if num_processes is not None else _env_int("JDIFF_NUM_PROCESSES")
     pid = process_id if process_id is not None else _env_int("JDIFF_PROCESS_ID")
     if n is None or pid is None:
-        raise ValueError("--coordinator_address needs --num_processes and --process_id "
-                         "(or JDIFF_NUM_PROCESSES / JDIFF_PROCESS_ID)")
+        raise ValueError(
+            "--coordinator_address needs --num_processes and --process_id (or JDIFF_NUM_PROCESSES / JDIFF_PROCESS_ID)"
+        )
     if not 0 <= pid < n:
         raise ValueError(f"process_id must be in [0, {n}), got {pid}")
     try:

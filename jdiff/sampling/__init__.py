@@ -16,5 +16,19 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["sample", "ddim_invert", "SAMPLERS", "Sampler", "Step", "Grid", "get_sampler", "register",
-           "check_options", "all_options", "SPACINGS", "discrete_timesteps", "karras_sigmas", "make_grid"]
+__all__ = [
+    "sample",
+    "ddim_invert",
+    "SAMPLERS",
+    "Sampler",
+    "Step",
+    "Grid",
+    "get_sampler",
+    "register",
+    "check_options",
+    "all_options",
+    "SPACINGS",
+    "discrete_timesteps",
+    "karras_sigmas",
+    "make_grid",
+]

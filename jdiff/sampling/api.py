@@ -39,13 +39,17 @@ def _concrete(x) -> Optional[np.ndarray]:
 def _check_common(schedule, shape, num_steps, spacing, prediction, labels, guidance_scale, null_label):
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a jdiff Schedule (see jdiff.get_schedule), got {type(schedule)}.")
-    if not (isinstance(shape, (tuple, list)) and len(shape) >= 1 and all(
-            isinstance(d, (int, np.integer)) and d >= 1 for d in shape)):
+    if not (
+        isinstance(shape, (tuple, list))
+        and len(shape) >= 1
+        and all(isinstance(d, (int, np.integer)) and d >= 1 for d in shape)
+    ):
         raise ValueError(f"shape must be a tuple of positive ints (B, ...), got {shape!r}.")
     big_t = schedule.num_timesteps
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= big_t:
-        raise ValueError(f"num_steps must be an int in [1, T={big_t}] (the schedule's number of diffusion steps), "
-                         f"got {num_steps!r}.")
+        raise ValueError(
+            f"num_steps must be an int in [1, T={big_t}] (the schedule's number of diffusion steps), got {num_steps!r}."
+        )
     if spacing not in SPACINGS:
         raise ValueError(f"Unknown spacing {spacing!r}; allowed values: {list(SPACINGS)}.")
     check_prediction(prediction)
@@ -84,8 +88,11 @@ def _split_options(smp: Sampler, options: Mapping[str, Any]) -> tuple[tuple, dic
     arguments, traced {name: float32 / int32 scalar})."""
     opts = check_options(smp.name, options)
     static = tuple((k, v) for k, v in opts.items() if smp.options[k].static)
-    traced = {k: jnp.asarray(v, jnp.float32 if smp.options[k].kind is float else jnp.int32)
-              for k, v in opts.items() if not smp.options[k].static}
+    traced = {
+        k: jnp.asarray(v, jnp.float32 if smp.options[k].kind is float else jnp.int32)
+        for k, v in opts.items()
+        if not smp.options[k].static
+    }
     return static, traced
 
 
@@ -108,14 +115,47 @@ def _scan_steps(sampler, denoise, grid, carry, rng, opts, start, length):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model_fn", "shape", "sampler", "num_steps", "prediction", "spacing", "static_options",
-                     "rho", "trajectory_every"),
+    static_argnames=(
+        "model_fn",
+        "shape",
+        "sampler",
+        "num_steps",
+        "prediction",
+        "spacing",
+        "static_options",
+        "rho",
+        "trajectory_every",
+    ),
 )
-def _sample_jit(model_fn, params, schedule, rng, traced_options, guidance, clip_range, threshold, x_init, *,
-                shape, sampler, num_steps, prediction, spacing, static_options, rho, trajectory_every):
+def _sample_jit(
+    model_fn,
+    params,
+    schedule,
+    rng,
+    traced_options,
+    guidance,
+    clip_range,
+    threshold,
+    x_init,
+    *,
+    shape,
+    sampler,
+    num_steps,
+    prediction,
+    spacing,
+    static_options,
+    rho,
+    trajectory_every,
+):
     grid = make_grid(schedule, spacing, num_steps, rho=rho)
-    denoise = make_denoiser(model_fn, params, prediction=prediction, guidance=guidance,
-                            clip_range=clip_range, threshold_percentile=threshold)
+    denoise = make_denoiser(
+        model_fn,
+        params,
+        prediction=prediction,
+        guidance=guidance,
+        clip_range=clip_range,
+        threshold_percentile=threshold,
+    )
     init_key, loop_key = jax.random.split(rng)
     if x_init is None:
         x_init = jax.random.normal(init_key, shape, jnp.float32)
@@ -218,19 +258,19 @@ def sample(
     if x_init is not None and jnp.shape(x_init) != shape:
         raise ValueError(f"x_init must have shape {shape}, got {jnp.shape(x_init)}.")
     if return_trajectory_every is not None and (
-            not isinstance(return_trajectory_every, (int, np.integer)) or return_trajectory_every < 1):
+        not isinstance(return_trajectory_every, (int, np.integer)) or return_trajectory_every < 1
+    ):
         raise ValueError(f"return_trajectory_every must be an int >= 1 or None, got {return_trajectory_every!r}.")
     try:
         hash(model_fn)
     except TypeError:
         raise ValueError("model_fn must be hashable (a function or bound method); pass weights via params=.") from None
     guidance = _guidance(labels, guidance_scale, null_label)
-    return _sample_jit(
-        model_fn, params, schedule, rng, traced_options, guidance, clip_x0, dynamic_threshold,
-        None if x_init is None else jnp.asarray(x_init, jnp.float32),
-        shape=shape, sampler=smp, num_steps=int(num_steps), prediction=prediction, spacing=spacing,
-        static_options=static_options, rho=float(karras_rho), trajectory_every=return_trajectory_every,
-    )
+    x_init = None if x_init is None else jnp.asarray(x_init, jnp.float32)
+    traced = (params, schedule, rng, traced_options, guidance, clip_x0, dynamic_threshold, x_init)
+    static = dict(shape=shape, sampler=smp, num_steps=int(num_steps), prediction=prediction, spacing=spacing)
+    static.update(static_options=static_options, rho=float(karras_rho), trajectory_every=return_trajectory_every)
+    return _sample_jit(model_fn, *traced, **static)
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "num_steps", "prediction", "spacing"))
@@ -271,5 +311,6 @@ def ddim_invert(
     x0 = jnp.asarray(x0, jnp.float32)
     _check_common(schedule, tuple(x0.shape), num_steps, spacing, prediction, labels, guidance_scale, null_label)
     guidance = _guidance(labels, guidance_scale, null_label)
-    return _invert_jit(model_fn, params, schedule, x0, guidance, num_steps=int(num_steps),
-                       prediction=prediction, spacing=spacing)
+    return _invert_jit(
+        model_fn, params, schedule, x0, guidance, num_steps=int(num_steps), prediction=prediction, spacing=spacing
+    )

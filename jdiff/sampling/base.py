@@ -61,8 +61,10 @@ class Sampler:
             if not name.isidentifier():
                 raise ValueError(f"sampler {self.name!r}: option name {name!r} is not an identifier")
             if not spec.static and (spec.kind not in (int, float) or spec.optional):
-                raise ValueError(f"sampler {self.name!r}: traced option {name!r} must be a non-optional int or "
-                                 "float (it is passed as an int32 / float32 scalar); declare it static=True")
+                raise ValueError(
+                    f"sampler {self.name!r}: traced option {name!r} must be a non-optional int or "
+                    "float (it is passed as an int32 / float32 scalar); declare it static=True"
+                )
             spec.check(name, spec.default)
         object.__setattr__(self, "options", types.MappingProxyType(dict(self.options)))
 
@@ -76,8 +78,10 @@ def register(sampler: Sampler) -> Sampler:
     for name, spec in sampler.options.items():
         for other in SAMPLERS.values():
             if other.name != sampler.name and other.options.get(name, spec) != spec:
-                raise ValueError(f"sampler {sampler.name!r}: option {name!r} differs from sampler "
-                                 f"{other.name!r}'s option of that name; same-named options must be identical")
+                raise ValueError(
+                    f"sampler {sampler.name!r}: option {name!r} differs from sampler "
+                    f"{other.name!r}'s option of that name; same-named options must be identical"
+                )
     SAMPLERS[sampler.name] = sampler
     return sampler
 
@@ -91,8 +95,11 @@ def get_sampler(name: str) -> Sampler:
 def _check_value(name: str, spec: Spec, value: Any) -> Any:
     if isinstance(value, jax.core.Tracer):
         if spec.static or np.shape(value) != ():
-            raise ValueError(f"{name} must be a concrete {spec.describe()}" if spec.static
-                             else f"{name} must be a scalar, got shape {np.shape(value)}")
+            raise ValueError(
+                f"{name} must be a concrete {spec.describe()}"
+                if spec.static
+                else f"{name} must be a scalar, got shape {np.shape(value)}"
+            )
         return value  # traced under an outer jit: only its shape can be checked
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
         if np.shape(value) != ():
@@ -109,8 +116,9 @@ def check_options(sampler: str, options: Optional[Mapping[str, Any]] = None) -> 
     options = dict(options or {})
     for name in options:
         if name not in smp.options:
-            raise ValueError(f"sampler {smp.name!r} has no option {name!r} "
-                             f"(its options: {', '.join(smp.options) or 'none'})")
+            raise ValueError(
+                f"sampler {smp.name!r} has no option {name!r} (its options: {', '.join(smp.options) or 'none'})"
+            )
     out = {name: _check_value(name, spec, options.get(name, spec.default)) for name, spec in smp.options.items()}
     if smp.validate is not None:
         smp.validate(out)

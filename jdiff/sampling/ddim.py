@@ -14,8 +14,13 @@ import jax.numpy as jnp
 from jdiff.sampling.base import Sampler, register
 from jdiff.spec import Spec
 
-ETA = Spec(float, 0.0, "DDIM stochasticity (Song et al. 2021, eq. 16): 0 is deterministic, 1 on the full grid "
-           "is DDPM", ge=0.0, le=1.0)
+ETA = Spec(
+    float,
+    0.0,
+    "DDIM stochasticity (Song et al. 2021, eq. 16): 0 is deterministic, 1 on the full grid is DDPM",
+    ge=0.0,
+    le=1.0,
+)
 
 
 def ddim_step(denoise, x, s, key, opts):
@@ -28,5 +33,6 @@ def ddim_step(denoise, x, s, key, opts):
     return g.alpha_next * d.x0 + dir_coef * d.eps + std * z
 
 
-DDIM = register(Sampler(name="ddim", step=ddim_step, nfe=lambda n: n, stochastic=True, zero_terminal_snr=True,
-                        options={"eta": ETA}))
+DDIM = register(
+    Sampler(name="ddim", step=ddim_step, nfe=lambda n: n, stochastic=True, zero_terminal_snr=True, options={"eta": ETA})
+)

@@ -17,8 +17,14 @@ from jdiff.sampling.base import Sampler, register
 from jdiff.spec import Spec
 
 VARIANCES = ("posterior", "beta", "learned")
-VARIANCE = Spec(str, "posterior", "DDPM step variance: posterior (beta-tilde), beta, or learned (Nichol & "
-                "Dhariwal 2021 eq. 15; the model outputs 2x channels)", choices=VARIANCES, static=True)
+VARIANCE = Spec(
+    str,
+    "posterior",
+    "DDPM step variance: posterior (beta-tilde), beta, or learned (Nichol & "
+    "Dhariwal 2021 eq. 15; the model outputs 2x channels)",
+    choices=VARIANCES,
+    static=True,
+)
 
 
 def ddpm_step(denoise, x, s, key, opts):
@@ -45,5 +51,6 @@ def ddpm_step(denoise, x, s, key, opts):
     return mean + jnp.where(s.is_last, 0.0, jnp.sqrt(var)) * z
 
 
-DDPM = register(Sampler(name="ddpm", step=ddpm_step, nfe=lambda n: n, stochastic=True, zero_terminal_snr=True,
-                        options={"variance": VARIANCE}))
+DDPM = register(
+    Sampler("ddpm", ddpm_step, nfe=lambda n: n, stochastic=True, zero_terminal_snr=True, options={"variance": VARIANCE})
+)

@@ -64,9 +64,7 @@ def make_denoiser(
         tb = jnp.full((b,), t, jnp.float32)
         if guidance.scale is not None:
             null = jnp.full((b,), guidance.null_label, jnp.int32)
-            out = call(
-                jnp.concatenate([x, x]), jnp.concatenate([tb, tb]), jnp.concatenate([guidance.labels, null])
-            )
+            out = call(jnp.concatenate([x, x]), jnp.concatenate([tb, tb]), jnp.concatenate([guidance.labels, null]))
             cond, uncond = out[:b], out[b:]
         else:
             cond = call(x, tb, guidance.labels)

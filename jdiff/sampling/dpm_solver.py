@@ -35,14 +35,19 @@ def dpmpp_2m_step(denoise, carry, s, key, opts):
     return x_next, d.x0, h
 
 
+def _init(x):
+    """Carry (x, previous x0, previous step size h) of the multistep update."""
+    return x, jnp.zeros_like(x), jnp.zeros((), jnp.float32)
+
+
 DPMPP_2M = register(
     Sampler(
-        name="dpmpp_2m",
-        step=dpmpp_2m_step,
+        "dpmpp_2m",
+        dpmpp_2m_step,
         nfe=lambda n: n,
         stochastic=False,
         zero_terminal_snr=True,
-        init=lambda x: (x, jnp.zeros_like(x), jnp.zeros((), jnp.float32)),
+        init=_init,
         output=lambda carry: carry[0],
     )
 )

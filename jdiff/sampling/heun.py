@@ -26,5 +26,6 @@ def heun_step(denoise, x, s, key, opts):
     return x_next * g.alpha_next
 
 
-HEUN = register(Sampler(name="heun", step=heun_step, nfe=lambda n: 2 * n - 1, stochastic=False,
-                        zero_terminal_snr=False))
+HEUN = register(
+    Sampler(name="heun", step=heun_step, nfe=lambda n: 2 * n - 1, stochastic=False, zero_terminal_snr=False)
+)

@@ -9,7 +9,20 @@ from jdiff.training.state import TrainState, create_state, init_train_state
 from jdiff.training.step import make_step_fn, train_step
 
 __all__ = [
-    "train", "TrainResult", "NonFiniteLossError", "Loop", "ACTIONS", "Setup", "setup",
-    "TrainState", "create_state", "init_train_state", "train_step", "make_step_fn",
-    "make_optimizer", "lr_schedule", "ema_update", "ema_decay_at",
+    "train",
+    "TrainResult",
+    "NonFiniteLossError",
+    "Loop",
+    "ACTIONS",
+    "Setup",
+    "setup",
+    "TrainState",
+    "create_state",
+    "init_train_state",
+    "train_step",
+    "make_step_fn",
+    "make_optimizer",
+    "lr_schedule",
+    "ema_update",
+    "ema_decay_at",
 ]

@@ -17,8 +17,19 @@ import jax
 
 from jdiff.config import TrainConfig
 from jdiff.models import tree_size
-from jdiff.run import Checkpointer, Generator, Settings, auto_batch, image_grid, labels_for, local_copy
-from jdiff.run import replicated, sample_path, save_png, save_run_config
+from jdiff.run import (
+    Checkpointer,
+    Generator,
+    Settings,
+    auto_batch,
+    image_grid,
+    labels_for,
+    local_copy,
+    replicated,
+    sample_path,
+    save_png,
+    save_run_config,
+)
 from jdiff.training.metrics_log import MetricsWriter
 from jdiff.training.setup import Setup, setup
 from jdiff.training.signals import StopFlag, catch_signals
@@ -35,8 +46,11 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, last_checkpoint: Optional[int], what: str = "loss"):
         self.step = step
         self.last_checkpoint = last_checkpoint
-        good = (f"the last good checkpoint is step {last_checkpoint}" if last_checkpoint is not None
-                else "no checkpoint was written")
+        good = (
+            f"the last good checkpoint is step {last_checkpoint}"
+            if last_checkpoint is not None
+            else "no checkpoint was written"
+        )
         super().__init__(f"non-finite {what} at step {step}; stopped without saving the bad state ({good})")
 
 
@@ -104,16 +118,31 @@ class Loop:
             return None
         s = self.setup
         if self._generator is None:
-            settings = Settings(sampler=c.sampling.sampler, steps=c.sampling.steps, spacing=c.sampling.spacing,
-                                options=dict(c.sampling.options), guidance=c.sampling.guidance_scale)
+            settings = Settings(
+                sampler=c.sampling.sampler,
+                steps=c.sampling.steps,
+                spacing=c.sampling.spacing,
+                options=dict(c.sampling.options),
+                guidance=c.sampling.guidance_scale,
+            )
             devices = jax.local_devices()
             self._generator = Generator(
-                s.model, local_copy(s.schedule), settings, image_shape=s.image_shape, num_classes=s.num_classes,
-                prediction=c.diffusion.objective, batch=auto_batch(c.sampling.num_samples, len(devices)),
-                devices=devices)
+                s.model,
+                local_copy(s.schedule),
+                settings,
+                image_shape=s.image_shape,
+                num_classes=s.num_classes,
+                prediction=c.diffusion.objective,
+                batch=auto_batch(c.sampling.num_samples, len(devices)),
+                devices=devices,
+            )
         labels = labels_for(c.sampling.num_samples, s.num_classes)
-        images, _, _ = self._generator.draw(local_copy(self.state.ema_params), c.sampling.num_samples,
-                                            seed=c.run.seed + PREVIEW_SEED_SALT, labels=labels)
+        images, _, _ = self._generator.draw(
+            local_copy(self.state.ema_params),
+            c.sampling.num_samples,
+            seed=c.run.seed + PREVIEW_SEED_SALT,
+            labels=labels,
+        )
         grid = image_grid(images, columns=c.sampling.columns, upscale=c.sampling.upscale)
         self.sample_path = save_png(grid, sample_path(c.run.workdir, self.done))
         return self.sample_path
@@ -136,10 +165,14 @@ def log_metrics(loop: Loop) -> None:
     t0, n = loop.window
     count, dt = max(int(host["count"]), 1), max(now - t0, 1e-9)
     rec = {
-        "step": loop.done, "loss": float(host["loss"]) / count, "mse": float(host["mse"]) / count,
-        "grad_norm": float(host["grad_norm"]) / count, "lr": float(host["lr"]),
+        "step": loop.done,
+        "loss": float(host["loss"]) / count,
+        "mse": float(host["mse"]) / count,
+        "grad_norm": float(host["grad_norm"]) / count,
+        "lr": float(host["lr"]),
         "steps_per_sec": n / dt if n else None,
-        "images_per_sec": n * loop.config.optim.batch_size / dt if n else None, "time": time.time(),
+        "images_per_sec": n * loop.config.optim.batch_size / dt if n else None,
+        "time": time.time(),
     }
     loop.writer.write(rec)
     post = {"loss": f"{rec['loss']:.4f}"}
@@ -171,8 +204,16 @@ ACTIONS: tuple[Callable[[Loop], None], ...] = (log_metrics, save_checkpoint, wri
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True,
-                mininterval=1.0, smoothing=0.1, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        smoothing=0.1,
+        file=sys.stderr,
+    )
 
 
 def train(
@@ -208,13 +249,24 @@ def train(
     try:
         state = s.restore_or_init(ckpt, log)
         start, end = int(state.step), config.optim.steps
-        log(f"jdiff: {config.model.name} ({tree_size(state.params) / 1e6:.2f}M params) on {config.data.dataset} "
+        log(
+            f"jdiff: {config.model.name} ({tree_size(state.params) / 1e6:.2f}M params) on {config.data.dataset} "
             f"({len(s.source)} images {s.image_shape}, {s.num_classes or 'no'} classes), {s.mesh.devices.size} "
-            f"device(s), batch {config.optim.batch_size}, steps {start} -> {end}, workdir {config.run.workdir}")
+            f"device(s), batch {config.optim.batch_size}, steps {start} -> {end}, workdir {config.run.workdir}"
+        )
         writer = MetricsWriter(config.run.workdir, enabled=primary and start < end)
-        loop = Loop(s, ckpt, state, jax.device_put(init_accumulator(), replicated(s.mesh)), start,
-                    end if stop_after is None else min(end, start + stop_after), ckpt.latest_step(), writer,
-                    primary, log)
+        loop = Loop(
+            s,
+            ckpt,
+            state,
+            jax.device_put(init_accumulator(), replicated(s.mesh)),
+            start,
+            end if stop_after is None else min(end, start + stop_after),
+            ckpt.latest_step(),
+            writer,
+            primary,
+            log,
+        )
         if start >= end:
             log(f"already trained to step {start} (steps={end}); nothing to do")
             if not os.path.exists(sample_path(config.run.workdir, start)):
@@ -261,11 +313,14 @@ def _run(loop: Loop, actions, batch_hook, progress: bool) -> TrainResult:
         loop.ckpt.wait()
         if stopped_by is None:
             loop.preview()
-            loop.log(f"finished {loop.done} steps in {time.perf_counter() - t_start:.1f}s; checkpoint {loop.done}"
-                     + (f", samples {loop.sample_path}" if loop.sample_path else ""))
+            loop.log(
+                f"finished {loop.done} steps in {time.perf_counter() - t_start:.1f}s; checkpoint {loop.done}"
+                + (f", samples {loop.sample_path}" if loop.sample_path else "")
+            )
         else:
-            loop.log(f"stopped by {stopped_by} at step {loop.done}: saved checkpoint {loop.done} in "
-                     f"{loop.ckpt.directory}")
+            loop.log(
+                f"stopped by {stopped_by} at step {loop.done}: saved checkpoint {loop.done} in {loop.ckpt.directory}"
+            )
         return TrainResult(loop.done, stopped_by, loop.last_checkpoint, loop.sample_path)
     finally:
         batches.close()

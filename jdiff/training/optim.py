@@ -34,8 +34,12 @@ def _decay_mask(params: Any) -> Any:
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) (if > 0) followed by AdamW with `lr_schedule(config)`."""
     adam = optax.adamw(
-        lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-        weight_decay=config.weight_decay, mask=_decay_mask,
+        lr_schedule(config),
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        mask=_decay_mask,
     )
     if config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip), adam)

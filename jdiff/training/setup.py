@@ -10,8 +10,18 @@ import jax
 
 import jdiff
 from jdiff.config import TrainConfig
-from jdiff.run import (Checkpointer, CheckpointError, batch_sharding, build_model, build_schedule, build_source,
-                       check_batch_size, make_mesh, model_num_classes, replicated)
+from jdiff.run import (
+    Checkpointer,
+    CheckpointError,
+    batch_sharding,
+    build_model,
+    build_schedule,
+    build_source,
+    check_batch_size,
+    make_mesh,
+    model_num_classes,
+    replicated,
+)
 from jdiff.training.optim import make_optimizer
 from jdiff.training.state import TrainState, init_train_state
 from jdiff.training.step import make_step_fn
@@ -37,8 +47,12 @@ class Setup:
 
     def derived(self) -> dict[str, Any]:
         """Facts config.json records beside the config."""
-        return {"num_classes": self.num_classes, "image_shape": list(self.image_shape),
-                "dataset_size": len(self.source), "jdiff_version": jdiff.__version__}
+        return {
+            "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape),
+            "dataset_size": len(self.source),
+            "jdiff_version": jdiff.__version__,
+        }
 
     def restore_or_init(self, ckpt: Checkpointer, log=lambda s: None) -> TrainState:
         """The latest checkpoint's state in `ckpt`, or the initial state when there is none."""
@@ -56,9 +70,16 @@ class Setup:
         from jdiff.data import iterate_batches
 
         c = self.config
-        return iterate_batches(self.source, start_step=start, global_batch_size=c.optim.batch_size,
-                               seed=c.run.seed, num_steps=num_steps, random_flip=c.data.random_flip,
-                               sharding=batch_sharding(self.mesh), prefetch=prefetch)
+        return iterate_batches(
+            self.source,
+            start_step=start,
+            global_batch_size=c.optim.batch_size,
+            seed=c.run.seed,
+            num_steps=num_steps,
+            random_flip=c.data.random_flip,
+            sharding=batch_sharding(self.mesh),
+            prefetch=prefetch,
+        )
 
 
 def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup:
@@ -75,5 +96,16 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
     init = functools.partial(init_train_state, model, tx, image_shape, config.run.seed)
     init_fn = jax.jit(init, out_shardings=rep)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), jax.eval_shape(init))
-    return Setup(config, mesh, source, model, jax.device_put(build_schedule(config), rep), tx, num_classes,
-                 image_shape, init_fn, abstract, make_step_fn(model, config, mesh))
+    return Setup(
+        config,
+        mesh,
+        source,
+        model,
+        jax.device_put(build_schedule(config), rep),
+        tx,
+        num_classes,
+        image_shape,
+        init_fn,
+        abstract,
+        make_step_fn(model, config, mesh),
+    )

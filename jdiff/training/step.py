@@ -10,20 +10,15 @@ import jax.numpy as jnp
 import optax
 
 import jdiff
-from jdiff.schedules import Schedule
 from jdiff.config import TrainConfig
 from jdiff.models import drop_labels
+from jdiff.schedules import Schedule
 from jdiff.training.optim import ema_update, lr_schedule, make_optimizer
 from jdiff.training.state import TrainState
 
 
 def train_step(
-    state: TrainState,
-    batch: Mapping[str, jax.Array],
-    *,
-    model: nn.Module,
-    schedule: Schedule,
-    config: TrainConfig,
+    state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module, schedule: Schedule, config: TrainConfig
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on a global batch.
 
@@ -54,9 +49,15 @@ def train_step(
         def model_fn(x_t, t):
             return model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
 
-        return jdiff.diffusion_loss(model_fn, schedule, x0, diff_key, objective=config.diffusion.objective,
-                                    weighting=config.diffusion.weighting,
-                                    min_snr_gamma=config.diffusion.min_snr_gamma)
+        return jdiff.diffusion_loss(
+            model_fn,
+            schedule,
+            x0,
+            diff_key,
+            objective=config.diffusion.objective,
+            weighting=config.diffusion.weighting,
+            min_snr_gamma=config.diffusion.min_snr_gamma,
+        )
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -79,8 +80,14 @@ def train_step(
 def init_accumulator() -> dict[str, jax.Array]:
     """Device-side metric sums over a logging window; first_bad = first step with a non-finite loss (-1)."""
     z = lambda: jnp.zeros((), jnp.float32)  # separate buffers: the dict is donated
-    return {"loss": z(), "mse": z(), "grad_norm": z(), "lr": z(), "count": jnp.zeros((), jnp.int32),
-            "first_bad": jnp.full((), -1, jnp.int32)}
+    return {
+        "loss": z(),
+        "mse": z(),
+        "grad_norm": z(),
+        "lr": z(),
+        "count": jnp.zeros((), jnp.int32),
+        "first_bad": jnp.full((), -1, jnp.int32),
+    }
 
 
 def accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
@@ -106,5 +113,6 @@ def make_step_fn(model: nn.Module, config: TrainConfig, mesh: Any) -> Any:
         return new_state, accumulate(acc, metrics, state.step)
 
     rep = replicated(mesh)
-    return jax.jit(fn, in_shardings=(rep, batch_sharding(mesh), rep, rep), out_shardings=(rep, rep),
-                   donate_argnums=(0, 3))
+    return jax.jit(
+        fn, in_shardings=(rep, batch_sharding(mesh), rep, rep), out_shardings=(rep, rep), donate_argnums=(0, 3)
+    )
