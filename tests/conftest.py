@@ -82,11 +82,29 @@ def tiny_config(tmp_path):
     return make
 
 
+def shared_once(tmp_path_factory, name, build):
+    """A directory built once per test session by `build(path)`, shared by every pytest-xdist worker (an
+    flock serialises the builders; later callers reuse the result). Callers must not modify it: copy it."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's common temp dir
+    path, done = root / f"shared_{name}", root / f"shared_{name}.done"
+    with open(root / f"shared_{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            path.mkdir(exist_ok=True)
+            build(path)
+            done.touch()
+    return path
+
+
 def run_train_py(args, *, cwd, timeout=240, env=None):
     """Runs train.py in a subprocess; returns CompletedProcess (text)."""
     import subprocess
 
-    e = dict(os.environ)
+    e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")  # sharded, but cheap to compile
     e.update(env or {})
     e.setdefault("PYTHONPATH", str(REPO))
     return subprocess.run(

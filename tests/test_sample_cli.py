@@ -9,10 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import shared_once
 
 from jdiff.run import Checkpointer
-
-pytestmark = pytest.mark.xdist_group("sample_cli")  # one worker builds the module's runs once
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_PY = os.path.join(REPO, "sample.py")
@@ -56,20 +55,23 @@ def _make_run(workdir: str, class_conditional: bool) -> str:
     return workdir
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample_cli")
-    cond = _make_run(str(root / "cond"), True)
-    uncond = _make_run(str(root / "uncond"), False)
-    # A config without checkpoints, and a checkpoint with a deleted data file.
+def _make_runs(root):
     import shutil
 
-    empty, corrupt = root / "empty", root / "corrupt"
-    empty.mkdir()
-    shutil.copy(os.path.join(cond, "config.json"), empty / "config.json")
-    shutil.copytree(cond, corrupt)
-    shutil.rmtree(corrupt / "checkpoints" / "0" / "default" / "d")
-    return dict(root=root, cond=cond, uncond=uncond, empty=str(empty), corrupt=str(corrupt))
+    cond = _make_run(str(root / "cond"), True)
+    _make_run(str(root / "uncond"), False)
+    # A config without checkpoints, and a checkpoint with a deleted data file.
+    (root / "empty").mkdir()
+    shutil.copy(os.path.join(cond, "config.json"), root / "empty" / "config.json")
+    shutil.copytree(cond, root / "corrupt")
+    shutil.rmtree(root / "corrupt" / "checkpoints" / "0" / "default" / "d")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Tiny runs made once per session (shared by the xdist workers; read only): cond, uncond, empty, corrupt."""
+    root = shared_once(tmp_path_factory, "sample_cli", _make_runs)
+    return dict(root=root, **{k: str(root / k) for k in ("cond", "uncond", "empty", "corrupt")})
 
 
 def _cli(*args, env=None, timeout=300):
@@ -98,11 +100,11 @@ def _npz(out_dir):
 
 
 @pytest.mark.subprocess
-def test_same_seed_same_samples_files_and_warm_cache(runs):
+def test_same_seed_same_samples_files_and_warm_cache(runs, tmp_path):
     """The same command twice on a fresh persistent cache: identical samples, the expected files, and a
     persistent-cache hit on the second run."""
-    cache = runs["root"] / "xla_cache"
-    out_a, out_b = runs["root"] / "out_a", runs["root"] / "out_b"
+    cache = tmp_path / "xla_cache"
+    out_a, out_b = tmp_path / "out_a", tmp_path / "out_b"
     first, second = (
         _cli("--workdir", runs["cond"], *COMMON, *TRAJ, "--cache-dir", cache, "--out", o) for o in (out_a, out_b)
     )
@@ -131,10 +133,10 @@ def test_same_seed_same_samples_files_and_warm_cache(runs):
 
 
 @pytest.mark.subprocess
-def test_two_devices_shard_the_batch_and_agree_with_one(runs):
+def test_two_devices_shard_the_batch_and_agree_with_one(runs, tmp_path):
     outs = {}
     for n in (1, 2):
-        outs[n] = runs["root"] / f"out_{n}dev"
+        outs[n] = tmp_path / f"out_{n}dev"
         r = _cli(
             "--workdir",
             runs["cond"],
@@ -175,18 +177,6 @@ REQUEST_ERRORS = {
 }
 
 
-@pytest.fixture(scope="module")
-def process_errors(runs):
-    """Every boundary error case, run concurrently (each a separate process)."""
-
-    def one(args):
-        return _cli(*(a.format(**runs) for a in args), "--num", 4, timeout=120)
-
-    with concurrent.futures.ThreadPoolExecutor(len(PROCESS_ERRORS)) as pool:
-        futures = {k: pool.submit(one, v[0]) for k, v in PROCESS_ERRORS.items()}
-        return {k: f.result() for k, f in futures.items()}
-
-
 def _check_one_line(code, stderr, stdout, expected_code, words):
     lines = stderr.strip().splitlines()
     assert code == expected_code, (code, stderr)
@@ -196,11 +186,17 @@ def _check_one_line(code, stderr, stdout, expected_code, words):
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("case", sorted(PROCESS_ERRORS))
-def test_boundary_errors_are_one_line_without_traceback(process_errors, case):
-    _, code, words = PROCESS_ERRORS[case]
-    r = process_errors[case]
-    _check_one_line(r.returncode, r.stderr, r.stdout, code, words)
+def test_boundary_errors_are_one_line_without_traceback(runs):
+    """Every boundary error case, each a separate process, run concurrently in one test."""
+
+    def one(args):
+        return _cli(*(a.format(**runs) for a in args), "--num", 4, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROCESS_ERRORS)) as pool:
+        results = dict(zip(PROCESS_ERRORS, pool.map(one, (v[0] for v in PROCESS_ERRORS.values()))))
+    for case, (_, code, words) in PROCESS_ERRORS.items():
+        r = results[case]
+        _check_one_line(r.returncode, r.stderr, r.stdout, code, words)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +216,7 @@ def test_request_errors_are_one_line(runs, sample_cli, capsys, case):
 
 
 @pytest.mark.subprocess
-def test_sampling_a_run_never_imports_training(runs):
+def test_sampling_a_run_never_imports_training(runs, tmp_path):
     """sample.py on a trained run loads it through jdiff.run alone (checked in a fresh process)."""
     code = (
         "import sys; from jdiff.cli.sample import main; rc = main(sys.argv[1:]); "
@@ -240,7 +236,7 @@ def test_sampling_a_run_never_imports_training(runs):
             "--no-cache",
             "--no-progress",
             "--out",
-            str(runs["root"] / "out_imports"),
+            str(tmp_path / "out_imports"),
         ],
         capture_output=True,
         text=True,

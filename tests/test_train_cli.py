@@ -56,7 +56,6 @@ def _copy_run(wd, tmp_path):
     return tmp_path / "run"
 
 
-@pytest.mark.xdist_group("cli_run")
 @pytest.mark.subprocess
 def test_train_py_writes_config_metrics_checkpoints_and_grid(cli_run):
     wd = cli_run
@@ -72,7 +71,6 @@ def test_train_py_writes_config_metrics_checkpoints_and_grid(cli_run):
     assert grid.size == (4 * (8 * 4 + 1) + 1, 8 * 4 + 2)  # 4 tiles of 8x8 upscaled 4x, 1 px padding
 
 
-@pytest.mark.xdist_group("cli_run")
 @pytest.mark.subprocess
 def test_train_py_again_with_more_steps_resumes_and_keeps_the_last_k(cli_run, tmp_path):
     """Running again with a larger --optim.steps resumes from the saved checkpoint instead of starting over;
@@ -85,7 +83,6 @@ def test_train_py_again_with_more_steps_resumes_and_keeps_the_last_k(cli_run, tm
     assert sorted(os.listdir(wd / "checkpoints")) == ["4", "6"]
 
 
-@pytest.mark.xdist_group("cli_run")
 @pytest.mark.subprocess
 def test_train_py_on_a_damaged_checkpoint_is_one_line(cli_run, tmp_path):
     """A damaged latest checkpoint: one line naming it and the older one to fall back to, no traceback."""
@@ -105,7 +102,7 @@ def test_train_py_on_a_damaged_checkpoint_is_one_line(cli_run, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     wd = tmp_path / "run"
     args = [*TINY_FLAGS, "--steps", "100000", "--checkpoint_every", "0", "--log_every", "1", "--workdir", str(wd)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=tmp_path,
