@@ -56,8 +56,8 @@ class Spec:
             text = "one of " + ", ".join(map(str, allowed))
         else:
             text = self.kind.__name__
-            lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
-            hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+            lo = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+            hi = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
             if lo and hi:
                 text += f" in {lo}, {hi}"
             elif lo:
@@ -129,6 +129,11 @@ class Spec:
             if bad:
                 raise ValueError(f"{name} must be {self.describe().split(' ', 1)[1]}, got {value}")
         return value
+
+
+def _num(x: float) -> str:
+    """A bound as written: 4294967295, 0.5, 1e-08."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _tupleize(v: Any) -> Any:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 
-from jdiff.data import ArraySource, BatchIterator, batch_at, iterate_batches
+from jdiff.data import ArraySource, BatchIterator, DataError, ImageFolderSource, batch_at, iterate_batches
 
 
 def _source(n=40):
@@ -129,6 +130,17 @@ def test_producer_exception_propagates(prefetch):
         next(it)
     with pytest.raises(StopIteration):
         next(it)
+    assert not _prefetch_threads()
+
+
+def test_image_changed_on_disk_raises_data_error_through_prefetch(tmp_path):
+    for i in range(4):
+        Image.fromarray(np.full((4, 4), 60 * i, np.uint8), "L").save(tmp_path / f"{i}.png")
+    src = ImageFolderSource(tmp_path, 4, 1)
+    (tmp_path / "2.png").write_bytes(b"overwritten after the start-up check")
+    with iterate_batches(src, global_batch_size=4, seed=0, prefetch=2) as it:
+        with pytest.raises(DataError, match=r"2\.png"):  # the first batch holds every file
+            next(it)
     assert not _prefetch_threads()
 
 

@@ -9,6 +9,7 @@ JDIFF = Path(__file__).resolve().parents[1] / "jdiff"
 # Layer of each top-level unit of jdiff; a unit may import units of a lower layer, and itself.
 LAYERS = {
     "spec": 0,
+    "signals": 0,
     "_logs": 0,
     "schedules": 1,
     "forward": 2,

@@ -187,6 +187,12 @@ BAD_FLAGS = {
     "unknown_model_field": (["--model.chanels", "8"], "unknown model field(s) ['chanels']"),
     "model_flag_without_value": (["--model.ch"], "needs a value"),
     "bad_set": (["--set", "lr"], "KEY=VALUE"),
+    "model_field_breaks_the_model": (["--model.ch", "0"], "cannot be built for (8, 8, 1) images"),
+    "seed_out_of_range": (
+        ["--seed", "1e30"],
+        "run.seed must be in [0, 4294967295], got 1000000000000000019884624838656",
+    ),
+    "infinite_lr": (["--lr", "inf"], "optim.lr must be finite"),
     "steps_above_T": (["--sample_steps", "2000"], "sampling.steps (2000) must be <= diffusion.num_timesteps"),
 }
 
@@ -225,6 +231,9 @@ def test_resume_keeps_the_saved_model_and_data(tmp_path, capsys):
     wd = str(tmp_path / "run")
     saved = apply_overrides(get_preset("digits"), {"workdir": wd, "lr": "1e-3", "model.ch": "16"})
     save_run_config(wd, saved, {"num_classes": 10, "image_shape": [8, 8, 1]})
+    config, resumed = resolve_config(None, {"workdir": wd, "model.ch": "32"})
+    assert not resumed and config.model.fields == {"ch": 32}  # no checkpoint yet: the config is replaceable
+    os.makedirs(os.path.join(wd, "checkpoints", "10"))
     config, resumed = resolve_config(None, {"workdir": wd, "steps": "50"})
     assert resumed and config.optim.lr == 1e-3 and config.optim.steps == 50 and config.model.fields == {"ch": 16}
     code, line = _fail(["--workdir", wd, "--model.ch", "32"], capsys)
@@ -296,3 +305,48 @@ def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config):
     m_mp, m_one = _read_metrics(wd), _read_metrics(ref.run.workdir)
     assert [m["step"] for m in m_mp] == [2, 3]
     np.testing.assert_allclose([m["loss"] for m in m_mp], [m["loss"] for m in m_one], rtol=1e-5)
+
+
+@pytest.mark.subprocess
+def test_ctrl_c_at_any_moment_of_start_up_stops_cleanly(tmp_path):
+    """SIGINT while Python imports, during set-up/compilation, or twice: one interrupt stops with status 0 and
+    one line (never lost, never a segfault); a second exits at once with status 130 and one line."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+    def start(name):
+        args = [*TINY_FLAGS, "--optim.steps", "100000", "--run.workdir", str(tmp_path / name)]
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    cases = {"import": 0, "setup": 0, "twice": 130}
+    procs = {name: start(name) for name in cases}
+    time.sleep(1.0)  # train.py is importing jdiff and JAX
+    procs["import"].send_signal(signal.SIGINT)
+    time.sleep(3.0)  # set-up or compilation
+    procs["setup"].send_signal(signal.SIGINT)
+    # Twice: both while the train step compiles (one long C call) or runs.
+    while "jdiff: unet_small" not in (line := procs["twice"].stderr.readline()):
+        assert line, "train.py ended before training"
+    time.sleep(1.0)
+    procs["twice"].send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    procs["twice"].send_signal(signal.SIGINT)
+    try:
+        out = {name: p.communicate(timeout=240) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+    for name, code in cases.items():
+        err = out[name][1]
+        assert procs[name].returncode == code, (name, err)
+        assert "Traceback" not in err, (name, err)
+    assert "stopped by SIGINT" in out["import"][1] and "stopped by SIGINT" in out["setup"][1]
+    lines = out["twice"][1].strip().splitlines()
+    assert lines[-1].startswith("train.py: error: interrupted twice"), out["twice"][1]
+    assert sum("error" in line for line in lines) == 1, out["twice"][1]

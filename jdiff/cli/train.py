@@ -162,18 +162,20 @@ def resolve_config(
     preset: Optional[str], overrides: "Sequence[tuple[str, Any]] | Mapping[str, Any]"
 ) -> tuple[TrainConfig, bool]:
     """The config to run: the preset (default digits) + overrides, or, when the workdir already holds a
-    config.json, the saved config + overrides (resume). Returns (config, resumed).
+    config.json and a checkpoint, the saved config + overrides (resume). Returns (config, resumed). A
+    config.json without a checkpoint (a run that failed before its first save) is replaced.
 
     Raises ConfigError when the overrides (or an explicitly named preset) change a field that fixes the model
     or the data of the saved run.
     """
+    from jdiff.run.checkpoint import has_checkpoint
     from jdiff.run.rundir import config_path, load_run_config
 
     overrides = list(overrides.items() if isinstance(overrides, Mapping) else overrides)
     fresh = apply_overrides(get_preset(preset or "digits"), overrides)
     path = config_path(fresh.run.workdir)
-    if not os.path.isfile(path):
-        return fresh, False
+    if not os.path.isfile(path) or not has_checkpoint(fresh.run.workdir):
+        return fresh, False  # a run's config is binding once its first checkpoint exists
     saved, _ = load_run_config(path)
     resumed = apply_overrides(saved, [("run.workdir", fresh.run.workdir), *overrides])
     conflicts = fixed_conflicts(saved, fresh if preset else resumed)
@@ -185,9 +187,35 @@ def resolve_config(
     return resumed, True
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of train.py; returns the exit status."""
-    ns, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+def _abort() -> None:
+    """A second Ctrl-C: exit at once (status 130), without unwinding through compilation or orbax threads."""
+    print(
+        f"{PROG}: error: interrupted twice: stopped without saving the current step (earlier checkpoints are kept)",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(130)
+
+
+def main(argv: Optional[Sequence[str]] = None, early_signals: Sequence[int] = ()) -> int:
+    """Entry point of train.py; returns the exit status. SIGTERM/SIGINT are caught from the first line (and
+    `early_signals`, those train.py caught while importing, count too): one stops the run cleanly at the next
+    point where it can (before the first step, or after the current step with a checkpoint), a second Ctrl-C
+    exits at once with status 130."""
+    import signal
+
+    from jdiff.signals import StopFlag, catch_signals
+
+    with catch_signals(StopFlag(), on_second=_abort) as flag:
+        for signum in early_signals:
+            if flag.requested and signum == signal.SIGINT:
+                _abort()
+            flag.request(signal.Signals(signum).name)
+        return _main(sys.argv[1:] if argv is None else argv, flag)
+
+
+def _main(argv: Sequence[str], flag) -> int:
+    ns, overrides = parse_args(argv)
     try:
         config, _ = resolve_config(ns.preset, overrides)
     except ConfigError as e:
@@ -201,6 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         maybe_initialize_distributed(ns.coordinator_address, ns.num_processes, ns.process_id)
     except (ValueError, RuntimeError) as e:
         fail(PROG, f"distributed initialisation failed: {e}", 2)
+    from jdiff.data import DataError
     from jdiff.training import NonFiniteLossError, train
 
     if ns.resume:
@@ -211,11 +240,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except CheckpointError as e:
             fail(PROG, e, 1)
     try:
-        train(config, progress=not ns.no_progress)
-    except (NonFiniteLossError, CheckpointError) as e:
+        train(config, progress=not ns.no_progress, stop=flag)
+    except (NonFiniteLossError, CheckpointError, DataError) as e:  # run-time failures
         fail(PROG, e, 1)
-    except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was being written
-        fail(PROG, "interrupted twice: stopped without saving the current step (earlier checkpoints are kept)", 130)
     except ValueError as e:  # ConfigError and other bad settings found once the run starts
         fail(PROG, e, 2)
     return 0

@@ -59,7 +59,7 @@ class _Section:
 class RunConfig(_Section):
     section = "run"
     workdir: str = setting("runs/digits", "output directory (checkpoints, config.json, metrics.jsonl, samples/)")
-    seed: int = setting(0, "seed of initialisation, data order, noise and samples", ge=0)
+    seed: int = setting(0, "seed of initialisation, data order, noise and samples", ge=0, le=2**32 - 1)
     checkpoint_every: int = setting(1000, "save a checkpoint every N steps (and at the end; 0: only at the end)", ge=0)
     keep_checkpoints: int = setting(3, "keep the last K checkpoints", ge=1)
     async_checkpoint: bool = setting(True, "save checkpoints in the background")

@@ -7,8 +7,17 @@ Typical use::
   for batch in iterate_batches(source, start_step=step, global_batch_size=128,
                                seed=0, sharding=data_sharding):
     ...
+
+Errors: invalid arguments or unusable data found when a source is built are
+``ValueError``s (unreadable image files are skipped with a warning, or refused
+with ``on_bad_image="error"``). An image that fails to decode later, during
+``get``/iteration (corrupt pixel data, file changed or removed on disk), raises
+``DataError`` (a ``ValueError`` subclass, one line naming the file); it reaches
+the consumer of ``iterate_batches`` unchanged, so a training loop can catch it,
+save a checkpoint and stop.
 """
 
+from jdiff.data.image_ops import DataError
 from jdiff.data.pipeline import batch_at, iterate_batches, make_source
 from jdiff.data.prefetch import BatchIterator
 from jdiff.data.sources import ArraySource, DigitsSource, ImageFolderSource, Source
@@ -17,6 +26,7 @@ from jdiff.data.tfds_source import TfdsSource
 __all__ = [
     "ArraySource",
     "BatchIterator",
+    "DataError",
     "DigitsSource",
     "ImageFolderSource",
     "Source",

@@ -13,7 +13,7 @@ import numpy as np
 
 from jdiff.data import sampler
 from jdiff.data.prefetch import BatchIterator
-from jdiff.data.sources import DigitsSource, ImageFolderSource, Source
+from jdiff.data.sources import BAD_IMAGE_POLICIES, DigitsSource, ImageFolderSource, Source
 from jdiff.data.tfds_source import TfdsSource
 
 Batch = dict[str, np.ndarray]
@@ -26,14 +26,17 @@ def make_source(
     image_size: int | None = None,
     channels: int | None = None,
     data_dir: str | os.PathLike | None = None,
+    on_bad_image: str = "skip",
 ) -> Source:
     """Builds a source from a name.
 
     * ``"digits"`` -> ``DigitsSource(split, image_size, channels)``
       (splits "train"/"test"/"all"; ``data_dir`` unused).
     * an existing directory or PNG/JPEG file -> ``ImageFolderSource(name,
-      image_size, channels or 3)``; ``image_size`` is required and ``split``
-      must be "train" or "all" (folders have no splits).
+      image_size, channels or 3, on_bad_image)``; ``image_size`` is required
+      and ``split`` must be "train" or "all" (folders have no splits).
+      ``on_bad_image`` ("skip" or "error") says what to do with unreadable
+      files; it is validated for every name but only used by folders.
     * anything else -> ``TfdsSource(name, split, data_dir, image_size,
       channels)`` (e.g. "mnist", "fashion_mnist", "cifar10", "celeb_a"); the
       dataset must already be prepared as array_record.
@@ -42,6 +45,8 @@ def make_source(
     """
     if not isinstance(name, (str, os.PathLike)) or not os.fspath(name):
         raise ValueError(f"name must be 'digits', a path or a TFDS name, got {name!r}")
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
     if os.fspath(name) == "digits":
         return DigitsSource(split, image_size=image_size, channels=channels)
     path = os.path.expanduser(os.fspath(name))
@@ -50,7 +55,7 @@ def make_source(
             raise ValueError(f"split must be 'train' or 'all' for an image folder, got {split!r}")
         if image_size is None:
             raise ValueError(f"image_size is required for an image folder/file (name={name!r})")
-        return ImageFolderSource(path, image_size, 3 if channels is None else channels)
+        return ImageFolderSource(path, image_size, 3 if channels is None else channels, on_bad_image=on_bad_image)
     try:
         return TfdsSource(os.fspath(name), split, data_dir, image_size, channels)
     except ValueError as e:

@@ -13,7 +13,7 @@ import numpy as np
 
 from jdiff._logs import quiet_absl
 from jdiff.data import image_ops
-from jdiff.data.sources import _as_indices, _check_channels
+from jdiff.data.sources import _as_indices, _check_channels, check_upscale
 
 
 def _prepare_hint(name: str, data_dir) -> str:
@@ -34,13 +34,16 @@ class TfdsSource:
       split: TFDS split spec ("train", "test", "train[:90%]", ...).
       data_dir: TFDS data directory (None -> TFDS default).
       image_size: output side; None -> native side when the images are square,
-        the shorter side (centre crop, e.g. celeb_a 218x178 -> 178) otherwise.
+        the shorter side (centre crop, e.g. celeb_a 218x178 -> 178) otherwise;
+        at most ``MAX_UPSCALE`` (8) times the native shorter side.
       channels: 1 or 3; None -> native channel count (1 or 3).
 
     The image feature is "image" (else the only top-level Image feature); the
     label is "label" if it is a ClassLabel (``num_classes`` from its info),
     otherwise the source is unlabelled (``num_classes=None``, labels 0).
-    ``get`` decodes with Pillow and returns float32 (n, S, S, C) in [-1, 1].
+    ``get`` decodes with Pillow and returns float32 (n, S, S, C) in [-1, 1]
+    (uint8 or uint16 pixels scaled by dtype, alpha composited on black; see
+    ``image_ops``).
     """
 
     def __init__(
@@ -98,6 +101,8 @@ class TfdsSource:
             image_size = min(h, w)
         if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        if h is not None and w is not None:
+            check_upscale(int(image_size), min(h, w), f"TFDS dataset {name!r}")
         self.image_size = int(image_size)
         self.image_shape = (self.image_size, self.image_size, self.channels)
         self.name, self.split, self.info = name, split, builder.info

@@ -38,6 +38,12 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds a finished checkpoint (a step directory; orbax's temporary ones do not count)."""
+    d = checkpoint_dir(workdir)
+    return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
 class Checkpointer:
     """Saves / restores one `TrainState` pytree per step with an orbax CheckpointManager.
 

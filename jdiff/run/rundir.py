@@ -1,7 +1,9 @@
 """A run directory's config.json: the resolved `TrainConfig` plus facts derived from the data (label
 count, image shape), written once by training and read once by everything that loads the run."""
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -10,6 +12,7 @@ from jdiff._logs import one_line
 from jdiff.config import ConfigError, TrainConfig, from_dict, to_dict
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 
 
 class RunError(ValueError):
@@ -67,3 +70,28 @@ def open_run(workdir: str) -> RunInfo:
     except (ConfigError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"bad {path}: {one_line(e)}") from None
     return RunInfo(workdir, config, shape, None if num_classes is None else int(num_classes), derived)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds an exclusive lock on the run directory while the block runs, so that two training processes
+    never write one run. It is an OS lock (flock on workdir/.lock, holding the owner's pid): the OS releases it
+    when its holder exits or is killed, so a kill -9 never leaves a stale lock. RunError naming the other
+    process if the lock is taken."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunError(
+                f"{os.path.abspath(workdir)} is in use by another training process (pid {other}); "
+                "wait for it to finish or stop it, or choose another --run.workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

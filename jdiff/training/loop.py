@@ -7,6 +7,7 @@ The hot loop never waits for the device except every `run.log_every` steps (metr
 before a checkpoint (finiteness check) and before a preview grid.
 """
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -29,10 +30,11 @@ from jdiff.run import (
     sample_path,
     save_png,
     save_run_config,
+    workdir_lock,
 )
+from jdiff.signals import StopFlag, catch_signals
 from jdiff.training.metrics_log import MetricsWriter
 from jdiff.training.setup import Setup, setup
-from jdiff.training.signals import StopFlag, catch_signals
 from jdiff.training.state import TrainState, tree_all_finite
 from jdiff.training.step import init_accumulator
 
@@ -223,6 +225,7 @@ def train(
     stop_after: Optional[int] = None,
     batch_hook: Optional[Callable[[int, dict], dict]] = None,
     actions: Sequence[Callable[[Loop], None]] = ACTIONS,
+    stop: Optional[StopFlag] = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> TrainResult:
@@ -234,6 +237,9 @@ def train(
       stop_after: stop (with a checkpoint) after this many steps of this call, as if preempted.
       batch_hook: (step, global batch) -> batch, applied before the step (tests: inject NaNs).
       actions: the periodic actions run after every step, in order.
+      stop: a flag that SIGTERM/SIGINT handlers set (a command line installs them at its start, so that an
+        interrupt during start-up is not lost); None: `train` installs its own for the whole call. A stop
+        requested before the first step ends the call before training; after, at the end of the step.
       progress: show a tqdm progress bar.
       log: receives one-line status messages.
 
@@ -242,73 +248,85 @@ def train(
     """
     s = setup(config, devices)
     primary = jax.process_index() == 0
-    if primary:
-        save_run_config(config.run.workdir, config, s.derived())
-    ckpt = Checkpointer(config.run.workdir, keep=config.run.keep_checkpoints, async_save=config.run.async_checkpoint)
-    writer = None
-    try:
+    workdir = config.run.workdir
+    with contextlib.ExitStack() as stack:  # closed in reverse: metrics, checkpoints (waits for saves), lock
+        stop = stop if stop is not None else stack.enter_context(catch_signals(StopFlag()))
+        if primary:
+            stack.enter_context(workdir_lock(workdir))
+            save_run_config(workdir, config, s.derived())
+        ckpt = stack.enter_context(
+            Checkpointer(workdir, keep=config.run.keep_checkpoints, async_save=config.run.async_checkpoint)
+        )
         state = s.restore_or_init(ckpt, log)
         start, end = int(state.step), config.optim.steps
         log(
             f"jdiff: {config.model.name} ({tree_size(state.params) / 1e6:.2f}M params) on {config.data.dataset} "
             f"({len(s.source)} images {s.image_shape}, {s.num_classes or 'no'} classes), {s.mesh.devices.size} "
-            f"device(s), batch {config.optim.batch_size}, steps {start} -> {end}, workdir {config.run.workdir}"
+            f"device(s), batch {config.optim.batch_size}, steps {start} -> {end}, workdir {workdir}"
         )
-        writer = MetricsWriter(config.run.workdir, enabled=primary and start < end)
+        writer = MetricsWriter(workdir, enabled=primary and start < end, after_step=start)
+        stack.callback(writer.close)
+        acc = jax.device_put(init_accumulator(), replicated(s.mesh))
+        stop_at = end if stop_after is None else min(end, start + stop_after)
         loop = Loop(
             s,
             ckpt,
             state,
-            jax.device_put(init_accumulator(), replicated(s.mesh)),
-            start,
-            end if stop_after is None else min(end, start + stop_after),
-            ckpt.latest_step(),
-            writer,
-            primary,
-            log,
+            acc,
+            done=start,
+            stop_at=stop_at,
+            last_checkpoint=ckpt.latest_step(),
+            writer=writer,
+            primary=primary,
+            log=log,
         )
         if start >= end:
             log(f"already trained to step {start} (steps={end}); nothing to do")
-            if not os.path.exists(sample_path(config.run.workdir, start)):
+            if not os.path.exists(sample_path(workdir, start)):
                 loop.preview()
             return TrainResult(start, None, loop.last_checkpoint, loop.sample_path)
-        return _run(loop, actions, batch_hook, progress and primary)
-    finally:
-        if writer is not None:
-            writer.close()
-        ckpt.close()  # waits for asynchronous saves: a finished checkpoint is never lost
+        return _run(loop, actions, batch_hook, progress and primary, stop)
 
 
-def _run(loop: Loop, actions, batch_hook, progress: bool) -> TrainResult:
+def _next_batch(loop: Loop, batches) -> dict:
+    """The next batch; a data error (an unreadable file, say) first saves the steps already taken."""
+    try:
+        return next(batches)
+    except Exception:
+        loop.save()
+        loop.ckpt.wait()
+        raise
+
+
+def _run(loop: Loop, actions, batch_hook, progress: bool, flag: StopFlag) -> TrainResult:
     start, end = loop.done, loop.config.optim.steps
+    if flag.requested:  # during start-up: nothing new to save
+        loop.log(f"stopped by {flag.reason} before the first step (step {start})")
+        return TrainResult(start, flag.reason, loop.last_checkpoint, None)
     batches = loop.setup.batches(start, loop.stop_at - start)
     loop.bar = _progress(end, start, False)  # replaced by a live bar once the step has compiled
-    stopped_by = None
+    stopped_by = "stop_after" if loop.stop_at < end else None
     t_start = time.perf_counter()
     try:
-        with catch_signals(StopFlag()) as flag:
-            for step in range(start, loop.stop_at):
-                batch = next(batches)
-                if batch_hook is not None:
-                    batch = batch_hook(step, batch)
-                loop.state, loop.acc = loop.setup.step_fn(loop.state, batch, loop.setup.schedule, loop.acc)
-                loop.done = step + 1
-                loop.window = (loop.window[0], loop.window[1] + 1)
-                if step == start:  # one-time compile: time it separately, then start the progress bar
-                    jax.block_until_ready(loop.acc)
-                    loop.log(f"compiled the train step in {time.perf_counter() - t_start:.1f}s")
-                    loop.window = (time.perf_counter(), 0)
-                    loop.bar = _progress(end, start, progress)
-                loop.bar.update(1)
-                loop.stopping = flag.requested
-                for action in actions:
-                    action(loop)
-                if flag.requested:
-                    stopped_by = flag.reason
-                    break
-            else:
-                if loop.stop_at < end:
-                    stopped_by = "stop_after"
+        for step in range(start, loop.stop_at):
+            batch = _next_batch(loop, batches)
+            if batch_hook is not None:
+                batch = batch_hook(step, batch)
+            loop.state, loop.acc = loop.setup.step_fn(loop.state, batch, loop.setup.schedule, loop.acc)
+            loop.done = step + 1
+            loop.window = (loop.window[0], loop.window[1] + 1)
+            if step == start:  # one-time compile: time it separately, then start the progress bar
+                jax.block_until_ready(loop.acc)
+                loop.log(f"compiled the train step in {time.perf_counter() - t_start:.1f}s")
+                loop.window = (time.perf_counter(), 0)
+                loop.bar = _progress(end, start, progress)
+            loop.bar.update(1)
+            loop.stopping = flag.requested
+            for action in actions:
+                action(loop)
+            if flag.requested:
+                stopped_by = flag.reason
+                break
         loop.save()
         loop.ckpt.wait()
         if stopped_by is None:

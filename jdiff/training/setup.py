@@ -9,7 +9,8 @@ from typing import Any, Optional, Sequence
 import jax
 
 import jdiff
-from jdiff.config import TrainConfig
+from jdiff._logs import one_line
+from jdiff.config import ConfigError, TrainConfig
 from jdiff.run import (
     Checkpointer,
     CheckpointError,
@@ -95,7 +96,14 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
     tx = make_optimizer(config.optim)
     init = functools.partial(init_train_state, model, tx, image_shape, config.run.seed)
     init_fn = jax.jit(init, out_shardings=rep)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), jax.eval_shape(init))
+    try:  # traces the model once: its own constraints on its fields and the image shape are checked here
+        shapes = jax.eval_shape(init)
+    except (ValueError, TypeError, ZeroDivisionError, IndexError) as e:
+        raise ConfigError(
+            f"model {config.model.name!r} with fields {dict(config.model.fields)} cannot be built for "
+            f"{image_shape} images: {one_line(e, 300)}"
+        ) from None
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)
     return Setup(
         config,
         mesh,
