@@ -49,7 +49,7 @@ def trained_run(tmp_path_factory):
 
 def test_resume_is_exact(tiny_config, tmp_path):
     """2N steps in one call == N steps, stop, resume for N (params, EMA, opt state, step, rng: bitwise)."""
-    over = dict(steps=6, checkpoint_every=4, label_dropout=0.3, model_overrides={"dropout": 0.1})
+    over = {"steps": 6, "checkpoint_every": 4, "label_dropout": 0.3, "model.dropout": 0.1}  # the tiny U-Net + dropout
     a = tiny_config(workdir=tmp_path / "a", **over)
     b = tiny_config(workdir=tmp_path / "b", **over)
     dev = jax.devices()[:1]

@@ -350,3 +350,30 @@ def test_ctrl_c_at_any_moment_of_start_up_stops_cleanly(tmp_path):
     lines = out["twice"][1].strip().splitlines()
     assert lines[-1].startswith("train.py: error: interrupted twice"), out["twice"][1]
     assert sum("error" in line for line in lines) == 1, out["twice"][1]
+
+
+def test_unreadable_images_are_skipped_with_one_warning_or_refused(tmp_path, capsys):
+    """A folder with one file that has a PNG signature and garbage after it: skipped with one warning naming it
+    (the default), or refused with one line (--data.on_bad_image error), before anything is trained."""
+    import warnings
+
+    from PIL import Image
+
+    from jdiff.config import apply_overrides, get_preset
+    from jdiff.run import build_source
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    config = apply_overrides(get_preset("digits"), {"dataset": str(root), "image_size": 8, "workdir": str(tmp_path)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = build_source(config)
+    assert len(source) == 5 and len(caught) == 1 and "bad.png" in str(caught[0].message)
+    code, line = _fail(
+        ["--dataset", str(root), "--image_size", "8", "--data.on_bad_image", "error", "--workdir", str(tmp_path / "w")],
+        capsys,
+    )
+    assert code == 2 and "bad.png" in line, line

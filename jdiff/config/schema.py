@@ -81,6 +81,9 @@ class DataConfig(_Section):
     split: str = setting("train", "dataset split")
     image_size: Optional[int] = setting(None, "resize images to this side (none: native size)", fixed=True, ge=1)
     channels: Optional[int] = setting(None, "1 or 3 (none: native)", fixed=True, choices=(1, 3))
+    on_bad_image: str = setting(
+        "skip", "image folders: unreadable files are skipped with one warning, or refused", choices=("skip", "error")
+    )
     random_flip: bool = setting(False, "random horizontal flips")
     class_conditional: bool = setting(True, "condition on labels when the dataset has them", fixed=True)
     label_dropout: float = setting(

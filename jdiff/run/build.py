@@ -20,7 +20,14 @@ def build_source(config: TrainConfig):
 
     d = config.data
     try:
-        return make_source(d.dataset, split=d.split, image_size=d.image_size, channels=d.channels, data_dir=d.data_dir)
+        return make_source(
+            d.dataset,
+            split=d.split,
+            image_size=d.image_size,
+            channels=d.channels,
+            data_dir=d.data_dir,
+            on_bad_image=d.on_bad_image,
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ConfigError(f"cannot open dataset {d.dataset!r}: {one_line(e)}") from None
 
