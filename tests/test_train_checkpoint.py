@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -116,10 +117,7 @@ def test_load_for_inference(trained_run):
 
 
 def _one_line_error(excinfo, *fragments):
-    msg = str(excinfo.value)
-    assert "\n" not in msg and len(msg) < 600, msg
-    for f in fragments:
-        assert f in msg, msg
+    _one_line_error_text(str(excinfo.value), *fragments)
 
 
 def test_missing_checkpoints_give_clear_errors(tmp_path, trained_run):
@@ -164,3 +162,40 @@ def test_corrupted_checkpoint_gives_clear_error(tmp_path, trained_run, damage):
     _one_line_error(e, "corrupted")
     # The older checkpoint is still fine.
     _restore(config, 2, jax.devices()[:1])
+
+
+def test_flipped_bits_in_checkpoint_data_never_restore_silently(tmp_path, trained_run):
+    """One flipped bit in a checkpoint's data files: restoring either fails with one line naming the
+    checkpoint (checksum mismatch or unreadable) or gives exactly the saved values, never other values."""
+    good = _restore(trained_run, 4, jax.devices()[:1])
+    data = max(
+        (p for p in (Path(trained_run.run.workdir) / "checkpoints" / "4").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    raised = 0
+    for frac in (0.2, 0.4, 0.6, 0.8):
+        wd = tmp_path / f"flip{frac}"
+        shutil.copytree(trained_run.run.workdir, wd)
+        target = wd / data.relative_to(trained_run.run.workdir)
+        raw = bytearray(target.read_bytes())
+        raw[int(len(raw) * frac)] ^= 0x10
+        target.write_bytes(bytes(raw))
+        config = with_changes(trained_run, workdir=str(wd))
+        for load in (
+            lambda: _restore(config, 4, jax.devices()[:1]),
+            lambda: load_for_inference(str(wd), which="params")[3],
+        ):
+            try:
+                tree = load()
+            except CheckpointError as e:
+                _one_line_error_text(str(e), "checkpoint", "corrupted", "resume from checkpoint 2")
+                raised += 1
+                continue
+            _assert_trees_equal(tree, good if not isinstance(tree, dict) else good.params)
+    assert raised >= 4  # most bytes of the data file are array data
+
+
+def _one_line_error_text(msg, *fragments):
+    assert "\n" not in msg and len(msg) < 600, msg
+    for f in fragments:
+        assert f in msg, msg

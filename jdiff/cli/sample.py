@@ -115,8 +115,15 @@ def _options(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit status."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Entry point; returns the exit status (Ctrl-C: one line, status 130)."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        fail(PROG, "interrupted", 130)
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
     if args.trajectory_every is not None and not args.trajectory:
         fail(PROG, "--trajectory-every needs --trajectory", 2)
     for name in ("num", "steps"):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jdiff._logs import one_line, quiet_absl
+from jdiff.run.integrity import mismatches, read_checksums, tree_checksums, write_checksums
 from jdiff.run.rundir import RunError, RunInfo
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -57,7 +58,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, create: bool = True):
         ocp = _ocp()
-        self.directory = checkpoint_dir(workdir)
+        self.workdir, self.directory = workdir, checkpoint_dir(workdir)
         if not create and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         try:
@@ -76,11 +77,33 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any) -> bool:
-        """Starts saving `state` as checkpoint `step` (a no-op if it exists). Callers check finiteness."""
+        """Starts saving `state` as checkpoint `step` (a no-op if it exists), with the checksum of every array
+        (`jdiff.run.integrity`) written first. Callers check finiteness."""
         ocp = _ocp()
         if step in self._manager.all_steps():
             return False
+        sums = tree_checksums(state)
+        if jax.process_index() == 0:
+            write_checksums(self.workdir, step, sums, keep_steps=self.all_steps())
         return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    def _corrupted(self, step: int, reason: str) -> CheckpointError:
+        """The one-line error for an unreadable checkpoint `step`, naming the older one to fall back to."""
+        older = [s for s in self.all_steps() if s < step]
+        hint = f"; move it away to resume from checkpoint {older[-1]}" if older else ""
+        return CheckpointError(
+            f"checkpoint {os.path.join(self.directory, str(step))} is corrupted or does not match "
+            f"this model/optimizer{hint} ({reason})"
+        )
+
+    def verify(self, tree: Any, step: int, prefix: str = "") -> Any:
+        """`tree` (restored from checkpoint `step`; `prefix`: its path in the saved state, e.g. ".ema_params")
+        if its arrays match their saved checksums and are finite, else CheckpointError."""
+        bad = mismatches(tree, read_checksums(self.workdir, step), prefix)
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise self._corrupted(step, f"checksum mismatch in {bad[0]}{more}")
+        return tree
 
     def resolve_step(self, step: Optional[int] = None) -> int:
         """`step` if that checkpoint exists, the latest one for None; else CheckpointError."""
@@ -97,14 +120,10 @@ class Checkpointer:
         ocp = _ocp()
         step = self.resolve_step(step)
         try:
-            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:  # noqa: BLE001
-            older = [s for s in self.all_steps() if s < step]
-            hint = f"; move it away to resume from checkpoint {older[-1]}" if older else ""
-            raise CheckpointError(
-                f"checkpoint {os.path.join(self.directory, str(step))} is corrupted or does not match "
-                f"this model/optimizer{hint} ({_orbax_reason(e)})"
-            ) from None
+            raise self._corrupted(step, _orbax_reason(e)) from None
+        return self.verify(state, step)
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
@@ -161,25 +180,25 @@ def load_for_inference(workdir: str, *, step: Optional[int] = None, which: str =
 
 
 def restore_subtree(workdir: str, key: str, abstract: Any, sharding: Any, *, step: Optional[int] = None) -> Any:
-    """Restores only `state.<key>` (e.g. "ema_params") of a checkpoint, placed with `sharding`."""
+    """Restores only `state.<key>` (e.g. "ema_params") of a checkpoint, placed with `sharding`, and checks it
+    against its saved checksums."""
     ocp = _ocp()
     with Checkpointer(workdir, create=False) as ckpt:
-        path = os.path.join(ckpt.directory, str(ckpt.resolve_step(step)), "default")
-    item = {key: abstract}
-    restore_args = jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape, dtype=a.dtype), item
-    )
-    try:
-        with ocp.PyTreeCheckpointer() as ck:
-            out = ck.restore(
-                path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        step = ckpt.resolve_step(step)
+        path = os.path.join(ckpt.directory, str(step), "default")
+        item = {key: abstract}
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape, dtype=a.dtype), item
+        )
+        try:
+            with ocp.PyTreeCheckpointer() as ck:
+                args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+                tree = ck.restore(path, args=args)[key]
+        except Exception as e:  # noqa: BLE001
+            raise ckpt._corrupted(step, _orbax_reason(e)) from None
+        shapes_ok = jax.tree.map(lambda a, b: tuple(np.shape(a)) == tuple(b.shape), tree, abstract)
+        if not all(jax.tree.leaves(shapes_ok)):
+            raise CheckpointError(
+                f"checkpoint {os.path.dirname(path)} has parameter shapes that do not match the model"
             )
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(
-            f"checkpoint {os.path.dirname(path)} is corrupted or does not match the saved config ({_orbax_reason(e)})"
-        ) from None
-    tree = out[key]
-    shapes_ok = jax.tree.map(lambda a, b: tuple(np.shape(a)) == tuple(b.shape), tree, abstract)
-    if not all(jax.tree.leaves(shapes_ok)):
-        raise CheckpointError(f"checkpoint {os.path.dirname(path)} has parameter shapes that do not match the model")
-    return tree
+        return ckpt.verify(tree, step, prefix=f".{key}")

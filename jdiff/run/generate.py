@@ -101,9 +101,9 @@ class Generator:
     """One jitted program drawing a global batch of `batch` images of `image_shape` from `model`, sharded
     along the batch over a 1-D mesh of `devices` (default: all); parameters and schedule are replicated.
 
-    Image j of a draw with `seed` starts from x_T = normal(fold_in(fold_in(key(seed), 0), j)) and batch i's
-    sampler noise uses fold_in(fold_in(key(seed), 1), i): with a deterministic sampler an image depends only
-    on (seed, its index), not on the batch size or the device count (up to float rounding, ~1e-7).
+    Image j of a draw with `seed` takes all its randomness, x_T and every step's noise, from its own key
+    fold_in(key(seed), j) (`jdiff.sample`'s sample_keys): with any sampler, deterministic or stochastic, it
+    depends only on (seed, j), not on the batch size or the device count (up to float rounding, ~1e-6).
     Traced inputs (a change never recompiles): params, the seed, labels, guidance scale and the sampler's
     traced options (e.g. eta).
     """
@@ -137,22 +137,20 @@ class Generator:
         guided = bool(num_classes) and s.guidance is not None
 
         def run(params, sch, seed_key, batch_index, labels, traced_options, guidance):
-            init_key, loop_key = jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)
             idx = batch_index * batch + jnp.arange(batch)
-            x_t = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(init_key, i), self.shape[1:]))(idx)
-            x_t = jax.lax.with_sharding_constraint(x_t, self._rows)
+            keys = jax.vmap(lambda j: jax.random.fold_in(seed_key, j))(idx)  # image j's key: its global index
             out = jdiff.sample(
                 model.apply,
                 sch,
                 self.shape,
-                jax.random.fold_in(loop_key, batch_index),
+                None,
+                sample_keys=jax.lax.with_sharding_constraint(keys, self._rows),
                 params={"params": params},
                 sampler=s.sampler,
                 num_steps=s.steps,
                 options={**fixed_options, **traced_options},
                 prediction=prediction,
                 spacing=s.spacing,
-                x_init=x_t,
                 labels=labels,
                 guidance_scale=guidance if guided else None,
                 null_label=num_classes if guided else None,

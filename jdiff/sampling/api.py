@@ -2,9 +2,9 @@
 
 Static (a change recompiles): model_fn, shape, sampler, num_steps, prediction, spacing, the sampler's static
 options (e.g. ddpm's variance), rho, trajectory interval, and whether params / labels / guidance / clipping /
-thresholding / x_init are given.
+thresholding / x_init / sample_keys are given.
 Traced (a change never recompiles): params, the schedule's values, rng, the sampler's traced options (e.g.
-ddim's eta), guidance_scale, labels, null_label, clip range, threshold percentile, x_init.
+ddim's eta), guidance_scale, labels, null_label, clip range, threshold percentile, x_init, sample_keys.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 
 from jdiff.forward import check_prediction
-from jdiff.sampling.base import SAMPLERS, Sampler, Step, check_options, get_sampler
+from jdiff.sampling.base import SAMPLERS, Noise, Sampler, Step, check_options, get_sampler
 from jdiff.sampling.denoiser import Guidance, make_denoiser
 from jdiff.sampling.timesteps import SPACINGS, make_grid
 from jdiff.schedules import Schedule
@@ -104,10 +104,26 @@ def _guidance(labels, guidance_scale, null_label) -> Guidance:
     )
 
 
-def _scan_steps(sampler, denoise, grid, carry, rng, opts, start, length):
+def _check_sample_keys(sample_keys, batch: int) -> None:
+    if sample_keys is None:
+        return
+    dtype = getattr(sample_keys, "dtype", None)
+    if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or np.shape(sample_keys) != (batch,):
+        raise ValueError(
+            f"sample_keys must be a ({batch},) array of typed PRNG keys (jax.random.key / jax.random.split; raw "
+            f"uint32 keys: jax.random.wrap_key_data), got shape {np.shape(sample_keys)} dtype {dtype}."
+        )
+
+
+def _noise(rng, sample_keys, i) -> Noise:
+    """Step i's noise: per example from sample_keys when given, else from the batch's loop key."""
+    return Noise(rng, i, False) if sample_keys is None else Noise(sample_keys, i + 1, True)
+
+
+def _scan_steps(sampler, denoise, grid, carry, rng, sample_keys, opts, start, length):
     def body(c, i):
         s = Step(index=i, is_first=i == 0, is_last=i == grid.t.shape[0] - 1, row=jax.tree.map(lambda a: a[i], grid))
-        return sampler.step(denoise, c, s, jax.random.fold_in(rng, i), opts), None
+        return sampler.step(denoise, c, s, _noise(rng, sample_keys, i), opts), None
 
     carry, _ = lax.scan(body, carry, start + lax.iota(jnp.int32, length))
     return carry
@@ -137,6 +153,7 @@ def _sample_jit(
     clip_range,
     threshold,
     x_init,
+    sample_keys=None,
     *,
     shape,
     sampler,
@@ -156,24 +173,25 @@ def _sample_jit(
         clip_range=clip_range,
         threshold_percentile=threshold,
     )
-    init_key, loop_key = jax.random.split(rng)
+    init_key, loop_key = (None, None) if sample_keys is not None else jax.random.split(rng)
     if x_init is None:
-        x_init = jax.random.normal(init_key, shape, jnp.float32)
+        per_example = sample_keys is not None
+        x_init = Noise(sample_keys, 0, True)(shape) if per_example else jax.random.normal(init_key, shape, jnp.float32)
     opts = {**dict(static_options), **traced_options}
     carry = sampler.init(x_init)
     if trajectory_every is None:
-        return sampler.output(_scan_steps(sampler, denoise, grid, carry, loop_key, opts, 0, num_steps))
+        return sampler.output(_scan_steps(sampler, denoise, grid, carry, loop_key, sample_keys, opts, 0, num_steps))
     # Trajectory: an outer scan over chunks of k steps keeps only N/k snapshots in memory.
     k = trajectory_every
     n_chunks, rest = divmod(num_steps, k)
 
     def chunk(c, j):
-        c = _scan_steps(sampler, denoise, grid, c, loop_key, opts, j * k, k)
+        c = _scan_steps(sampler, denoise, grid, c, loop_key, sample_keys, opts, j * k, k)
         return c, sampler.output(c)
 
     carry, snaps = lax.scan(chunk, carry, lax.iota(jnp.int32, n_chunks))
     if rest:
-        carry = _scan_steps(sampler, denoise, grid, carry, loop_key, opts, n_chunks * k, rest)
+        carry = _scan_steps(sampler, denoise, grid, carry, loop_key, sample_keys, opts, n_chunks * k, rest)
         snaps = jnp.concatenate([snaps, sampler.output(carry)[None]])
     return sampler.output(carry), jnp.concatenate([x_init[None], snaps])
 
@@ -182,7 +200,7 @@ def sample(
     model_fn: Callable[..., Array],
     schedule: Schedule,
     shape: Sequence[int],
-    rng: Array,
+    rng: Optional[Array],
     *,
     sampler: str = "ddim",
     num_steps: int = 50,
@@ -200,6 +218,7 @@ def sample(
     karras_rho: float = 7.0,
     x_init: Optional[Array] = None,
     return_trajectory_every: Optional[int] = None,
+    sample_keys: Optional[Array] = None,
 ):
     """Draws samples by running `sampler` for `num_steps` steps from x_T ~ N(0, I) (one `lax.scan`).
 
@@ -211,7 +230,8 @@ def sample(
         Must be hashable (it is a static argument; keep the same object to reuse the compilation).
       schedule: the training noise schedule (`jdiff.get_schedule`).
       shape: (B, ...) of the output, e.g. (B, H, W, C).
-      rng: PRNG key for x_T and the per-step noise (step i uses fold_in(key, i)).
+      rng: PRNG key for x_T and the per-step noise of the whole batch (step i uses fold_in(split(rng)[1], i));
+        unused (may be None) with sample_keys.
       sampler: "ddpm", "ddim", "dpmpp_2m", "euler" or "heun" (see jdiff.sampling.SAMPLERS).
       num_steps: N in [1, T]; model evaluations are `SAMPLERS[sampler].nfe(N)` (N, or 2N - 1 for "heun").
       options: the sampler's options {name: value} (`jdiff.sampling.check_options`); missing ones take their
@@ -231,6 +251,9 @@ def sample(
       karras_rho: rho of the Karras spacing.
       x_init: optional x_T of `shape` instead of drawing it from rng.
       return_trajectory_every: k >= 1 to also return the states every k steps.
+      sample_keys: optional (B,) typed PRNG keys, one per example (traced): example j's x_T (unless x_init is
+        given) is normal(fold_in(sample_keys[j], 0)) and its noise at step i normal(fold_in(sample_keys[j], i + 1)),
+        so sample j does not depend on the other examples, the batch size or the device count.
 
     Returns:
       x_0 of `shape`, float32; with return_trajectory_every=k, (x_0, trajectory) where trajectory has shape
@@ -261,13 +284,17 @@ def sample(
         not isinstance(return_trajectory_every, (int, np.integer)) or return_trajectory_every < 1
     ):
         raise ValueError(f"return_trajectory_every must be an int >= 1 or None, got {return_trajectory_every!r}.")
+    _check_sample_keys(sample_keys, shape[0])
+    if rng is None and sample_keys is None:
+        raise ValueError("rng must be a PRNG key (it may be None only when sample_keys are given).")
     try:
         hash(model_fn)
     except TypeError:
         raise ValueError("model_fn must be hashable (a function or bound method); pass weights via params=.") from None
     guidance = _guidance(labels, guidance_scale, null_label)
     x_init = None if x_init is None else jnp.asarray(x_init, jnp.float32)
-    traced = (params, schedule, rng, traced_options, guidance, clip_x0, dynamic_threshold, x_init)
+    rng = None if sample_keys is not None else rng
+    traced = (params, schedule, rng, traced_options, guidance, clip_x0, dynamic_threshold, x_init, sample_keys)
     static = dict(shape=shape, sampler=smp, num_steps=int(num_steps), prediction=prediction, spacing=spacing)
     static.update(static_options=static_options, rho=float(karras_rho), trajectory_every=return_trajectory_every)
     return _sample_jit(model_fn, *traced, **static)

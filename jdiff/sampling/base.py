@@ -1,6 +1,7 @@
 """The sampler interface and registry. A sampler is one small unit: a step function that a `lax.scan` runs
 over the grid (see `jdiff.sampling.timesteps`), the options it takes (declared with `jdiff.spec.Spec`), and
-what it can do (model calls per run, noise after x_T, zero-terminal-SNR schedules).
+what it can do (model calls per run, noise after x_T, zero-terminal-SNR schedules). All its noise comes from
+`Noise`, so per-example keys (`jdiff.sample`'s sample_keys) work for every sampler.
 
 Adding a sampler is one module that calls `register`; `jdiff.sample` and the command-line tools take its
 options, defaults, help and checks from the declaration (`check_options`, `all_options`).
@@ -13,6 +14,7 @@ import types
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jdiff.sampling.denoiser import Denoised
@@ -33,11 +35,37 @@ class Step(NamedTuple):
     row: Grid
 
 
+class Noise:
+    """The standard normal draws of one step, the `noise` argument of a sampler's step: noise(shape, dtype)
+    -> array of `shape` (B, ...). Each call in a step is a new draw. The one source of randomness after x_T.
+
+    Batch keys (`jdiff.sample` without sample_keys): draw n of step i is normal(fold_in(key, i)) over the whole
+    batch (n = 0; fold_in(., n) after). Per-example keys ((B,) keys, `per_example`): example j's draw comes from
+    fold_in(keys[j], data) alone (data = i + 1 for step i, 0 for x_T), so it does not depend on the batch.
+    """
+
+    def __init__(self, key: Array, data: Array, per_example: bool):
+        self.key, self.data, self.per_example, self.draws = key, data, per_example, 0
+
+    def _draw(self, key: Array, n: int, shape, dtype) -> Array:
+        key = jax.random.fold_in(key, self.data)
+        return jax.random.normal(jax.random.fold_in(key, n) if n else key, shape, dtype)
+
+    def __call__(self, shape, dtype=jnp.float32) -> Array:
+        n, self.draws = self.draws, self.draws + 1
+        if not self.per_example:
+            return self._draw(self.key, n, tuple(shape), dtype)
+        if len(shape) < 1 or shape[0] != self.key.shape[0]:
+            raise ValueError(f"per-example noise needs shape ({self.key.shape[0]}, ...), got {tuple(shape)}")
+        return jax.vmap(lambda k: self._draw(k, n, tuple(shape[1:]), dtype))(self.key)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sampler:
     """A registered sampler.
 
-    step(denoise, carry, step, key, opts) -> carry runs one step; init(x_T) -> carry; output(carry) -> x.
+    step(denoise, carry, step, noise, opts) -> carry runs one step; init(x_T) -> carry; output(carry) -> x.
+    noise (a `Noise`) is its only source of randomness: noise(x.shape, x.dtype) draws N(0, I) per example.
     opts maps each declared option to its value: a Python value for a static option (it fixes the compiled
     program), a float32 / int32 scalar array for a traced one (a change never recompiles).
     nfe(N): model evaluations for N steps. stochastic: it may draw noise after x_T. zero_terminal_snr: it
@@ -47,7 +75,7 @@ class Sampler:
     """
 
     name: str
-    step: Callable[[Denoise, Any, Step, Array, dict], Any]
+    step: Callable[[Denoise, Any, Step, Noise, dict], Any]
     nfe: Callable[[int], int]
     stochastic: bool
     zero_terminal_snr: bool

@@ -8,7 +8,6 @@ variance.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jdiff.sampling.base import Sampler, register
@@ -23,13 +22,13 @@ ETA = Spec(
 )
 
 
-def ddim_step(denoise, x, s, key, opts):
+def ddim_step(denoise, x, s, noise, opts):
     g = s.row
     d = denoise(x, g.t, g.alpha, g.sigma)
     abar, abar_prev = g.alpha**2, g.alpha_next**2
     std = opts["eta"] * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
     dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev - std**2, 0.0))
-    z = jax.random.normal(key, x.shape, x.dtype)
+    z = noise(x.shape, x.dtype)
     return g.alpha_next * d.x0 + dir_coef * d.eps + std * z
 
 

@@ -10,7 +10,6 @@ No noise is added on the last step (to the clean level).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jdiff.sampling.base import Sampler, register
@@ -27,7 +26,7 @@ VARIANCE = Spec(
 )
 
 
-def ddpm_step(denoise, x, s, key, opts):
+def ddpm_step(denoise, x, s, noise, opts):
     g = s.row
     d = denoise(x, g.t, g.alpha, g.sigma)
     abar, abar_prev = g.alpha**2, g.alpha_next**2
@@ -47,7 +46,7 @@ def ddpm_step(denoise, x, s, key, opts):
         min_log = jnp.log(jnp.maximum(post_var, 1e-20))
         frac = (d.var_values + 1.0) / 2.0
         var = jnp.exp(frac * jnp.log(beta) + (1.0 - frac) * min_log)
-    z = jax.random.normal(key, x.shape, x.dtype)
+    z = noise(x.shape, x.dtype)
     return mean + jnp.where(s.is_last, 0.0, jnp.sqrt(var)) * z
 
 

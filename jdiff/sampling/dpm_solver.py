@@ -19,7 +19,7 @@ def _log_alpha_sigma(alpha, sigma):
     return jnp.log(jnp.maximum(alpha, ABAR_FLOOR**0.5)) - jnp.log(sigma)
 
 
-def dpmpp_2m_step(denoise, carry, s, key, opts):
+def dpmpp_2m_step(denoise, carry, s, noise, opts):
     x, x0_prev, h_prev = carry
     g = s.row
     d = denoise(x, g.t, g.alpha, g.sigma)

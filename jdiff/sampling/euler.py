@@ -34,7 +34,7 @@ def edm_euler(denoise, x, g) -> EdmEuler:
     return EdmEuler(x_edm, sig, sig_next, slope, x_edm + (sig_next - sig) * slope)
 
 
-def euler_step(denoise, x, s, key, opts):
+def euler_step(denoise, x, s, noise, opts):
     return edm_euler(denoise, x, s.row).x_euler * s.row.alpha_next
 
 

@@ -13,7 +13,7 @@ from jdiff.sampling.base import Sampler, register
 from jdiff.sampling.euler import edm_euler
 
 
-def heun_step(denoise, x, s, key, opts):
+def heun_step(denoise, x, s, noise, opts):
     g = s.row
     e = edm_euler(denoise, x, g)
 
