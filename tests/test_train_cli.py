@@ -220,6 +220,9 @@ def test_run_time_errors_exit_with_one_line(tmp_path, capsys):
     assert code == 2 and f"number of devices ({jax.device_count()})" in line, line
     code, line = _fail(["--resume", "--workdir", str(tmp_path / "c")], capsys)
     assert code == 1 and "no checkpoint" in line, line
+    (tmp_path / "a_file").write_text("")
+    code, line = _fail([*TINY_FLAGS, "--workdir", str(tmp_path / "a_file")], capsys)
+    assert code == 1 and "cannot write the run in" in line, line
 
 
 def test_resume_keeps_the_saved_model_and_data(tmp_path, capsys):

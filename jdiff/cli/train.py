@@ -243,6 +243,8 @@ def _main(argv: Sequence[str], flag) -> int:
         train(config, progress=not ns.no_progress, stop=flag)
     except (NonFiniteLossError, CheckpointError, DataError) as e:  # run-time failures
         fail(PROG, e, 1)
+    except OSError as e:  # the workdir is a file, read-only, the disk is full...
+        fail(PROG, f"cannot write the run in {config.run.workdir}: {e.strerror or e} ({e.filename or ''})", 1)
     except ValueError as e:  # ConfigError and other bad settings found once the run starts
         fail(PROG, e, 2)
     return 0

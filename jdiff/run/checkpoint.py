@@ -8,6 +8,7 @@ written on N devices restores onto M devices, and optax namedtuples come back as
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Optional
 
@@ -83,9 +84,22 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         sums = tree_checksums(state)
-        if jax.process_index() == 0:
-            write_checksums(self.workdir, step, sums, keep_steps=self.all_steps())
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        with self._writing(step):
+            if jax.process_index() == 0:
+                write_checksums(self.workdir, step, sums, keep_steps=self.all_steps())
+            return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    @contextlib.contextmanager
+    def _writing(self, step: Optional[int] = None):
+        """Turns a failed write (disk full, no permission; orbax reports it from its background thread at the
+        next save or wait) into one CheckpointError line."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - orbax and the OS raise many types
+            what = f"checkpoint {step}" if step is not None else "a checkpoint"
+            raise CheckpointError(f"cannot write {what} in {self.directory}: {_orbax_reason(e)}") from None
 
     def _corrupted(self, step: int, reason: str) -> CheckpointError:
         """The one-line error for an unreadable checkpoint `step`, naming the older one to fall back to."""
@@ -126,12 +140,15 @@ class Checkpointer:
         return self.verify(state, step)
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk (CheckpointError if one failed)."""
+        with self._writing():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
