@@ -148,6 +148,7 @@ def test_two_devices_shard_the_batch_and_agree_with_one(runs, tmp_path):
         )
         assert r.returncode == 0, r.stderr
         assert f"{n} device(s), batch 8" in r.stdout
+        assert int(_npz(outs[n])["batch_size"]) == 8
     # Different partitioned programs: equal up to float reassociation.
     np.testing.assert_allclose(_npz(outs[2])["images"], _npz(outs[1])["images"], atol=1e-5)
 

@@ -225,6 +225,7 @@ def _main(argv: Sequence[str]) -> int:
                 sampler=args.sampler,
                 steps=args.steps,
                 spacing=args.spacing,
+                batch_size=batch,
                 seed=args.seed,
                 params=args.params,
                 prediction=prediction,
