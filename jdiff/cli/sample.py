@@ -152,14 +152,9 @@ def _main(argv: Sequence[str]) -> int:
     devices = jax.devices()
     try:
         options = _options(args)
+        drawn = {"sampler": args.sampler, "steps": args.steps, "spacing": args.spacing}  # also recorded in .npz
         settings = jrun.Settings(
-            sampler=args.sampler,
-            steps=args.steps,
-            spacing=args.spacing,
-            options=options,
-            guidance=args.guidance,
-            clip=args.clip,
-            trajectory_every=every,
+            **drawn, options=options, guidance=args.guidance, clip=args.clip, trajectory_every=every
         )
         y = jrun.labels_for(args.num, run.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
@@ -222,9 +217,7 @@ def _main(argv: Sequence[str]) -> int:
                 path(".npz"),
                 images,
                 y,
-                sampler=args.sampler,
-                steps=args.steps,
-                spacing=args.spacing,
+                **drawn,
                 batch_size=batch,
                 seed=args.seed,
                 params=args.params,
