@@ -174,6 +174,7 @@ REQUEST_ERRORS = {
         2,
         "sampler 'heun' has no option 'eta'",
     ),
+    "out_is_a_file": (("--workdir", "{cond}", "--out", "{cond}/config.json"), 2, "cannot write to --out"),
     "batch_not_multiple_of_devices": (("--workdir", "{cond}", "--batch-size", "0"), 2, "multiple of the number"),
 }
 
@@ -246,3 +247,19 @@ def test_sampling_a_run_never_imports_training(runs, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "TRAINING []" in r.stdout, r.stdout
+
+
+def test_npz_stream_writes_what_np_savez_writes(tmp_path):
+    """sample.py streams its samples batch by batch into the .npz (a memory-mapped .npy, zipped at the end)."""
+    from jdiff.run import NpzStream
+
+    images = np.random.default_rng(0).standard_normal((10, 4, 4, 3)).astype(np.float32)
+    out = NpzStream(str(tmp_path / "s.npz"), 10, (4, 4, 3))
+    for start in range(0, 10, 4):
+        out.add(start, images[start : start + 4])
+    out.finish(np.arange(10) % 3, sampler="ddpm", steps=7, guidance=float("nan"))
+    got = np.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(got["images"], images)
+    np.testing.assert_array_equal(got["labels"], np.arange(10) % 3)
+    assert str(got["sampler"]) == "ddpm" and int(got["steps"]) == 7 and np.isnan(got["guidance"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # no temporary files left

@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from jdiff.cli.common import Parser, both, fail
 
 PROG = "sample.py"
 DEFAULT_CACHE = os.path.join("~", ".cache", "jdiff", "xla")
+GRID_MAX = 1024  # the PNG grid shows at most the first GRID_MAX samples (the .npz has them all)
 
 
 def _labels(text: str) -> tuple[int, ...]:
@@ -140,6 +142,13 @@ def _main(argv: Sequence[str]) -> int:
     except jrun.RunError as e:
         fail(PROG, e, 1)
     config = run.config
+    out_dir = args.out or os.path.join(args.workdir, "samples")
+    try:  # before any work: an unwritable --out fails at once
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        fail(PROG, f"cannot write to --out {out_dir}: {e.strerror or e}", 2)
     every = None
     if args.trajectory:
         every = args.trajectory_every if args.trajectory_every is not None else max(1, args.steps // 10)
@@ -192,44 +201,57 @@ def _main(argv: Sequence[str]) -> int:
             )
     except (jrun.CheckpointError, OSError) as e:
         fail(PROG, e, 1)
-    images, traj, spent = gen.draw(params, args.num, seed=args.seed, labels=y, progress=not args.no_progress)
-    print(f"sampling: {args.num} images in {spent:.2f} s ({args.num / spent:.1f} images/s)", flush=True)
-    if not np.isfinite(images).all():
-        fail(PROG, f"the samples are not finite ({int((~np.isfinite(images)).sum())} values); nothing written", 1)
-
-    out_dir = args.out or os.path.join(args.workdir, "samples")
     stem = f"{args.sampler}_{args.steps}steps_seed{args.seed}" + (
         f"_g{args.guidance:g}" if args.guidance is not None else ""
     )
-    columns = (
-        run.num_classes
-        if (y is not None and labels is None and args.num >= run.num_classes)
-        else math.ceil(math.sqrt(args.num))
-    )  # one column per class when the labels cycle
-    up = jrun.upscale_for(run.image_shape)
     path = lambda suffix: os.path.join(out_dir, stem + suffix)
     from jdiff.sampling import check_options
 
+    meta = dict(
+        drawn,
+        batch_size=batch,
+        seed=args.seed,
+        params=args.params,
+        prediction=prediction,
+        guidance=float("nan") if args.guidance is None else args.guidance,
+        **check_options(args.sampler, options),
+    )
     try:
+        stream = jrun.NpzStream(path(".npz"), args.num, run.image_shape)
+    except OSError as e:
+        fail(PROG, f"cannot write to {out_dir}: {e}", 1)
+    try:
+        grid, traj, spent = _sample_to(stream, gen, params, args, y)
+        print(f"sampling: {args.num} images in {spent:.2f} s ({args.num / spent:.1f} images/s)", flush=True)
+        cycle = y is not None and labels is None and args.num >= run.num_classes  # one column per class
+        columns = run.num_classes if cycle else math.ceil(math.sqrt(len(grid)))
+        up = jrun.upscale_for(run.image_shape)
         written = [
-            jrun.save_png(jrun.image_grid(images, columns=columns, upscale=up), path(".png")),
-            jrun.write_npz(
-                path(".npz"),
-                images,
-                y,
-                **drawn,
-                batch_size=batch,
-                seed=args.seed,
-                params=args.params,
-                prediction=prediction,
-                guidance=float("nan") if args.guidance is None else args.guidance,
-                **check_options(args.sampler, options),
-            ),
+            jrun.save_png(jrun.image_grid(grid, columns=columns, upscale=up), path(".png")),
+            stream.finish(y, **meta),
         ]
         if traj is not None:
             written += jrun.write_trajectory(traj, path("_trajectory.png"), path("_trajectory.gif"), up)
     except OSError as e:
         fail(PROG, f"cannot write to {out_dir}: {e}", 1)
+    finally:
+        stream.abort()  # removes the temporary files unless finish() ran
     for p in written:
         print(f"wrote {p}")
     return 0
+
+
+def _sample_to(stream, gen, params, args, labels):
+    """Draws all samples batch by batch into `stream`; returns (the first GRID_MAX images for the grid, the
+    trajectory of batch 0 or None, seconds spent). Non-finite samples stop it with one line."""
+    grid, traj, spent = [], None, 0.0
+    for start, x, tr, seconds in gen.batches(
+        params, args.num, seed=args.seed, labels=labels, progress=not args.no_progress
+    ):
+        bad = int((~np.isfinite(x)).sum())
+        if bad:
+            fail(PROG, f"samples {start}..{start + len(x) - 1} are not finite ({bad} values); nothing written", 1)
+        stream.add(start, x)
+        grid.append(x[: max(0, GRID_MAX - start)])
+        traj, spent = tr if start == 0 else traj, spent + seconds
+    return np.concatenate(grid), traj, spent

@@ -209,26 +209,30 @@ class Generator:
         x, traj = self._compiled(*self._args(params, seed, index, labels))
         return np.asarray(x), None if traj is None else np.asarray(traj)
 
-    def draw(
+    def batches(
         self, params: Any, num: int, *, seed: int = 0, labels: Optional[np.ndarray] = None, progress: bool = False
     ):
-        """`num` images in batches: (images (num, H, W, C) float32 in [-1, 1] when clipping, trajectory of
-        batch 0 or None, seconds spent sampling after compilation). `labels`: (num,) ints (see `labels_for`);
-        the last batch is padded with its own labels."""
+        """Yields, batch by batch, (start, images (n, H, W, C) float32 of samples start..start+n-1, trajectory
+        of batch 0 (None for later batches or without trajectory_every), seconds spent). Only one batch is held
+        at a time. `labels`: (num,) ints (see `labels_for`); the last batch is padded with its own labels."""
         from tqdm.auto import tqdm
 
         b = self.batch
         params = jax.device_put(params, self._rep)
-        out, traj, spent = [], None, 0.0
         for i in tqdm(range(-(-num // b)), desc="sampling", unit="batch", disable=None if progress else True):
             y = None
             if labels is not None:
                 y = labels[i * b : (i + 1) * b]
                 y = np.resize(y, b) if len(y) < b else y
             t0 = time.perf_counter()
-            x, tr = self(params, i, y, seed=seed)
-            spent += time.perf_counter() - t0
-            out.append(x)
-            traj = tr if i == 0 else traj
-        images = np.concatenate(out)[:num]
-        return images, None if traj is None else traj[:, :num], spent
+            x, traj = self(params, i, y, seed=seed)
+            n = min(b, num - i * b)
+            yield i * b, x[:n], None if traj is None else traj[:, :n], time.perf_counter() - t0
+
+    def draw(
+        self, params: Any, num: int, *, seed: int = 0, labels: Optional[np.ndarray] = None, progress: bool = False
+    ):
+        """`num` images: (images (num, H, W, C) float32 in [-1, 1] when clipping, trajectory of batch 0 or
+        None, seconds spent sampling after compilation); see `batches` to stream them instead."""
+        out = list(self.batches(params, num, seed=seed, labels=labels, progress=progress))
+        return np.concatenate([x for _, x, _, _ in out]), out[0][2], sum(t for *_, t in out)

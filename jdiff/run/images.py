@@ -48,16 +48,50 @@ def upscale_for(image_shape: Sequence[int], min_side: int = 64) -> int:
     return max(1, -(-min_side // max(image_shape[0], image_shape[1])))
 
 
+class NpzStream:
+    """Writes an .npz of `num` float32 images of `image_shape` batch by batch, so memory stays flat in `num`:
+    images go to a temporary .npy on disk (memory-mapped), and `finish` stores it in the .npz (a zip of .npy
+    files, as `np.savez` writes it) with the labels and metadata, atomically. `abort` leaves nothing behind."""
+
+    def __init__(self, path: str, num: int, image_shape: Sequence[int]):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path, self._npy = path, path + ".images.tmp.npy"
+        self._images = np.lib.format.open_memmap(self._npy, mode="w+", dtype=np.float32, shape=(num, *image_shape))
+
+    def add(self, start: int, images: np.ndarray) -> None:
+        self._images[start : start + len(images)] = images
+
+    def finish(self, labels: Optional[np.ndarray], **meta: Any) -> str:
+        """Writes the .npz: images (N, H, W, C), labels int32 (N,) (empty if unconditional), and `meta`."""
+        import zipfile
+
+        self._images.flush()
+        del self._images
+        arrays = {"labels": np.zeros((0,), np.int32) if labels is None else np.asarray(labels, np.int32)}
+        arrays.update({k: np.asarray(v) for k, v in meta.items()})
+        tmp = self.path + ".tmp"
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.write(self._npy, "images.npy")
+            for name, arr in arrays.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, arr)
+        os.replace(tmp, self.path)
+        os.remove(self._npy)
+        return self.path
+
+    def abort(self) -> None:
+        if hasattr(self, "_images"):
+            del self._images
+        for p in (self._npy, self.path + ".tmp"):
+            if os.path.exists(p):
+                os.remove(p)
+
+
 def write_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray], **meta: Any) -> str:
     """images float32 (N, H, W, C) as sampled, labels int32 (N,) (empty if unconditional), and `meta`."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    np.savez(
-        path,
-        images=images.astype(np.float32),
-        labels=np.zeros((0,), np.int32) if labels is None else labels.astype(np.int32),
-        **{k: np.asarray(v) for k, v in meta.items()},
-    )
-    return path
+    out = NpzStream(path, len(images), images.shape[1:])
+    out.add(0, np.asarray(images, np.float32))
+    return out.finish(labels, **meta)
 
 
 def write_trajectory(traj: np.ndarray, png_path: str, gif_path: str, upscale: int) -> tuple[str, str]:
