@@ -174,6 +174,8 @@ REQUEST_ERRORS = {
         2,
         "sampler 'heun' has no option 'eta'",
     ),
+    "seed_too_large": (("--workdir", "{cond}", "--seed", str(2**70)), 2, "--seed must be in [0, 4294967295]"),
+    "num_beyond_disk": (("--workdir", "{cond}", "--num", str(10**15)), 2, "GiB free"),
     "out_is_a_file": (("--workdir", "{cond}", "--out", "{cond}/config.json"), 2, "cannot write to --out"),
     "batch_not_multiple_of_devices": (("--workdir", "{cond}", "--batch-size", "0"), 2, "multiple of the number"),
 }
@@ -212,7 +214,8 @@ def sample_cli():
 def test_request_errors_are_one_line(runs, sample_cli, capsys, case):
     args, code, words = REQUEST_ERRORS[case]
     with pytest.raises(SystemExit) as exc:
-        sample_cli.main([a.format(**runs) for a in args] + ["--num", "4", "--no-progress"])
+        argv = [a.format(**runs) for a in args]
+        sample_cli.main(argv + ([] if "--num" in argv else ["--num", "4"]) + ["--no-progress"])
     out = capsys.readouterr()
     _check_one_line(exc.value.code, out.err, out.out, code, words)
 

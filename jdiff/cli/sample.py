@@ -15,6 +15,7 @@ out of range, steps > T, an option the sampler does not have), print one line on
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 from typing import Optional, Sequence
@@ -131,6 +132,8 @@ def _main(argv: Sequence[str]) -> int:
     for name in ("num", "steps"):
         if getattr(args, name) < 1:
             fail(PROG, f"--{name} must be >= 1, got {getattr(args, name)}", 2)
+    if not 0 <= args.seed < 2**32:
+        fail(PROG, f"--seed must be in [0, {2**32 - 1}], got {args.seed}", 2)
     if args.trajectory_every is not None and args.trajectory_every < 1:
         fail(PROG, f"--trajectory-every must be >= 1, got {args.trajectory_every}", 2)
 
@@ -149,6 +152,13 @@ def _main(argv: Sequence[str]) -> int:
             pass
     except OSError as e:
         fail(PROG, f"cannot write to --out {out_dir}: {e.strerror or e}", 2)
+    need, free = args.num * math.prod(run.image_shape) * 4, shutil.disk_usage(out_dir).free
+    if need > free:
+        fail(
+            PROG,
+            f"--num {args.num} needs {need / 2**30:.1f} GiB for the .npz in {out_dir}, {free / 2**30:.1f} GiB free",
+            2,
+        )
     every = None
     if args.trajectory:
         every = args.trajectory_every if args.trajectory_every is not None else max(1, args.steps // 10)
