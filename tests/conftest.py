@@ -100,6 +100,21 @@ def shared_once(tmp_path_factory, name, build):
     return path
 
 
+def start_train_py(args, *, cwd, devices=2):
+    """Starts train.py in a subprocess on `devices` virtual CPU devices (text pipes for stdout/stderr)."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_train_py(args, *, cwd, timeout=240, env=None):
     """Runs train.py in a subprocess; returns CompletedProcess (text)."""
     import subprocess

@@ -245,7 +245,7 @@ def test_decode_failure_after_start_up_is_a_data_error(tmp_path):
         src.get(np.array([0]))
 
 
-def test_header_check_is_fast_and_decoding_stays_lazy(tmp_path, monkeypatch):
+def test_opening_a_folder_checks_headers_without_decoding(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for i in range(1000):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / f"{i:04d}.png")
@@ -254,11 +254,8 @@ def test_header_check_is_fast_and_decoding_stays_lazy(tmp_path, monkeypatch):
         raise AssertionError("decoded at start-up")
 
     monkeypatch.setattr(image_ops, "read_image", no_decode)
-    t0 = time.perf_counter()
-    src = ImageFolderSource(tmp_path, 16)
-    elapsed = time.perf_counter() - t0
+    src = ImageFolderSource(tmp_path, 16)  # header checks only (timed in README, never asserted here)
     assert len(src) == 1000 and not src.bad_files
-    assert elapsed < 5.0, f"header check of 1,000 small PNGs took {elapsed:.2f} s"
     with pytest.raises(AssertionError, match="start-up"):
         src.get(np.array([0]))
 

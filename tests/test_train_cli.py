@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY_FLAGS, run_train_py
+from conftest import REPO, TINY_FLAGS, run_train_py, shared_once, start_train_py
 
 from jdiff.cli import train as cli
 from jdiff.run import Checkpointer, load_for_inference
@@ -26,27 +26,17 @@ def _read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cli_run(tmp_path_factory):
-    """`python train.py` on the embedded digits: 4 steps, checkpoints every 2, the last 2 kept."""
-    root = tmp_path_factory.mktemp("cli_run")
-    wd = root / "run"
-    r = run_train_py(
-        [
-            *TINY_FLAGS,
-            "--optim.steps",
-            "4",
-            "--run.checkpoint_every",
-            "2",
-            "--run.keep_checkpoints",
-            "2",
-            "--run.workdir",
-            str(wd),
-        ],
-        cwd=root,
-    )
-    assert r.returncode == 0, r.stderr
-    return wd
+    """`python train.py` on the embedded digits: 4 steps, checkpoints every 2, the last 2 kept (run once per
+    session and shared by the xdist workers; tests that change it work on a copy)."""
+
+    def build(root):
+        flags = ["--optim.steps", "4", "--run.checkpoint_every", "2", "--run.keep_checkpoints", "2"]
+        r = run_train_py([*TINY_FLAGS, *flags, "--run.workdir", str(root / "run")], cwd=root)
+        assert r.returncode == 0, r.stderr
+
+    return shared_once(tmp_path_factory, "cli_run", build) / "run"
 
 
 def _copy_run(wd, tmp_path):
@@ -102,15 +92,7 @@ def test_train_py_on_a_damaged_checkpoint_is_one_line(cli_run, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     wd = tmp_path / "run"
     args = [*TINY_FLAGS, "--steps", "100000", "--checkpoint_every", "0", "--log_every", "1", "--workdir", str(wd)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_train_py(args, cwd=tmp_path)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -314,18 +296,10 @@ def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config):
 def test_ctrl_c_at_any_moment_of_start_up_stops_cleanly(tmp_path):
     """SIGINT while Python imports, during set-up/compilation, or twice: one interrupt stops with status 0 and
     one line (never lost, never a segfault); a second exits at once with status 130 and one line."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
     def start(name):
         args = [*TINY_FLAGS, "--optim.steps", "100000", "--run.workdir", str(tmp_path / name)]
-        return subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return start_train_py(args, cwd=tmp_path, devices=1)
 
     cases = {"import": 0, "setup": 0, "twice": 130}
     procs = {name: start(name) for name in cases}
