@@ -373,12 +373,7 @@ class Bench:
         jax.clear_caches()
         compiled, cold = aot(prog, *args)
         row = dict(
-            base,
-            trace_lower_s=cold["trace_lower_s"],
-            compile_s=cold["compile_s"],
-            compile_cpu_s=cold["compile_cpu_s"],
-            compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"],
-            compile_cpu_vs_forward=cold["compile_cpu_s"] / ctx["fwd_compile_cpu"],
+            base, **_cold_compile(cold, ctx), compile_cpu_vs_forward=cold["compile_cpu_s"] / ctx["fwd_compile_cpu"]
         )
         jax.clear_caches()
         _, warm = aot(prog, *args)
@@ -408,16 +403,7 @@ class Bench:
         compiled, cold = aot(step, params, x_t, host_grid(ctx["sch"], 1)[0])
         for n in self.args.steps:
             base = dict(
-                kind="python_loop",
-                model=name,
-                sampler="ddim",
-                steps=n,
-                nfe=n,
-                batch=b,
-                trace_lower_s=cold["trace_lower_s"],
-                compile_s=cold["compile_s"],
-                compile_cpu_s=cold["compile_cpu_s"],
-                compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"],
+                kind="python_loop", model=name, sampler="ddim", steps=n, nfe=n, batch=b, **_cold_compile(cold, ctx)
             )
             if self.out_of_time():
                 self.skip(**base)
@@ -459,13 +445,7 @@ class Bench:
             jax.clear_caches()
             compiled, cold = aot(prog, params, x_t)
             prev = (n, cold["trace_lower_s"] + cold["compile_s"])
-            row = dict(
-                base,
-                trace_lower_s=cold["trace_lower_s"],
-                compile_s=cold["compile_s"],
-                compile_cpu_s=cold["compile_cpu_s"],
-                compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"],
-            )
+            row = dict(base, **_cold_compile(cold, ctx))
             if 2 * n * t_fwd > self.args.run_budget:
                 self.emit(**row, status="skipped (budget)", est_run_s=n * t_fwd)
                 continue
@@ -550,6 +530,16 @@ def _trivial_model(x, t):
 
 def _no_sync(x):  # PyTorch on the CPU is synchronous
     return x
+
+
+def _cold_compile(cold: dict, ctx: dict) -> dict:
+    """A row's cold-compile columns, with the compile time relative to one forward pass's."""
+    return dict(
+        trace_lower_s=cold["trace_lower_s"],
+        compile_s=cold["compile_s"],
+        compile_cpu_s=cold["compile_cpu_s"],
+        compile_vs_forward=cold["compile_s"] / ctx["fwd_compile"],
+    )
 
 
 def _diff_vs_scan(x: np.ndarray, ref: Optional[np.ndarray]) -> dict:

@@ -55,7 +55,7 @@ class Spec:
         if allowed is not None:
             text = "one of " + ", ".join(map(str, allowed))
         else:
-            text = self.kind.__name__
+            text = "a JSON object" if self.kind is dict else self.kind.__name__
             lo = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
             hi = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
             if lo and hi:
@@ -65,6 +65,10 @@ class Spec:
             elif hi:
                 text += (" <= " if hi[-1] == "]" else " < ") + hi[:-1]
         return text + (" or none" if self.optional else "")
+
+    def summary(self) -> str:
+        """One line for --help: 'help; allowed values, default X'."""
+        return f"{self.help}; {self.describe()}, default {self.default}"
 
     def parse(self, name: str, text: Any) -> Any:
         """`text` (command-line string, or an already typed value such as JSON gives) -> checked value."""

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import jdiff
-from jdiff.sampling.api import _sample_jit, _split_options
+from jdiff.sampling import split_options
+from jdiff.sampling.api import _sample_jit
 from jdiff.sampling.denoiser import Guidance
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -42,7 +43,7 @@ SHAPE = (2, 8, 8, 1)
 def _lowered_text(sampler, num_steps, **kw):
     sch = jdiff.get_schedule("linear", 1000)
     # jdiff.sample validates and then calls this jitted program; lower it directly.
-    static_options, traced_options = _split_options(jdiff.SAMPLERS[sampler], {})  # the defaults
+    static_options, traced_options = split_options(sampler)  # the defaults
     args = (_conv_model, PARAMS, sch, jax.random.key(0), traced_options, Guidance(None, None, None), None, None, None)
     return _sample_jit.lower(
         *args,
@@ -51,7 +52,7 @@ def _lowered_text(sampler, num_steps, **kw):
         num_steps=num_steps,
         prediction="eps",
         spacing=kw.get("spacing", "linspace"),
-        static_options=static_options,
+        static_options=tuple(static_options.items()),
         rho=7.0,
         trajectory_every=None,
     ).as_text()

@@ -55,7 +55,7 @@ def build_parser() -> Parser:
             dest=f"option:{name}",
             default=None,
             metavar=spec.kind.__name__.upper(),
-            help=f"{spec.help}; {spec.describe()}, default {spec.default} ({', '.join(samplers)})",
+            help=f"{spec.summary()} ({', '.join(samplers)})",
         )
     p.add_argument(
         "--guidance",
@@ -170,6 +170,10 @@ def _main(argv: Sequence[str]) -> int:
 
     devices = jax.devices()
     try:
+        cache_dir = None if args.no_cache else jrun.enable_compilation_cache(args.cache_dir)
+    except OSError as e:
+        fail(PROG, f"cannot use --cache-dir {args.cache_dir}: {e}", 2)
+    try:
         options = _options(args)
         drawn = {"sampler": args.sampler, "steps": args.steps, "spacing": args.spacing}  # also recorded in .npz
         settings = jrun.Settings(
@@ -196,18 +200,15 @@ def _main(argv: Sequence[str]) -> int:
             batch=batch,
             devices=devices,
         )
-        cache_dir = None if args.no_cache else jrun.enable_compilation_cache(args.cache_dir)
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
         stats = gen.compile(abstract)  # validates the request before any weights are read
-    except OSError as e:
-        fail(PROG, f"cannot use --cache-dir {args.cache_dir}: {e}", 2)
     except ValueError as e:
         fail(PROG, e, 2)
     print(f"compile: {stats.describe(cache_dir)}", flush=True)
     try:
         with quiet_absl():  # orbax's read-only-manager notices
             _, _, params = jrun.load_params(
-                run, step=args.step, which="ema" if args.params == "ema" else "params", model=model
+                run, step=args.step, which="ema" if args.params == "ema" else "params", model=model, abstract=abstract
             )
     except (jrun.CheckpointError, OSError) as e:
         fail(PROG, e, 1)

@@ -43,17 +43,13 @@ def _key_help() -> str:
             lines.append(f"[{s}]")
             section = s
         alias = f" (alias --{k.alias})" if k.alias != k.path.split(".")[1] else ""
-        default = "{}" if isinstance(k.spec.default, dict) or k.spec.kind is dict else k.spec.default
-        lines.append(f"  --{k.path}{alias}: {k.spec.help}; {k.spec.describe()}, default {default}")
+        lines.append(f"  --{k.path}{alias}: {k.spec.summary()}")
         if k.path == "model.fields":
             fields = ", ".join(f for f in model_config("unet_small") if f != "dtype")
             lines.append(f"  --model.FIELD: a field of the chosen model (unet_small: {fields})")
         if k.path == "sampling.options":
             for name, (spec, samplers) in all_options().items():
-                lines.append(
-                    f"  --sampling.{name}: {spec.help}; {spec.describe()}, default {spec.default} "
-                    f"(samplers: {', '.join(samplers)})"
-                )
+                lines.append(f"  --sampling.{name}: {spec.summary()} (samplers: {', '.join(samplers)})")
     return "\n".join(lines)
 
 

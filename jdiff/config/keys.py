@@ -54,31 +54,22 @@ def resolve(key: str) -> str:
 
 
 def _parse(path: str, value: Any) -> Any:
-    if path in KEYS:
-        spec = KEYS[path].spec
-        if spec.kind is dict:
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    raise ConfigError(f"bad value {value!r} for {path}: expected a JSON object") from None
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"bad value {value!r} for {path}: expected a JSON object")
-            return {k: literal(v) for k, v in value.items()}
-        try:
-            return spec.parse(path, value)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    if path.startswith(SAMPLER_OPTIONS + "."):
-        from jdiff.sampling import all_options
+    """`value` parsed with the Spec of `path` (a declared field, or an option of some sampler); a model field,
+    whose type the model's default gives when the config is built, as a literal."""
+    from jdiff.sampling import all_options
 
-        name = path.rsplit(".", 1)[1]
-        if name in all_options():
-            try:
-                return all_options()[name][0].parse(f"sampling.{name}", value)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-    return literal(value)  # model fields: typed against the model's defaults when the config is built
+    name = path.rsplit(".", 1)[1]
+    if path in KEYS:
+        spec, label = KEYS[path].spec, path
+    elif path.startswith(SAMPLER_OPTIONS + ".") and name in all_options():
+        spec, label = all_options()[name][0], f"sampling.{name}"
+    else:
+        return literal(value)
+    try:
+        parsed = spec.parse(label, value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {k: literal(v) for k, v in parsed.items()} if spec.kind is dict else parsed
 
 
 def to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:

@@ -37,7 +37,7 @@ def setting(default: Any, help: str, *, alias: Optional[str] = None, fixed: bool
 def field_spec(f: dataclasses.Field) -> Spec:
     """The `Spec` of a dataclass field declared with `setting`."""
     kind, optional = spec_of_annotation(f.type)
-    default = f.default if f.default is not dataclasses.MISSING else None
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
     return Spec(kind, default, f.metadata["help"], optional=optional, **f.metadata["spec"])
 
 

@@ -9,7 +9,7 @@ for sampling never does.
 from jdiff.run.build import build_model, build_schedule, build_source, model_num_classes
 from jdiff.run.checkpoint import Checkpointer, CheckpointError, load_for_inference, load_params, restore_subtree
 from jdiff.run.generate import CompileStats, Generator, Settings, auto_batch, enable_compilation_cache, labels_for
-from jdiff.run.images import NpzStream, image_grid, sample_path, save_png, upscale_for, write_npz, write_trajectory
+from jdiff.run.images import NpzStream, image_grid, sample_path, save_png, upscale_for, write_trajectory
 from jdiff.run.mesh import (
     batch_sharding,
     check_batch_size,
@@ -40,7 +40,6 @@ __all__ = [
     "save_png",
     "sample_path",
     "upscale_for",
-    "write_npz",
     "NpzStream",
     "write_trajectory",
     "make_mesh",

@@ -17,7 +17,7 @@ import numpy as np
 
 from jdiff._logs import one_line, quiet_absl
 from jdiff.run.integrity import mismatches, read_checksums, tree_checksums, write_checksums
-from jdiff.run.rundir import RunError, RunInfo
+from jdiff.run.rundir import RunError, RunInfo, open_run
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -161,7 +161,15 @@ class Checkpointer:
 # Inference.
 
 
-def load_params(run: RunInfo, *, step: Optional[int] = None, which: str = "ema", device: Any = None, model: Any = None):
+def load_params(
+    run: RunInfo,
+    *,
+    step: Optional[int] = None,
+    which: str = "ema",
+    device: Any = None,
+    model: Any = None,
+    abstract: Any = None,
+):
     """Loads a trained model for sampling: (model, schedule, params) of run `run` (see `jdiff.run.open_run`),
     restoring only the requested parameters from disk.
 
@@ -170,6 +178,8 @@ def load_params(run: RunInfo, *, step: Optional[int] = None, which: str = "ema",
       which: "ema" (the EMA parameters, what samples should use) or "params" (the raw parameters).
       device: where to put the parameters (default: jax.devices()[0]).
       model: the run's model if the caller has built it already (`jdiff.run.build_model`).
+      abstract: its parameters' shapes if the caller has them already (`jdiff.models.abstract_params`), so the
+        model is not traced a second time.
 
     Sample with `jdiff.sample(model.apply, schedule, shape, rng, params={"params": params},
     prediction=run.config.diffusion.objective, ...)` or `jdiff.run.Generator`.
@@ -181,7 +191,8 @@ def load_params(run: RunInfo, *, step: Optional[int] = None, which: str = "ema",
     if which not in ("ema", "params"):
         raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
     model = model or build_model(run.config, run.num_classes)
-    abstract = abstract_params(model, (1, *run.image_shape), with_labels=model.num_classes is not None)
+    if abstract is None:
+        abstract = abstract_params(model, (1, *run.image_shape), with_labels=model.num_classes is not None)
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     key = "ema_params" if which == "ema" else "params"
     params = restore_subtree(run.workdir, key, abstract, sharding, step=step)
@@ -190,8 +201,6 @@ def load_params(run: RunInfo, *, step: Optional[int] = None, which: str = "ema",
 
 def load_for_inference(workdir: str, *, step: Optional[int] = None, which: str = "ema", device: Any = None):
     """(config, model, schedule, params) of the training run in `workdir` (see `load_params`)."""
-    from jdiff.run.rundir import open_run
-
     run = open_run(workdir)
     return (run.config, *load_params(run, step=step, which=which, device=device))
 

@@ -2,12 +2,14 @@
 preview grids, the benchmarks).
 
 `Generator` compiles one sharded program that draws a global batch of images with `jdiff.sample` and runs
-it over as many batches as asked. Validation is the library's own: `jdiff.sample` checks the sampler, its
-options and the steps while the program is traced, which `compile` does with abstract parameters, so a bad
-request fails before any weights are read. Errors are ValueErrors with one-line messages.
+it over as many batches as asked. Validation is the library's own: the sampler registry checks the options
+when a Generator is built, and `jdiff.sample` the steps, spacing and shapes while the program is traced,
+which `compile` does with abstract parameters, so a bad request fails before any weights are read. Errors
+are ValueErrors with one-line messages.
 """
 
 import dataclasses
+import os
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -17,7 +19,7 @@ import numpy as np
 
 import jdiff
 from jdiff.run.mesh import batch_sharding, check_batch_size, make_mesh, replicated
-from jdiff.sampling import get_sampler
+from jdiff.sampling import split_options
 
 TRAJECTORY_SAMPLES = 8  # samples kept in a trajectory (strip / GIF)
 DEFAULT_BATCH = 256
@@ -87,8 +89,6 @@ class CompileStats:
 
 def enable_compilation_cache(cache_dir: str) -> str:
     """Turns on JAX's persistent compilation cache in `cache_dir` for every program (no time/size floor)."""
-    import os
-
     path = os.path.abspath(os.path.expanduser(cache_dir))
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
@@ -125,11 +125,9 @@ class Generator:
         check_batch_size(batch, self.mesh.devices.size)
         if s.guidance is not None and not num_classes:
             raise ValueError("guidance needs a class-conditional model; this one is unconditional")
-        spec = get_sampler(s.sampler).options
-        unknown = sorted(set(s.options) - set(spec))
-        static = {k: v for k, v in s.options.items() if k in spec and spec[k].static}
-        self._traced = {k: v for k, v in s.options.items() if k not in static and k not in unknown}
-        fixed_options = {**static, **{k: s.options[k] for k in unknown}}  # unknown ones: jdiff.sample reports them
+        # The registry checks the options here; traced ones are arguments of the program, so another value
+        # (a new --eta) reuses it from the persistent cache.
+        static_options, self._traced = split_options(s.sampler, s.options)
         self.settings, self.batch, self.num_classes = s, batch, num_classes
         self.shape = (batch, *image_shape)
         self._rows, self._rep = batch_sharding(self.mesh), replicated(self.mesh)
@@ -148,7 +146,7 @@ class Generator:
                 params={"params": params},
                 sampler=s.sampler,
                 num_steps=s.steps,
-                options={**fixed_options, **traced_options},
+                options={**static_options, **traced_options},
                 prediction=prediction,
                 spacing=s.spacing,
                 labels=labels,
@@ -172,7 +170,7 @@ class Generator:
             rep(jax.random.key(seed)),
             rep(jnp.int32(index)),
             None if labels is None else jax.device_put(jnp.asarray(labels, jnp.int32), self._rows),
-            {k: rep(jnp.asarray(v, jnp.float32)) for k, v in self._traced.items()},
+            {k: rep(v) for k, v in self._traced.items()},
             rep(jnp.float32(self.settings.guidance or 0.0)),
         )
 

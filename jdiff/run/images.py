@@ -87,13 +87,6 @@ class NpzStream:
                 os.remove(p)
 
 
-def write_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray], **meta: Any) -> str:
-    """images float32 (N, H, W, C) as sampled, labels int32 (N,) (empty if unconditional), and `meta`."""
-    out = NpzStream(path, len(images), images.shape[1:])
-    out.add(0, np.asarray(images, np.float32))
-    return out.finish(labels, **meta)
-
-
 def write_trajectory(traj: np.ndarray, png_path: str, gif_path: str, upscale: int) -> tuple[str, str]:
     """traj (F, S, H, W, C): a strip PNG (one row per sample, one column per kept step, x_T first) and
     an animated GIF (one frame per kept step, the samples side by side; the last frame held longer)."""

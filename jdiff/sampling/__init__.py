@@ -8,7 +8,16 @@ import importlib
 import pkgutil
 
 from jdiff.sampling.api import ddim_invert, sample
-from jdiff.sampling.base import SAMPLERS, Sampler, Step, all_options, check_options, get_sampler, register
+from jdiff.sampling.base import (
+    SAMPLERS,
+    Sampler,
+    Step,
+    all_options,
+    check_options,
+    get_sampler,
+    register,
+    split_options,
+)
 from jdiff.sampling.timesteps import SPACINGS, Grid, discrete_timesteps, karras_sigmas, make_grid
 
 _INFRASTRUCTURE = {"api", "base", "denoiser", "timesteps"}
@@ -26,6 +35,7 @@ __all__ = [
     "get_sampler",
     "register",
     "check_options",
+    "split_options",
     "all_options",
     "SPACINGS",
     "discrete_timesteps",

@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 
 from jdiff.forward import check_prediction
-from jdiff.sampling.base import SAMPLERS, Noise, Sampler, Step, check_options, get_sampler
+from jdiff.sampling.base import SAMPLERS, Noise, Step, get_sampler, split_options
 from jdiff.sampling.denoiser import Guidance, make_denoiser
 from jdiff.sampling.timesteps import SPACINGS, make_grid
 from jdiff.schedules import Schedule
@@ -81,19 +81,6 @@ def _merge_shorthands(options: Optional[Mapping[str, Any]], **shorthands: Any) -
                 raise ValueError(f"{name} is given twice: as {name}= and in options; give it once.")
             out[name] = value
     return out
-
-
-def _split_options(smp: Sampler, options: Mapping[str, Any]) -> tuple[tuple, dict]:
-    """The sampler's checked options (defaults filled in) as (static ((name, value), ...) for the jit's static
-    arguments, traced {name: float32 / int32 scalar})."""
-    opts = check_options(smp.name, options)
-    static = tuple((k, v) for k, v in opts.items() if smp.options[k].static)
-    traced = {
-        k: jnp.asarray(v, jnp.float32 if smp.options[k].kind is float else jnp.int32)
-        for k, v in opts.items()
-        if not smp.options[k].static
-    }
-    return static, traced
 
 
 def _guidance(labels, guidance_scale, null_label) -> Guidance:
@@ -262,7 +249,8 @@ def sample(
     smp = get_sampler(sampler)
     shape = tuple(int(d) for d in shape) if isinstance(shape, (tuple, list)) else shape
     zero_snr = _check_common(schedule, shape, num_steps, spacing, prediction, labels, guidance_scale, null_label)
-    static_options, traced_options = _split_options(smp, _merge_shorthands(options, eta=eta, variance=variance))
+    static_options, traced_options = split_options(smp.name, _merge_shorthands(options, eta=eta, variance=variance))
+    static_options = tuple(static_options.items())  # a static (hashable) jit argument
     if zero_snr and (spacing == "karras" or not smp.zero_terminal_snr):
         able = [name for name, s in sorted(SAMPLERS.items()) if s.zero_terminal_snr]
         raise ValueError(

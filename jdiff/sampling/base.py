@@ -153,6 +153,20 @@ def check_options(sampler: str, options: Optional[Mapping[str, Any]] = None) -> 
     return out
 
 
+def split_options(sampler: str, options: Optional[Mapping[str, Any]] = None) -> tuple[dict, dict]:
+    """`check_options`, then split by how each option enters a compiled program: (static {name: Python value}:
+    it fixes the program, traced {name: float32 / int32 scalar}: an argument, so a new value never
+    recompiles)."""
+    opts, spec = check_options(sampler, options), get_sampler(sampler).options
+    static = {k: v for k, v in opts.items() if spec[k].static}
+    traced = {
+        k: jnp.asarray(v, jnp.float32 if spec[k].kind is float else jnp.int32)
+        for k, v in opts.items()
+        if not spec[k].static
+    }
+    return static, traced
+
+
 def all_options() -> dict[str, tuple[Spec, tuple[str, ...]]]:
     """Every option any registered sampler declares: {name: (spec, names of the samplers that take it)}."""
     out: dict[str, tuple[Spec, tuple[str, ...]]] = {}

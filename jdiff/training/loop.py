@@ -95,12 +95,16 @@ class Loop:
         """Whether an action with period `every` (0: never) runs after this step."""
         return bool(every) and self.done % every == 0
 
+    def stop_on_bad_loss(self, first_bad: int) -> None:
+        """Raises NonFiniteLossError when the logging window recorded a non-finite loss at step first_bad (>= 0),
+        after pending saves finish (so the last good checkpoint it names is on disk)."""
+        if first_bad >= 0:
+            self.ckpt.wait()
+            raise NonFiniteLossError(first_bad, self.last_checkpoint)
+
     def check_finite(self) -> None:
         """Raises NonFiniteLossError if the window saw a non-finite loss or the state is not finite."""
-        bad = int(self.acc["first_bad"])
-        if bad >= 0:
-            self.ckpt.wait()
-            raise NonFiniteLossError(bad, self.last_checkpoint)
+        self.stop_on_bad_loss(int(self.acc["first_bad"]))
         if not bool(_all_finite(self.state)):
             self.ckpt.wait()
             raise NonFiniteLossError(self.done, self.last_checkpoint, what="parameters/optimizer state")
@@ -160,9 +164,7 @@ def log_metrics(loop: Loop) -> None:
     if not (loop.due(loop.config.run.log_every) or loop.done == loop.stop_at or loop.stopping):
         return
     host = jax.device_get(loop.acc)
-    if int(host["first_bad"]) >= 0:
-        loop.ckpt.wait()
-        raise NonFiniteLossError(int(host["first_bad"]), loop.ckpt.latest_step())
+    loop.stop_on_bad_loss(int(host["first_bad"]))
     now = time.perf_counter()
     t0, n = loop.window
     count, dt = max(int(host["count"]), 1), max(now - t0, 1e-9)
