@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import jdiff
 from jdiff.config import TrainConfig
 from jdiff.models import drop_labels
 from jdiff.schedules import Schedule
+from jdiff.training.objective import training_loss
 from jdiff.training.optim import ema_update, lr_schedule, make_optimizer
 from jdiff.training.state import TrainState
 
@@ -49,15 +49,7 @@ def train_step(
         def model_fn(x_t, t):
             return model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
 
-        return jdiff.diffusion_loss(
-            model_fn,
-            schedule,
-            x0,
-            diff_key,
-            objective=config.diffusion.objective,
-            weighting=config.diffusion.weighting,
-            min_snr_gamma=config.diffusion.min_snr_gamma,
-        )
+        return training_loss(config.diffusion, model_fn, schedule, x0, diff_key)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
