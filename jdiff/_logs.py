@@ -4,6 +4,7 @@ here is a context manager that restores what it changed."""
 
 import contextlib
 import logging
+import os
 import sys
 
 
@@ -30,11 +31,19 @@ def _closed_loop_noise(record: logging.LogRecord) -> bool:
     return not str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
 
 
+def _orbax_thread_traceback(record: logging.LogRecord) -> bool:
+    # orbax logs each failed background save thread with its traceback (four times for one full disk); the
+    # failure is raised again at the next save or wait, where jdiff reports it in one line.
+    failed_thread = record.levelno >= logging.ERROR and record.exc_info is not None
+    return not (failed_thread and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 def filter_failed_read_noise():
     """Drops exactly the tracebacks that a failed orbax read's still-running background reads print later
     (unraisable "Event loop is closed" errors and asyncio's "... exception was never retrieved" records),
-    for tools that report the failure themselves in one line. Other exceptions and records pass through.
-    Returns a function that restores the previous hooks.
+    and the tracebacks orbax logs for a failed background save (which it raises again at the next save or
+    wait), for tools that report the failure themselves in one line. Other exceptions and records pass
+    through. Returns a function that restores the previous hooks.
 
     The records arrive until interpreter shutdown, after a command line's main() has returned, so the
     scripts' entry points (`jdiff.cli.common.run_script`) install it for their process and never restore it;
@@ -48,8 +57,10 @@ def filter_failed_read_noise():
 
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_closed_loop_noise)
+    logging.getLogger("absl").addFilter(_orbax_thread_traceback)
 
     def restore():
+        logging.getLogger("absl").removeFilter(_orbax_thread_traceback)
         logging.getLogger("asyncio").removeFilter(_closed_loop_noise)
         sys.unraisablehook = default
 

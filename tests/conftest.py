@@ -125,3 +125,16 @@ def run_train_py(args, *, cwd, timeout=240, env=None):
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e
     )
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory):
+    """`python train.py` on the embedded digits: 4 steps, checkpoints every 2, the last 2 kept (run once per
+    session and shared by the xdist workers; tests that change it work on a copy)."""
+
+    def build(root):
+        flags = ["--optim.steps", "4", "--run.checkpoint_every", "2", "--run.keep_checkpoints", "2"]
+        r = run_train_py([*TINY_FLAGS, *flags, "--run.workdir", str(root / "run")], cwd=root)
+        assert r.returncode == 0, r.stderr
+
+    return shared_once(tmp_path_factory, "cli_run", build) / "run"

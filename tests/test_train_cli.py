@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY_FLAGS, run_train_py, shared_once, start_train_py
+from conftest import REPO, TINY_FLAGS, run_train_py, start_train_py
 
 from jdiff.cli import train as cli
 from jdiff.run import Checkpointer, load_for_inference
@@ -24,19 +24,6 @@ QUIET = dict(progress=False, log=lambda s: None)
 def _read_metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="session")
-def cli_run(tmp_path_factory):
-    """`python train.py` on the embedded digits: 4 steps, checkpoints every 2, the last 2 kept (run once per
-    session and shared by the xdist workers; tests that change it work on a copy)."""
-
-    def build(root):
-        flags = ["--optim.steps", "4", "--run.checkpoint_every", "2", "--run.keep_checkpoints", "2"]
-        r = run_train_py([*TINY_FLAGS, *flags, "--run.workdir", str(root / "run")], cwd=root)
-        assert r.returncode == 0, r.stderr
-
-    return shared_once(tmp_path_factory, "cli_run", build) / "run"
 
 
 def _copy_run(wd, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Any, Optional
 
 import jax
@@ -32,7 +33,14 @@ def _ocp():
 
 
 def _orbax_reason(e: BaseException) -> str:
-    """The readable head of an orbax/tensorstore error (without the JSON spec it appends)."""
+    """The readable head of an orbax/tensorstore error (without the JSON spec it appends); for a failed file
+    operation, the operating system's reason (e.g. "No space left on device") and the checkpoint it hit."""
+    text = one_line(e)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        step = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", text)
+        where = f" (writing checkpoint {step.group(1)})" if step else ""
+        return f"{os.strerror(int(code.group(1)))}{where}"
     return one_line(e, 300).split(" [tensorstore_spec", 1)[0]
 
 
