@@ -75,6 +75,18 @@ def test_train_py_on_a_damaged_checkpoint_is_one_line(cli_run, tmp_path):
     assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4"]  # nothing deleted
 
 
+def test_a_config_json_of_another_model_is_one_line(cli_run, tmp_path, capsys):
+    """config.json edited to another model than the checkpoints': one line saying so, no traceback and no
+    advice to fall back to an older checkpoint (those share the mismatch)."""
+    wd = _copy_run(cli_run, tmp_path)
+    meta = json.loads((wd / "config.json").read_text())
+    meta["config"]["model"]["fields"]["ch"] = 16
+    (wd / "config.json").write_text(json.dumps(meta))
+    code, line = _fail(["--run.workdir", str(wd), "--optim.steps", "8", "--no_progress"], capsys)
+    assert code == 1 and "does not match the model of the run's config.json" in line, line
+    assert "resume from checkpoint" not in line
+
+
 @pytest.mark.subprocess
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     wd = tmp_path / "run"
@@ -228,9 +240,11 @@ def _free_port():
 
 
 @pytest.mark.subprocess
-def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config):
+@pytest.mark.parametrize("mesh", [None, "data=2,fsdp=2"])
+def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config, mesh):
     """Two train.py processes (2 CPU devices each) joined by jax.distributed train the same model as one
-    process on 4 devices: same global batch, same noise, gradients all-reduced across processes."""
+    process on 4 devices: same global batch, same noise, gradients all-reduced across processes; with
+    --mesh data=2,fsdp=2 the parameters, EMA and Adam moments are also split over fsdp (every leaf)."""
     wd = tmp_path / "mp"
     flags = [
         *TINY_FLAGS,
@@ -248,6 +262,7 @@ def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config):
         f"localhost:{_free_port()}",
         "--num_processes",
         "2",
+        *(["--mesh", mesh, "--run.fsdp_min_size", "0"] if mesh else []),
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [

@@ -110,7 +110,15 @@ class Checkpointer:
             raise CheckpointError(f"cannot write {what} in {self.directory}: {_orbax_reason(e)}") from None
 
     def _corrupted(self, step: int, reason: str) -> CheckpointError:
-        """The one-line error for an unreadable checkpoint `step`, naming the older one to fall back to."""
+        """The one-line error for an unreadable checkpoint `step`, naming the older one to fall back to; for
+        arrays whose saved shapes differ from the model's, the mismatch (older checkpoints share it)."""
+        shapes = re.search(r"Requested shape: (\(.*?\)) is not compatible with the stored shape: (\(.*?\))", reason)
+        if shapes:
+            return CheckpointError(
+                f"checkpoint {os.path.join(self.directory, str(step))} does not match the model of the run's "
+                f"config.json (a saved array of shape {shapes.group(2)} where the model has {shapes.group(1)}): "
+                "config.json describes another model than the checkpoints"
+            )
         older = [s for s in self.all_steps() if s < step]
         hint = f"; move it away to resume from checkpoint {older[-1]}" if older else ""
         return CheckpointError(
