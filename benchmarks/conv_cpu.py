@@ -24,16 +24,21 @@ import numpy as np
 SHAPES = "64x8x8x32,64x4x4x64,8x32x32x128,8x16x16x256"  # unet_small and DDPM CIFAR-10 U-Net levels
 
 
-def median_ms(fn, reps: int = 15) -> float:
-    """Median wall time of `fn()` in ms after two warm-up calls."""
-    fn()
-    fn()
+def median_s(fn, reps: int, warmup: int = 1) -> float:
+    """Median wall seconds of `fn()` over `reps` calls after `warmup` warm-up calls (the first compiles)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    return float(np.median(times))
+
+
+def median_ms(fn, reps: int = 15) -> float:
+    """Median wall time of `fn()` in ms after two warm-up calls."""
+    return 1e3 * median_s(fn, reps, warmup=2)
 
 
 def jax_fns(shape):

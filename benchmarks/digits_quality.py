@@ -5,6 +5,8 @@ A thin wrapper over `jdiff.quality` (protocol, table columns and reference rows 
     python benchmarks/digits_quality.py --workdir runs/digits [--num 500] [--sampler ddim --steps 50]
     python benchmarks/digits_quality.py --npz samples.npz          # images (or samples) (N, 8, 8, 1) in [-1, 1]
     ... [--json out.json | --json -] [--save-samples out.npz] [--labels balanced|null] [--guidance 2.0]
+    python benchmarks/digits_quality.py --sweep --workdir runs/digits [--samplers unipc,ddim] [--nfes 5,10]
+        [--spacing trailing,karras]    # one table: Frechet for every sampler x spacing x NFE
 """
 
 import sys

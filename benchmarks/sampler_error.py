@@ -1,15 +1,23 @@
-"""Sampler error vs number of function evaluations (NFE), with an exact noise predictor.
+"""Sampler error vs number of function evaluations (NFE), with exact noise predictors.
 
-Data are Gaussian, x0 ~ N(mu, S) (a 16-dimensional S with eigenvalues spread over 1e-3..1, so both coarse
-and fine scales matter), and the model is the exact eps*(x, t) of `jdiff.analytic`, so every error below is
-the sampler's own discretisation error, not a model's.
+Two data sets in 16 dimensions, each with its exact eps*(x, t) (so every error below is the sampler's own
+discretisation error, not a model's): (a) a Gaussian N(mu, S) whose covariance has eigenvalues spread over
+1e-3..1, so both coarse and fine scales matter; (b) a mixture of 4 narrow (std 0.05), well-separated
+(distance >= 4) isotropic Gaussians with weights 0.1..0.4, where few-step solvers break.
 
-Deterministic samplers: RMS distance to the closed-form probability-flow ODE solution from the same x_T
-(`jdiff.analytic.gaussian_ode_solution`). Stochastic samplers (DDPM, DDIM eta=1) have no per-sample target;
-for them the table gives the Frechet (2-Wasserstein) distance between the sample and data Gaussians, with the
-same statistic for exact samples of the data as the noise floor.
+jdiff's samplers run their registered step functions over `make_grid`'s grids (what `jdiff.sample` scans),
+one jitted step per sampler. Deterministic samplers: RMS distance to the probability-flow ODE solution from
+the same x_T and the sampler's own first noise level: closed form for (a)
+(`jdiff.analytic.gaussian_ode_solution`), a 400-step float64 third-order solve down to sigma/alpha = 1e-4
+for (b). Stochastic samplers have no per-sample target: (a)
+Frechet (2-Wasserstein) distance of the samples to the data Gaussian (exact data samples give the noise
+floor), (b) the largest error of the mode weights (share of samples nearest each mode).
 
-    python benchmarks/sampler_error.py [--schedule linear] [--samples 4096] [--json out.jsonl]
+With --diffusers (needs torch + diffusers: `pip install -e .[bench]`), diffusers' schedulers of the same
+names run the same exact predictor (a numpy/torch wrapper) from the same x_T with the same NFE, on their
+default spacing and with use_karras_sigmas where they have it.
+
+    python benchmarks/sampler_error.py [--samples 4096] [--nfes 5,10,20,50] [--diffusers] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -17,121 +25,446 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jdiff
-from jdiff.analytic import gaussian_eps_fn, gaussian_ode_solution
+from jdiff.analytic import gaussian_ode_solution
 from jdiff.metrics import frechet_distance_from_stats, gaussian_stats
-from jdiff.sampling import make_grid
+from jdiff.sampling import SAMPLERS, SPACINGS, Grid, Step, check_options, make_grid
+from jdiff.sampling.base import Noise
+from jdiff.sampling.denoiser import Denoised
 
-NFES = (5, 10, 20, 50, 100, 250)
-DETERMINISTIC = (
-    ("ddim", "linspace"),
-    ("ddim", "karras"),
-    ("euler", "karras"),
-    ("heun", "karras"),
-    ("dpmpp_2m", "trailing"),
-    ("dpmpp_2m", "karras"),
+DIM = 16
+NUM_MODES, MODE_STD = 4, 0.05
+REF_STEPS, REF_SIGMA_MIN = 400, 1e-4
+STOCHASTIC_SPACINGS = ("trailing", "karras")
+
+
+def stochastic_options(name: str) -> dict:
+    return {"eta": 1.0} if name == "ddim" else {}
+
+
+def label(name: str, stochastic: bool) -> str:
+    return "ddim(eta=1)" if name == "ddim" and stochastic else name
+
+
+# --- data: one mixture-of-Gaussians predictor serves both data sets (the same compiled programs) ---------------
+
+
+class Mixture:
+    """x0 ~ sum_k w_k N(mu_k, U_k diag(l_k) U_k^T). eps*(x, t) = sigma sum_k r_k(x) C_k^{-1} (x - alpha mu_k),
+    C_k = alpha^2 S_k + sigma^2 I, r_k the posterior responsibilities; `model(params, x, t)` is that predictor
+    with the mixture as traced params, `denoise64` the float64 x0 predictor of the reference solves."""
+
+    def __init__(self, means, eigvals, eigvecs, weights):
+        self.means, self.lam, self.u = (np.asarray(a, np.float64) for a in (means, eigvals, eigvecs))
+        self.weights = np.asarray(weights, np.float64) / np.sum(weights)
+        self.params = {
+            "means": jnp.asarray(self.means, jnp.float32),
+            "lam": jnp.asarray(self.lam, jnp.float32),
+            "u": jnp.asarray(self.u, jnp.float32),
+            "logw": jnp.asarray(np.log(self.weights), jnp.float32),
+        }
+
+    @staticmethod
+    def _x0_eps(p, x, a, s):
+        """(x0, eps) at x (B, d) for per-example / scalar alpha a and sigma s (shape (B, 1) or ())."""
+        diff = x[:, None, :] - a[..., None] * p["means"][None]  # (B, K, d)
+        z = jnp.einsum("bkd,kde->bke", diff, p["u"])
+        var = a[..., None] ** 2 * p["lam"][None] + s[..., None] ** 2  # (B, K, d)
+        logp = p["logw"] - 0.5 * jnp.sum(z**2 / var + jnp.log(var), -1)
+        resp = jax.nn.softmax(logp, axis=1)
+        cinv = jnp.einsum("bke,kde->bkd", z / var, p["u"])  # C_k^{-1} (x - a mu_k)
+        eps = s * jnp.sum(resp[..., None] * cinv, 1)
+        return (x - s * eps) / a, eps
+
+    @staticmethod
+    def model(params, x, t):
+        abar = jdiff.alpha_bar_at(LIN, t)[:, None]
+        return Mixture._x0_eps(params, x, jnp.sqrt(abar), jnp.sqrt(1.0 - abar))[1]
+
+    def denoise64(self, x, t, a, s):
+        p = {k: jnp.asarray(v, jnp.float64) for k, v in (("means", self.means), ("lam", self.lam), ("u", self.u))}
+        p["logw"] = jnp.log(jnp.asarray(self.weights, jnp.float64))
+        x0, eps = self._x0_eps(p, x, jnp.full((x.shape[0], 1), a), jnp.full((x.shape[0], 1), s))
+        return Denoised(x0, eps, None)
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        k = rng.choice(len(self.weights), size=n, p=self.weights)
+        z = rng.normal(size=(n, self.means.shape[1])) * np.sqrt(self.lam[k])
+        return self.means[k] + np.einsum("bd,bed->be", z, self.u[k])
+
+
+LIN = jdiff.get_schedule("linear", 1000)
+
+
+def make_data(rng: np.random.Generator) -> dict[str, Mixture]:
+    q, _ = np.linalg.qr(rng.normal(size=(DIM, DIM)))
+    mean = rng.normal(size=DIM) * 0.5
+    lam = np.logspace(-3, 0, DIM)
+    gauss = Mixture(
+        np.tile(mean, (NUM_MODES, 1)), np.tile(lam, (NUM_MODES, 1)), np.tile(q, (NUM_MODES, 1, 1)), [1.0] * NUM_MODES
+    )
+    while True:  # well separated: every pair of modes at least 4 apart
+        means = rng.normal(size=(NUM_MODES, DIM)) * 1.5
+        if min(np.linalg.norm(means[i] - means[j]) for i in range(NUM_MODES) for j in range(i)) >= 4.0:
+            break
+    eye = np.tile(np.eye(DIM), (NUM_MODES, 1, 1))
+    gmm = Mixture(means, np.full((NUM_MODES, DIM), MODE_STD**2), eye, [0.1, 0.2, 0.3, 0.4])
+    return {"gaussian": gauss, "gmm": gmm}
+
+
+# --- references ------------------------------------------------------------------------------------------------
+
+
+def fine_ode_solution(mix: Mixture, x_T: np.ndarray, alpha0: float) -> np.ndarray:
+    """The probability-flow ODE from x_T at the level alpha0 to sigma = 0, float64: REF_STEPS steps of UniPC-3
+    on a Karras grid down to sigma/alpha = REF_SIGMA_MIN, then the final denoising step."""
+    smp, n = SAMPLERS["unipc"], REF_STEPS
+    with jax.enable_x64(True):
+        s_max = np.sqrt(1.0 - alpha0**2) / alpha0
+        rho = 7.0
+        sig = (s_max ** (1 / rho) + np.arange(n) / (n - 1) * (REF_SIGMA_MIN ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        a = 1 / np.sqrt(1 + sig**2)
+        nxt = lambda v, last: np.append(v[1:], last)  # noqa: E731
+        grid = Grid(
+            *(jnp.asarray(v) for v in (np.zeros(n), a, sig * a, nxt(np.zeros(n), -1.0), nxt(a, 1.0), nxt(sig * a, 0.0)))
+        )
+        opts = {"order": 3}
+
+        def body(carry, i):
+            row = jax.tree.map(lambda v: v[i], grid)
+            s = Step(i, i == 0, i == n - 1, row, n)
+            return smp.step(mix.denoise64, carry, s, None, opts), None
+
+        carry, _ = jax.jit(lambda c: jax.lax.scan(body, c, jnp.arange(n)))(smp.init(jnp.asarray(x_T, jnp.float64)))
+        return np.asarray(smp.output(carry))
+
+
+class References:
+    """Per data set, the ODE solution from x_T for each distinct first level (cached)."""
+
+    def __init__(self, data, x_T):
+        self.data, self.x_T, self.cache = data, np.asarray(x_T, np.float64), {}
+
+    def __call__(self, name: str, alpha0: float, sigma0: float) -> np.ndarray:
+        key = (name, round(alpha0, 9))
+        if key not in self.cache:
+            mix = self.data[name]
+            if name == "gaussian":
+                self.cache[key] = gaussian_ode_solution(
+                    mix.means[0], (mix.u[0] * mix.lam[0]) @ mix.u[0].T, self.x_T, alpha0, sigma0
+                )
+            else:
+                self.cache[key] = fine_ode_solution(mix, self.x_T, alpha0)
+        return self.cache[key]
+
+
+def mode_weight_error(x: np.ndarray, mix: Mixture) -> float:
+    comp = np.argmin(((x[:, None] - mix.means[None]) ** 2).sum(-1), axis=1)
+    return float(np.abs(np.bincount(comp, minlength=len(mix.weights)) / len(x) - mix.weights).max())
+
+
+def stochastic_metric(name: str, x: np.ndarray, mix: Mixture) -> float:
+    if name == "gaussian":
+        cov = (mix.u[0] * mix.lam[0]) @ mix.u[0].T
+        return frechet_distance_from_stats(*gaussian_stats(x), mix.means[0], cov)
+    return mode_weight_error(x, mix)
+
+
+def steps_for(name: str, nfe: int) -> int:
+    smp, n = SAMPLERS[name], 1
+    while smp.nfe(n + 1) <= nfe:
+        n += 1
+    return n
+
+
+# --- jdiff ------------------------------------------------------------------------------------------------------
+
+
+def step_program(name: str, options: dict):
+    """Sampler `name`'s registered step, jitted once with the grid row, step index, step count, key and the
+    traced options as arguments: one program serves every spacing, NFE and data set (`jdiff.sample` runs the
+    same step in one lax.scan, a program per spacing x N)."""
+    smp = SAMPLERS[name]
+    opts = check_options(name, options)
+    static = {k: v for k, v in opts.items() if smp.options[k].static}
+    traced = {k: jnp.asarray(v, jnp.float32) for k, v in opts.items() if not smp.options[k].static}
+    level = jdiff.sampling.timesteps.level_fn(LIN)
+
+    @jax.jit
+    def step(params, carry, row, i, n, key, traced):
+        def denoise(x, t, alpha, sigma):
+            x0, eps = Mixture._x0_eps(params, x, alpha, sigma)
+            return Denoised(x0, eps, None)
+
+        s = Step(i, i == 0, i == n - 1, row, n, level)
+        return smp.step(denoise, carry, s, Noise(key, i, False), {**static, **traced})
+
+    return lambda params, carry, row, i, n, key: step(params, carry, row, i, n, key, traced)
+
+
+def run_grid(program, smp, params, grid, x, key):
+    n = int(grid.t.shape[0])
+    carry = smp.init(x)
+    for i in range(n):
+        carry = program(params, carry, Grid(*(a[i] for a in grid)), jnp.int32(i), jnp.int32(n), key)
+    return np.asarray(smp.output(carry), np.float64)
+
+
+def run_jdiff(data, refs, x_T, nfes, rows, log):
+    for name in sorted(SAMPLERS):
+        smp = SAMPLERS[name]
+        stochastic_runs = (
+            [True] if smp.stochastic and name != "ddim" else ([False, True] if name == "ddim" else [False])
+        )
+        for stochastic in stochastic_runs:
+            opts = stochastic_options(name) if stochastic else {}
+            program = step_program(name, opts)
+            for spacing in STOCHASTIC_SPACINGS if stochastic else SPACINGS:
+                for nfe in nfes:
+                    n = steps_for(name, nfe)
+                    g = make_grid(LIN, spacing, n)
+                    for dname, mix in data.items():
+                        if stochastic:
+                            k0, k1 = jax.random.split(jax.random.key(2))
+                            x = run_grid(program, smp, mix.params, g, jax.random.normal(k0, x_T.shape), k1)
+                            metric = "frechet" if dname == "gaussian" else "mode_weight_error"
+                            value = stochastic_metric(dname, x, mix)
+                        else:
+                            x = run_grid(program, smp, mix.params, g, x_T, jax.random.key(2))
+                            metric = "rmse_to_ode"
+                            value = float(
+                                np.sqrt(np.mean((x - refs(dname, float(g.alpha[0]), float(g.sigma[0]))) ** 2))
+                            )
+                        rows.append(
+                            dict(
+                                lib="jdiff",
+                                sampler=label(name, stochastic),
+                                spacing=spacing,
+                                data=dname,
+                                nfe=nfe,
+                                actual_nfe=smp.nfe(n),
+                                metric=metric,
+                                value=value,
+                            )
+                        )
+            log(f"jdiff {label(name, stochastic)} done")
+
+
+# --- diffusers --------------------------------------------------------------------------------------------------
+
+DIFFUSERS = (
+    # (name, scheduler class, kwargs, karras variant?, stochastic)
+    ("DDIM", "DDIMScheduler", {"clip_sample": False}, False, False),
+    ("Euler", "EulerDiscreteScheduler", {}, True, False),
+    ("Heun", "HeunDiscreteScheduler", {}, True, False),
+    ("DPM++2M", "DPMSolverMultistepScheduler", {"solver_order": 2}, True, False),
+    ("DPM++3M", "DPMSolverMultistepScheduler", {"solver_order": 3}, True, False),
+    ("UniPC", "UniPCMultistepScheduler", {}, True, False),
+    ("DDPM", "DDPMScheduler", {"clip_sample": False}, False, True),
+    ("EulerAncestral", "EulerAncestralDiscreteScheduler", {}, False, True),
+    ("DPM++2M-SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, True, True),
 )
-STOCHASTIC = (("ddpm", "linspace", 0.0), ("ddim", "linspace", 1.0))
 
 
-def frechet(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> float:
-    """Squared 2-Wasserstein distance between N(mean(x), cov(x)) and N(mean, cov)."""
-    return frechet_distance_from_stats(*gaussian_stats(x), mean, cov)
+def run_diffusers(data, refs, x_T, nfes, rows, log, only=None):
+    import diffusers
+    import torch
+
+    base = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    eps_jit = jax.jit(Mixture.model)
+    for dname, mix in data.items():
+
+        def model(x, t):
+            xt = jnp.asarray(x.double().numpy(), jnp.float32)
+            tt = jnp.full((x.shape[0],), float(t), jnp.float32)
+            return torch.from_numpy(np.asarray(eps_jit(mix.params, xt, tt), np.float32))
+
+        for name, cls, kw, has_karras, stochastic in DIFFUSERS:
+            if only and name not in only:
+                continue
+            for karras in (False, True) if has_karras else (False,):
+                for nfe in nfes:
+                    sched = getattr(diffusers, cls)(**base, **kw, **({"use_karras_sigmas": True} if karras else {}))
+                    steps = (nfe + 1) // 2 if name == "Heun" else nfe
+                    sched.set_timesteps(steps)
+                    gen = torch.Generator().manual_seed(2)
+                    x = torch.from_numpy(np.asarray(x_T, np.float32)) * sched.init_noise_sigma
+                    calls = 0
+                    for t in sched.timesteps:
+                        inp = sched.scale_model_input(x, t)
+                        eps = model(inp, t)
+                        calls += 1
+                        x = (
+                            sched.step(eps, t, x, generator=gen).prev_sample
+                            if stochastic
+                            else sched.step(eps, t, x).prev_sample
+                        )
+                    x = x.double().numpy()
+                    spacing = "karras" if karras else sched.config.get("timestep_spacing", "leading")
+                    if stochastic:
+                        metric, value = (
+                            ("frechet" if dname == "gaussian" else "mode_weight_error"),
+                            stochastic_metric(dname, x, mix),
+                        )
+                    else:
+                        t0 = float(sched.timesteps[0])
+                        if (
+                            hasattr(sched, "sigmas")
+                            and getattr(sched, "sigmas", None) is not None
+                            and name not in ("DDIM",)
+                        ):
+                            s0 = float(sched.sigmas[0])
+                            a0, sg0 = 1 / np.sqrt(1 + s0**2), s0 / np.sqrt(1 + s0**2)
+                        else:
+                            abar = float(sched.alphas_cumprod[int(t0)])
+                            a0, sg0 = np.sqrt(abar), np.sqrt(1 - abar)
+                        metric = "rmse_to_ode"
+                        value = float(np.sqrt(np.mean((x - refs(dname, a0, sg0)) ** 2)))
+                    rows.append(
+                        dict(
+                            lib="diffusers",
+                            sampler=name,
+                            spacing=spacing,
+                            data=dname,
+                            nfe=nfe,
+                            actual_nfe=calls,
+                            metric=metric,
+                            value=value,
+                        )
+                    )
+            log(f"diffusers {name} on {dname} done")
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def table(rows, lib, data, metric, nfes) -> list[str]:
+    sel = [r for r in rows if r["lib"] == lib and r["data"] == data and r["metric"] == metric]
+    keys = list(dict.fromkeys((r["sampler"], r["spacing"]) for r in sel))
+    out = [
+        "| sampler | spacing | " + " | ".join(f"NFE {n}" for n in nfes) + " | order |",
+        "|---|---|" + "---|" * (len(nfes) + 1),
+    ]
+    for sampler, spacing in keys:
+        vals = {r["nfe"]: r["value"] for r in sel if (r["sampler"], r["spacing"]) == (sampler, spacing)}
+        order = ""
+        if metric == "rmse_to_ode" and len(nfes) >= 2 and nfes[-2] in vals and nfes[-1] in vals:
+            order = f"{np.log(vals[nfes[-2]] / vals[nfes[-1]]) / np.log(nfes[-1] / nfes[-2]):.2f}"
+        out.append(
+            f"| {sampler} | {spacing} | "
+            + " | ".join(f"{vals[n]:.2e}" if n in vals else "" for n in nfes)
+            + f" | {order} |"
+        )
+    return out
+
+
+def summary(rows, nfe=10) -> list[str]:
+    """At `nfe`: the best jdiff deterministic sampler vs DDIM and vs every diffusers scheduler, per data set."""
+    out = []
+    for data in ("gaussian", "gmm"):
+        det = [r for r in rows if r["data"] == data and r["metric"] == "rmse_to_ode" and r["nfe"] == nfe]
+        ours = [r for r in det if r["lib"] == "jdiff"]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["value"])
+        ddim = min((r for r in ours if r["sampler"] == "ddim"), key=lambda r: r["value"])
+        line = (
+            f"{data}, NFE {nfe}: best jdiff {best['sampler']}/{best['spacing']} {best['value']:.2e} = "
+            f"{best['value'] / ddim['value']:.2f}x the best DDIM ({ddim['spacing']}, {ddim['value']:.2e})"
+        )
+        theirs = [r for r in det if r["lib"] == "diffusers"]
+        if theirs:
+            top = min(theirs, key=lambda r: r["value"])
+            ratio = best["value"] / top["value"]
+            line += (
+                f"; best diffusers {top['sampler']}/{top['spacing']} {top['value']:.2e} (jdiff/diffusers {ratio:.2f})"
+            )
+        out.append(line)
+    five = [r for r in rows if r["nfe"] == 5 and r["metric"] == "rmse_to_ode" and r["lib"] == "jdiff"]
+    if five:
+        worst = max(five, key=lambda r: r["value"])
+        out.append(
+            f"NFE 5, every jdiff ODE sampler and spacing: largest error {worst['value']:.2e} "
+            f"({worst['sampler']}/{worst['spacing']} on {worst['data']})"
+        )
+    return out
+
+
+class Rows(list):
+    """The result rows; each is also appended to the --json file as it is measured."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        if path:
+            open(path, "w").close()
+
+    def append(self, row):
+        super().append(row)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--schedule", default="linear", choices=sorted(jdiff.schedules.BETA_SCHEDULES))
     p.add_argument("--samples", type=int, default=4096)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--json", default=None, help="also write JSON lines here")
+    p.add_argument("--nfes", default="5,10,20,50", help="comma-separated NFE budgets")
+    p.add_argument("--diffusers", action="store_true", help="also run diffusers' schedulers (needs torch + diffusers)")
+    p.add_argument("--diffusers-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--diffusers-names", type=lambda v: v.split(","), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write JSON lines here (one per measurement, as they come)")
     args = p.parse_args(argv)
+    try:
+        nfes = sorted(int(v) for v in args.nfes.split(","))
+    except ValueError:
+        p.error(f"--nfes must be comma-separated ints, got {args.nfes!r}")
+    if args.diffusers or args.diffusers_only:
+        try:
+            import diffusers  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as e:
+            print(f"error: --diffusers needs torch and diffusers ({e}); pip install -e .[bench]", file=sys.stderr)
+            return 2
 
-    rng = np.random.default_rng(0)
-    q, _ = np.linalg.qr(rng.normal(size=(args.dim, args.dim)))
-    mean = rng.normal(size=args.dim) * 0.5
-    cov = (q * np.logspace(-3, 0, args.dim)) @ q.T
-    sch = jdiff.get_schedule(args.schedule, 1000)
-    eps_fn = gaussian_eps_fn(sch, mean, cov)
-    shape = (args.samples, args.dim)
-    x_T = jax.random.normal(jax.random.key(1), shape)
-    rows = []
-
-    for sampler, spacing in DETERMINISTIC:
-        nfe_per_step = 2 if sampler == "heun" else 1
-        for nfe in NFES:
-            n = (nfe + 1) // 2 if sampler == "heun" else nfe
-            g = make_grid(sch, spacing, n)
-            ref = gaussian_ode_solution(mean, cov, np.asarray(x_T), float(g.alpha[0]), float(g.sigma[0]))
-            x = jdiff.sample(
-                eps_fn, sch, shape, jax.random.key(0), sampler=sampler, num_steps=n, spacing=spacing, x_init=x_T
+    t0 = time.time()
+    log = lambda s: print(f"[{time.time() - t0:6.0f} s] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    data = make_data(np.random.default_rng(0))
+    x_T = jax.random.normal(jax.random.key(1), (args.samples, DIM))
+    refs = References(data, x_T)
+    rows = Rows(args.json)
+    if not args.diffusers_only:
+        run_jdiff(data, refs, x_T, nfes, rows, log)
+    if args.diffusers or args.diffusers_only:
+        run_diffusers(data, refs, x_T, nfes, rows, log, only=args.diffusers_names)
+    args.diffusers = args.diffusers or args.diffusers_only
+    rng = np.random.default_rng(1)
+    floor = stochastic_metric("gaussian", data["gaussian"].draw(rng, args.samples), data["gaussian"])
+    floor_w = mode_weight_error(data["gmm"].draw(rng, args.samples), data["gmm"])
+    print(f"schedule=linear, T=1000, {DIM} dims, {args.samples} samples, exact predictors\n")
+    libs = ["jdiff"] + (["diffusers"] if args.diffusers else [])
+    for data_name, title in (("gaussian", "(a) Gaussian data"), ("gmm", "(b) narrow, well-separated Gaussian mixture")):
+        for lib in libs:
+            print(
+                f"### {title}, {lib}: RMS error to the exact ODE solution from the same x_T "
+                "(order: fitted over the last two NFE)\n"
             )
-            err = float(np.sqrt(np.mean((np.asarray(x, np.float64) - ref) ** 2)))
-            rows.append(
-                dict(
-                    sampler=sampler,
-                    spacing=spacing,
-                    nfe=nfe,
-                    actual_nfe=n * nfe_per_step - (nfe_per_step - 1),
-                    metric="rmse_to_exact_ode",
-                    value=err,
-                )
+            print("\n".join(table(rows, lib, data_name, "rmse_to_ode", nfes)) + "\n")
+            metric = "frechet" if data_name == "gaussian" else "mode_weight_error"
+            what = (
+                f"Frechet distance to the data (exact samples: {floor:.2e})"
+                if data_name == "gaussian"
+                else f"largest mode-weight error (exact samples: {floor_w:.3f})"
             )
-    floor = frechet(rng.multivariate_normal(mean, cov, size=args.samples), mean, cov)
-    for sampler, spacing, eta in STOCHASTIC:
-        for nfe in NFES + (1000,):
-            x = jdiff.sample(
-                eps_fn,
-                sch,
-                shape,
-                jax.random.key(2),
-                sampler=sampler,
-                num_steps=nfe,
-                spacing=spacing,
-                options={"eta": eta} if "eta" in jdiff.SAMPLERS[sampler].options else {},
-            )
-            rows.append(
-                dict(
-                    sampler=f"{sampler}(eta={eta})" if sampler == "ddim" else sampler,
-                    spacing=spacing,
-                    nfe=nfe,
-                    metric="frechet_to_data",
-                    value=frechet(np.asarray(x, np.float64), mean, cov),
-                )
-            )
-
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    print(f"schedule={args.schedule}, T=1000, data N(mu, S) in {args.dim} dims, {args.samples} samples\n")
-    print(
-        "Deterministic samplers: RMS error to the exact ODE solution from the same x_T "
-        "(heun uses 2N-1 evaluations: at most the column's NFE)"
-    )
-    nfes = sorted({r["nfe"] for r in rows if r["metric"] == "rmse_to_exact_ode"})
-    print("| sampler | spacing | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
-    print("|---|---|" + "---|" * len(nfes))
-    for sampler, spacing in DETERMINISTIC:
-        vals = {
-            r["nfe"]: r["value"]
-            for r in rows
-            if r["sampler"] == sampler and r["spacing"] == spacing and r["metric"] == "rmse_to_exact_ode"
-        }
-        print(f"| {sampler} | {spacing} | " + " | ".join(f"{vals[n]:.2e}" if n in vals else "" for n in nfes) + " |")
-    print(
-        f"\nStochastic samplers: Frechet distance of the samples to the data Gaussian (exact data samples: {floor:.2e})"
-    )
-    nfes = NFES + (1000,)
-    print("| sampler | spacing | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
-    print("|---|---|" + "---|" * len(nfes))
-    for name in sorted({r["sampler"] for r in rows if r["metric"] == "frechet_to_data"}):
-        vals = {r["nfe"]: r["value"] for r in rows if r["sampler"] == name and r["metric"] == "frechet_to_data"}
-        print(f"| {name} | linspace | " + " | ".join(f"{vals[n]:.2e}" for n in nfes) + " |")
+            print(f"### {title}, {lib}, stochastic samplers: {what}\n")
+            print("\n".join(table(rows, lib, data_name, metric, nfes)) + "\n")
+    print("\n".join(summary(rows)))
     return 0
 
 

@@ -14,12 +14,30 @@ from jdiff.schedules import Schedule
 
 Array = jax.Array
 
+# What a plain network's output is (the regression targets of `jdiff.diffusion_loss`).
 PREDICTIONS = ("eps", "x0", "v")
+# EDM-preconditioned networks (Karras et al. 2022, Table 1; `jdiff.edm`): the output is F of
+# D = c_skip x + c_out F(c_in x; c_noise) with the "edm", "vp" or "ve" preconditioning. They are trained by
+# `jdiff.edm.edm_loss` (not `diffusion_loss`), and sampled through `jdiff.sampling.denoiser`.
+EDM_PREDICTIONS = ("edm", "edm_vp", "edm_ve")
+# Every prediction a sampler's denoiser understands (`jdiff.sample(prediction=...)`).
+ALL_PREDICTIONS = PREDICTIONS + EDM_PREDICTIONS
 
 
-def check_prediction(prediction: str, name: str = "prediction") -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"Unknown {name} {prediction!r}; allowed values: {list(PREDICTIONS)}.")
+def check_prediction(prediction: str, name: str = "prediction", allowed: tuple = ALL_PREDICTIONS) -> None:
+    """ValueError naming `name` and the allowed values unless `prediction` is one of `allowed` (default: every
+    prediction the sampling denoiser understands)."""
+    if prediction not in allowed:
+        raise ValueError(f"Unknown {name} {prediction!r}; allowed values: {list(allowed)}.")
+
+
+def _plain_only(prediction: str) -> None:
+    if prediction in EDM_PREDICTIONS:
+        raise ValueError(
+            f"prediction {prediction!r} is an EDM-preconditioned network (jdiff.edm): it has no x0/eps/v "
+            f"conversion of its own output and trains with jdiff.edm.edm_loss; allowed here: {list(PREDICTIONS)}."
+        )
+    check_prediction(prediction, allowed=PREDICTIONS)
 
 
 def broadcast_to(coef: Array, x: Array) -> Array:
@@ -100,7 +118,7 @@ def to_x0_eps(prediction: str, out: Array, x: Array, alpha: Array, sigma: Array)
         return out, eps_from_x0(x, out, alpha, sigma)
     if prediction == "v":
         return alpha * x - sigma * out, sigma * x + alpha * out
-    check_prediction(prediction)
+    _plain_only(prediction)
     raise AssertionError  # unreachable
 
 
@@ -112,7 +130,7 @@ def target_from_x0_eps(prediction: str, x0: Array, eps: Array, alpha: Array, sig
         return x0
     if prediction == "v":
         return v_from_eps_x0(eps, x0, alpha, sigma)
-    check_prediction(prediction)
+    _plain_only(prediction)
     raise AssertionError  # unreachable
 
 

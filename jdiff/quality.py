@@ -20,6 +20,8 @@ classes 0-4 only (mode dropping), blurred and noisy real digits, and uniform noi
     python benchmarks/digits_quality.py --workdir runs/digits [--num 500] [--sampler ddim --steps 50]
     python benchmarks/digits_quality.py --npz samples.npz          # images (or samples) (N, 8, 8, 1) in [-1, 1]
     ... [--json out.json | --json -] [--save-samples out.npz] [--labels balanced|null] [--guidance 2.0]
+    python benchmarks/digits_quality.py --sweep --workdir runs/digits [--samplers unipc,ddim] [--nfes 5,10]
+        [--spacing trailing,karras]    # one table: Frechet for every sampler x spacing x NFE
 """
 
 from __future__ import annotations
@@ -73,9 +75,11 @@ def sample_checkpoint(
     sampler: str = "ddim",
     steps: int = 50,
     eta: float | None = None,
+    variance: str | None = None,
     seed: int = 0,
     labels: str = "balanced",
     guidance: float | None = None,
+    spacing: str = "linspace",
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """(images (num, 8, 8, 1) in [-1, 1], asked-for labels or None, info dict) drawn from a run's EMA params
     with `jdiff.run.Generator` (what sample.py uses). ValueError if the run cannot be loaded or is not digits.
@@ -107,9 +111,8 @@ def sample_checkpoint(
             mode += f", guidance {guidance:g}"
     else:
         guidance = None
-    settings = jrun.Settings(
-        sampler=sampler, steps=steps, options={} if eta is None else {"eta": eta}, guidance=guidance
-    )
+    options = {k: v for k, v in (("eta", eta), ("variance", variance)) if v is not None}
+    settings = jrun.Settings(sampler=sampler, steps=steps, spacing=spacing, options=options, guidance=guidance)
     model, schedule = jrun.build_model(run.config, num_classes), jrun.build_schedule(run.config)
     devices = jax.devices()
     gen = jrun.Generator(
@@ -133,7 +136,9 @@ def sample_checkpoint(
         "step": step or "latest",
         "sampler": sampler,
         "steps": steps,
+        "spacing": spacing,
         "eta": eta,
+        "variance": variance,
         "objective": run.config.diffusion.objective,
         "conditioning": mode,
         "sample_seconds": round(time.time() - t0, 2),
@@ -158,24 +163,152 @@ def reference_sets(train_x: np.ndarray, train_y: np.ndarray, n: int, seed: int) 
     }
 
 
-def evaluate(images: np.ndarray, labels: np.ndarray | None, seed: int = 0) -> dict:
-    """Classifier, floor, reference rows and the scores of `images`; returns a JSON-able dict."""
+class Scorer:
+    """The fixed parts of the protocol, built once: the digit splits, the classifier (trained on the test
+    split), its reference features, its accuracy on the train split and the near-copy threshold."""
+
+    def __init__(self):
+        self.test_x, self.test_y = metrics.load_digits_split("test")
+        self.train_x, self.train_y = metrics.load_digits_split("train")
+        self.clf = metrics.train_digit_classifier(self.test_x, self.test_y, seed=0)
+        self.ref = metrics.hidden_features(self.clf, self.test_x)
+        self.accuracy = float(np.mean(metrics.class_probs(self.clf, self.train_x).argmax(1) == self.train_y))
+        self.copy_at = metrics.near_copy_threshold(self.test_x, self.train_x)
+
+    def score(self, images: np.ndarray, labels: np.ndarray | None) -> dict:
+        """The table row of `images` (see `jdiff.metrics.score_images`)."""
+        kw = dict(train_images=self.train_x, copy_threshold=self.copy_at)
+        return metrics.score_images(self.clf, images, self.ref, labels=labels, **kw)
+
+
+def evaluate(images: np.ndarray, labels: np.ndarray | None, seed: int = 0, scorer: Optional[Scorer] = None) -> dict:
+    """Classifier, floor, reference rows and the scores of `images`; returns a JSON-able dict. `scorer`: a
+    `Scorer` to reuse (built here when None)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):  # tiny matrices: threaded BLAS only adds overhead
-        return _evaluate(images, labels, seed)
+        return _evaluate(images, labels, seed, scorer)
 
 
-def _evaluate(images: np.ndarray, labels: np.ndarray | None, seed: int) -> dict:
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """The largest step count N whose model evaluations `SAMPLERS[sampler].nfe(N)` are at most `nfe` (>= 1)."""
+    from jdiff.sampling import get_sampler
+
+    smp, n = get_sampler(sampler), 1
+    while smp.nfe(n + 1) <= nfe:
+        n += 1
+    return n
+
+
+def sweep(
+    workdir: str,
+    *,
+    samplers: Sequence[str],
+    nfes: Sequence[int],
+    spacings: Sequence[str],
+    num: int,
+    step: int | None = None,
+    seed: int = 0,
+    labels: str = "balanced",
+    guidance: float | None = None,
+    log=print,
+) -> dict:
+    """Frechet distance (and the other scores) of `num` samples of a run for every sampler x spacing x NFE
+    (each sampler at its default options, with the most steps whose model calls fit the NFE). Returns
+    {"floor": the real-vs-real row, "rows": [row + sampler/spacing/nfe/steps/frechet_over_floor], ...}."""
+    from threadpoolctl import threadpool_limits
+
+    scorer = Scorer()
+    n_ref = min(num, len(scorer.train_x))
+    with threadpool_limits(limits=1):
+        floors = []
+        for k in range(FLOOR_DRAWS):
+            idx = np.random.default_rng([seed, 0, k]).choice(len(scorer.train_x), n_ref, replace=False)
+            floors.append(scorer.score(scorer.train_x[idx], scorer.train_y[idx])["frechet"])
+    floor = float(np.mean(floors))
+    rows = []
+    for sampler in samplers:
+        for spacing in spacings:
+            for nfe in nfes:
+                steps = steps_for_nfe(sampler, nfe)
+                images, y, info = sample_checkpoint(
+                    workdir,
+                    num=num,
+                    step=step,
+                    sampler=sampler,
+                    steps=steps,
+                    seed=seed,
+                    labels=labels,
+                    guidance=guidance,
+                    spacing=spacing,
+                )
+                with threadpool_limits(limits=1):
+                    row = scorer.score(images, y)
+                from jdiff.sampling import get_sampler
+
+                row.update(
+                    sampler=sampler,
+                    spacing=spacing,
+                    nfe=nfe,
+                    actual_nfe=get_sampler(sampler).nfe(steps),
+                    steps=steps,
+                    frechet_over_floor=row["frechet"] / floor,
+                    sample_seconds=info["sample_seconds"],
+                )
+                rows.append(row)
+                log(
+                    f"{sampler} {spacing} NFE {row['actual_nfe']} ({steps} steps): Frechet {row['frechet']:.2f} "
+                    f"({row['frechet_over_floor']:.2f}x floor)"
+                )
+    return {
+        "workdir": workdir,
+        "num": num,
+        "floor": {"frechet": floor, "frechet_std": float(np.std(floors)), "draws": floors},
+        "classifier_accuracy": scorer.accuracy,
+        "rows": rows,
+    }
+
+
+def sweep_markdown(result: dict) -> str:
+    """The sweep as one table: Frechet (and its ratio to the real-vs-real floor) per sampler x spacing x NFE."""
+    f = result["floor"]
+    nfes = sorted({r["nfe"] for r in result["rows"]})
+    lines = [
+        f"Run {result['workdir']}, {result['num']} samples per cell; real-vs-real floor Frechet "
+        f"{f['frechet']:.2f} ± {f['frechet_std']:.2f}. Cells: Frechet (ratio to the floor); a sampler with 2N - 1 "
+        "model calls (heun, edm_sde) runs the most steps that fit the column's NFE.",
+        "",
+        "| sampler | spacing | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+        "|---|---|" + "---|" * len(nfes),
+    ]
+    keys = list(dict.fromkeys((r["sampler"], r["spacing"]) for r in result["rows"]))
+    for sampler, spacing in keys:
+        cells = {r["nfe"]: r for r in result["rows"] if (r["sampler"], r["spacing"]) == (sampler, spacing)}
+        lines.append(
+            f"| {sampler} | {spacing} | "
+            + " | ".join(
+                f"{cells[n]['frechet']:.2f} ({cells[n]['frechet_over_floor']:.2f}x)" if n in cells else "-"
+                for n in nfes
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _evaluate(images: np.ndarray, labels: np.ndarray | None, seed: int, scorer: Optional["Scorer"] = None) -> dict:
     t0 = time.time()
-    test_x, test_y = metrics.load_digits_split("test")
-    train_x, train_y = metrics.load_digits_split("train")
-    clf = metrics.train_digit_classifier(test_x, test_y, seed=0)
-    ref = metrics.hidden_features(clf, test_x)
-    acc = float(np.mean(metrics.class_probs(clf, train_x).argmax(1) == train_y))
+    c = scorer or Scorer()
+    test_x, train_x, train_y, clf, ref, acc, copy_at = (
+        c.test_x,
+        c.train_x,
+        c.train_y,
+        c.clf,
+        c.ref,
+        c.accuracy,
+        c.copy_at,
+    )
     n = len(images)
     n_ref = min(n, len(train_x))
-    copy_at = metrics.near_copy_threshold(test_x, train_x)
     kw = dict(train_images=train_x, copy_threshold=copy_at)
 
     floors = []
@@ -275,7 +408,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--num", type=int, default=None, help="number of samples (default 500; --npz: all)")
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--spacing", default=None, help="timestep spacing (default linspace; --sweep: comma list)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="score every sampler of --samplers x --spacing x --nfes on the run (one table of Frechet distances)",
+    )
+    p.add_argument("--samplers", default=None, help="--sweep: comma-separated samplers (default: all registered)")
+    p.add_argument("--nfes", default="5,10", help="--sweep: comma-separated model-call budgets (default 5,10)")
     p.add_argument("--eta", type=float, default=None, help="eta of samplers that have it (DDIM)")
+    p.add_argument("--variance", default=None, help="DDPM step variance: posterior, beta or learned")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--labels",
@@ -290,6 +432,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num is not None and args.num < 2:
         p.error("--num must be >= 2")
 
+    if args.sweep:
+        return _main_sweep(p, args)
     try:
         if args.npz:
             images, labels = load_npz(args.npz, args.num)
@@ -303,9 +447,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 sampler=args.sampler,
                 steps=args.steps,
                 eta=args.eta,
+                variance=args.variance,
                 seed=args.seed,
                 labels=args.labels,
                 guidance=args.guidance,
+                spacing=args.spacing or "linspace",
             )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -315,6 +461,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = evaluate(images, labels, seed=args.seed)
     result["samples_info"] = info
     print(markdown(result))
+    if args.json:
+        text = json.dumps(_finite(result), indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0
+
+
+def _main_sweep(p: argparse.ArgumentParser, args) -> int:
+    from jdiff.sampling import SAMPLERS, SPACINGS
+
+    if args.npz:
+        p.error("--sweep samples a --workdir run; it does not take --npz")
+    samplers = sorted(SAMPLERS) if args.samplers is None else [x.strip() for x in args.samplers.split(",") if x.strip()]
+    spacings = [x.strip() for x in (args.spacing or "linspace").split(",") if x.strip()]
+    try:
+        nfes = [int(x) for x in args.nfes.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--nfes must be comma-separated ints, got {args.nfes!r}")
+    if not nfes or min(nfes) < 1:
+        p.error(f"--nfes must be comma-separated ints >= 1, got {args.nfes!r}")
+    for name in samplers:
+        if name not in SAMPLERS:
+            p.error(f"unknown sampler {name!r} in --samplers; allowed: {', '.join(sorted(SAMPLERS))}")
+    for name in spacings:
+        if name not in SPACINGS:
+            p.error(f"unknown spacing {name!r} in --spacing; allowed: {', '.join(SPACINGS)}")
+    try:
+        result = sweep(
+            args.workdir or "runs/digits",
+            samplers=samplers,
+            nfes=nfes,
+            spacings=spacings,
+            num=args.num or 500,
+            step=args.step,
+            seed=args.seed,
+            labels=args.labels,
+            guidance=args.guidance,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(sweep_markdown(result))
     if args.json:
         text = json.dumps(_finite(result), indent=1)
         if args.json == "-":

@@ -147,11 +147,40 @@ def sigmoid_betas(
     return 1.0 / (1.0 + np.exp(-x)) * (beta_end - beta_start) + beta_start
 
 
+def edm_sigmas(
+    num_timesteps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> np.ndarray:
+    """EDM's noise levels (Karras et al. 2022, eq. 5) in increasing order, one per step t = 0..T-1:
+    sigma_t = (sigma_min^(1/rho) + t/(T-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho. T >= 2, float64."""
+    if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 2:
+        raise ValueError(f"num_timesteps of the edm schedule must be an int >= 2, got {num_timesteps!r}.")
+    if not (0 < sigma_min < sigma_max < math.inf) or not rho > 0:
+        raise ValueError(
+            f"the edm schedule needs 0 < sigma_min < sigma_max < inf and rho > 0, got sigma_min={sigma_min!r}, "
+            f"sigma_max={sigma_max!r}, rho={rho!r}."
+        )
+    i = np.arange(num_timesteps, dtype=np.float64) / (num_timesteps - 1)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (lo + i * (hi - lo)) ** rho
+
+
+def edm_betas(num_timesteps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
+    """The VP schedule whose levels are EDM's sigma grid (`edm_sigmas`): abar_t = 1/(1 + sigma_t^2)
+    (x_vp = x_edm/sqrt(1 + sigma^2)), beta_t = 1 - abar_t/abar_{t-1} (abar_{-1} = 1).
+
+    Its EDM sigma sqrt((1 - abar_t)/abar_t) is sigma_t, so the "karras" spacing on it is EDM's time grid
+    (Alg. 1's t_i) and "linspace" with N = T is that grid exactly.
+    """
+    abar = 1.0 / (1.0 + edm_sigmas(num_timesteps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho) ** 2)
+    return 1.0 - abar / np.append(1.0, abar[:-1])
+
+
 BETA_SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "linear": linear_betas,
     "scaled_linear": scaled_linear_betas,
     "cosine": cosine_betas,
     "sigmoid": sigmoid_betas,
+    "edm": edm_betas,
 }
 
 
@@ -176,11 +205,13 @@ def get_schedule(
     """Returns the named schedule of `num_timesteps` steps.
 
     Args:
-      name: one of "linear", "scaled_linear", "cosine", "sigmoid", or "custom" (then give `betas`).
+      name: one of "linear", "scaled_linear", "cosine", "sigmoid", "edm" (EDM's sigma grid, `edm_betas`), or
+        "custom" (then give `betas`).
       num_timesteps: T >= 1 (ignored for "custom", where T = len(betas)).
       zero_terminal_snr: rescale so that abar_{T-1} = 0 (Lin et al. 2024); pair it with v-prediction.
       betas: the betas of a "custom" schedule.
-      **kwargs: the beta function's keyword arguments (beta_start, beta_end, s, max_beta, sigmoid_range).
+      **kwargs: the beta function's keyword arguments (beta_start, beta_end, s, max_beta, sigmoid_range;
+        "edm": sigma_min, sigma_max, rho).
     """
     if name == "custom":
         if betas is None:

@@ -72,6 +72,32 @@ def with_changes(config, **overrides):
     return apply_overrides(config, overrides.items())
 
 
+def write_random_run(workdir, config, num_classes=None, image_shape=(8, 8, 1)):
+    """A run directory without training: config.json and a step-0 checkpoint of random weights filled from the
+    abstract TrainState (so that no init program compiles). Returns (model, state)."""
+    import jax
+    import numpy as np
+
+    from jdiff.run import Checkpointer, build_model, save_run_config
+    from jdiff.training import init_train_state, make_optimizer
+
+    save_run_config(workdir, config, {"num_classes": num_classes, "image_shape": list(image_shape)})
+    model = build_model(config, num_classes)
+    abstract = jax.eval_shape(lambda: init_train_state(model, make_optimizer(config.optim), tuple(image_shape), 0))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(
+        lambda a: (
+            (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
+            if np.issubdtype(a.dtype, np.floating)
+            else np.zeros(a.shape, a.dtype)
+        ),
+        abstract,
+    )
+    with Checkpointer(workdir, async_save=False) as ck:
+        ck.save(0, state)
+    return model, state
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """Factory of tiny configs in a fresh workdir: tiny_config(workdir=None, **overrides) (see make_tiny_config)."""

@@ -15,12 +15,15 @@ LAYERS = {
     "forward": 2,
     "losses": 3,
     "analytic": 3,  # the math
+    "edm": 3,
     "sampling": 4,
+    "likelihood": 4,  # bits/dim: the VLB over all t, the probability-flow ODE (diffrax)
     "models": 4,
     "data": 4,
     "metrics": 5,
     "config": 6,
     "run": 7,
+    "pretrained": 7,  # diffusers-format checkpoints in/out (training and cli use it)
     "training": 8,
     "quality": 8,
     "cli": 9,

@@ -9,9 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import shared_once
-
-from jdiff.run import Checkpointer
+from conftest import shared_once, write_random_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_PY = os.path.join(REPO, "sample.py")
@@ -20,11 +18,7 @@ TILE = 8 * 8 + 1  # an 8x8 image upscaled 8x plus the 1 px grid padding
 
 
 def _make_run(workdir: str, class_conditional: bool) -> str:
-    import jax
-
     from jdiff.config import apply_overrides, get_preset
-    from jdiff.run import build_model, save_run_config
-    from jdiff.training import init_train_state, make_optimizer
 
     over = {
         "workdir": workdir,
@@ -37,21 +31,7 @@ def _make_run(workdir: str, class_conditional: bool) -> str:
         "model.num_heads": "1",
     }
     config = apply_overrides(get_preset("digits"), over)
-    num_classes = 10 if class_conditional else None
-    save_run_config(workdir, config, {"num_classes": num_classes, "image_shape": [8, 8, 1]})
-    model = build_model(config, num_classes)
-    abstract = jax.eval_shape(lambda: init_train_state(model, make_optimizer(config.optim), (8, 8, 1), 0))
-    rng = np.random.default_rng(0)
-    state = jax.tree.map(
-        lambda a: (
-            (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
-            if np.issubdtype(a.dtype, np.floating)
-            else np.zeros(a.shape, a.dtype)
-        ),
-        abstract,
-    )
-    with Checkpointer(workdir, async_save=False) as ck:
-        ck.save(0, state)
+    write_random_run(workdir, config, 10 if class_conditional else None)
     return workdir
 
 

@@ -155,7 +155,10 @@ BAD_FLAGS = {
     "unknown_flag": (["--lrr", "1e-3"], "did you mean --lr"),
     "bad_float": (["--lr", "fast"], "bad value 'fast' for optim.lr"),
     "bad_float_dotted": (["--optim.lr=fast"], "bad value 'fast' for optim.lr"),
-    "bad_choice": (["--sampler", "nope"], "allowed: ddim, ddpm, dpmpp_2m, euler, heun"),
+    "bad_choice": (
+        ["--sampler", "nope"],
+        "allowed: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, edm_sde, euler, euler_ancestral, heun, unipc",
+    ),
     "bad_range": (["--batch_size", "0"], "batch_size must be >= 1"),
     "bad_preset": (["--preset", "imagenet"], "invalid choice"),
     "unknown_model": (["--model", "resnet"], "bad value 'resnet' for model.name; allowed: dit_b2"),

@@ -1,4 +1,6 @@
-"""sample.py: draw samples from a trained jdiff run, `python sample.py --workdir runs/digits`.
+"""sample.py: draw samples from a trained jdiff run, `python sample.py --workdir runs/digits`, or from a
+diffusers-format checkpoint, `python sample.py --pretrained ddpm-cifar10-32` (jdiff.pretrained; a DiT pipeline's
+latents are decoded by its vae/, classifier-free guidance 4 by default as in diffusers' DiTPipeline).
 
 Loads the run's checkpoint (EMA parameters by default; config.json gives the model, image shape, prediction
 type and noise schedule), samples in batches sharded over all devices, and writes a PNG grid and an .npz of
@@ -43,7 +45,19 @@ def build_parser() -> Parser:
     from jdiff.sampling import SAMPLERS, SPACINGS, all_options
 
     p = Parser(prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training run directory (config.json + checkpoints/)")
+    src.add_argument(
+        "--pretrained",
+        metavar="PATH",
+        help="a diffusers-format pipeline or model directory (UNet2DModel / DiT, optional vae/; see README)",
+    )
+    p.add_argument(
+        *both("--timestep-convention"),
+        choices=("reference", "diffusers"),
+        default=None,
+        help="--pretrained DiT: time embedding of the DiT reference code (default) or of diffusers' DiT",
+    )
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, <= the model's T (default 50)")
@@ -61,7 +75,7 @@ def build_parser() -> Parser:
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale (class-conditional models; 1 = plain conditional)",
+        help="classifier-free guidance scale (class-conditional models; 1 = plain conditional; --pretrained DiT: 4)",
     )
     lab = p.add_mutually_exclusive_group()
     lab.add_argument(
@@ -79,9 +93,9 @@ def build_parser() -> Parser:
         default=None,
         help="global batch, a multiple of the device count (default: up to 256, chosen to fit)",
     )
-    p.add_argument("--params", choices=("ema", "raw"), default="ema", help="EMA (default) or raw parameters")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--out", default=None, help="output directory (default: WORKDIR/samples)")
+    p.add_argument("--params", choices=("ema", "raw"), default="ema", help="EMA (default) or raw parameters (runs)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (runs; default: latest)")
+    p.add_argument("--out", default=None, help="output directory (default: WORKDIR/samples or PATH/samples)")
     p.add_argument("--trajectory", action="store_true", help="also write the denoising steps (PNG strip + GIF)")
     p.add_argument(
         *both("--trajectory-every"),
@@ -99,7 +113,7 @@ def build_parser() -> Parser:
         "--clip",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="clip the predicted x0 to [-1, 1] at every step (default on)",
+        help="clip the predicted x0 to [-1, 1] at every step (default on; latent runs: the decoded images)",
     )
     p.add_argument(*both("--no-progress"), action="store_true", help="no progress bar")
     return p
@@ -137,6 +151,11 @@ def _main(argv: Sequence[str]) -> int:
     if args.trajectory_every is not None and args.trajectory_every < 1:
         fail(PROG, f"--trajectory-every must be >= 1, got {args.trajectory_every}", 2)
 
+    if args.pretrained is not None:
+        return _sample_pretrained(args)
+    if args.timestep_convention is not None:
+        fail(PROG, "--timestep-convention applies to --pretrained DiT checkpoints only", 2)
+
     from jdiff import run as jrun
     from jdiff._logs import quiet_absl
 
@@ -146,22 +165,8 @@ def _main(argv: Sequence[str]) -> int:
         fail(PROG, e, 1)
     config = run.config
     out_dir = args.out or os.path.join(args.workdir, "samples")
-    try:  # before any work: an unwritable --out fails at once
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        fail(PROG, f"cannot write to --out {out_dir}: {e.strerror or e}", 2)
-    need, free = args.num * math.prod(run.image_shape) * 4, shutil.disk_usage(out_dir).free
-    if need > free:
-        fail(
-            PROG,
-            f"--num {args.num} needs {need / 2**30:.1f} GiB for the .npz in {out_dir}, {free / 2**30:.1f} GiB free",
-            2,
-        )
-    every = None
-    if args.trajectory:
-        every = args.trajectory_every if args.trajectory_every is not None else max(1, args.steps // 10)
+    out_shape = tuple(run.derived.get("decoded_shape", run.image_shape))  # a latent run (data.vae) writes images
+    _check_out(args, out_dir, out_shape)
     labels = (args.class_,) if args.class_ is not None else args.labels
 
     import jax
@@ -169,16 +174,9 @@ def _main(argv: Sequence[str]) -> int:
     from jdiff.models import abstract_params
 
     devices = jax.devices()
+    cache_dir = _compilation_cache(args)
     try:
-        cache_dir = None if args.no_cache else jrun.enable_compilation_cache(args.cache_dir)
-    except OSError as e:
-        fail(PROG, f"cannot use --cache-dir {args.cache_dir}: {e}", 2)
-    try:
-        options = _options(args)
-        drawn = {"sampler": args.sampler, "steps": args.steps, "spacing": args.spacing}  # also recorded in .npz
-        settings = jrun.Settings(
-            **drawn, options=options, guidance=args.guidance, clip=args.clip, trajectory_every=every
-        )
+        settings, options, drawn = _settings(args, args.guidance)
         y = jrun.labels_for(args.num, run.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
         model, schedule = jrun.build_model(config, run.num_classes), jrun.build_schedule(config)
@@ -190,6 +188,7 @@ def _main(argv: Sequence[str]) -> int:
             + f", prediction {prediction}), {len(devices)} device(s), batch {batch}",
             flush=True,
         )
+        vae = _run_vae(config)
         gen = jrun.Generator(
             model,
             schedule,
@@ -199,6 +198,8 @@ def _main(argv: Sequence[str]) -> int:
             prediction=prediction,
             batch=batch,
             devices=devices,
+            decode=None if vae is None else vae.decode_latents,
+            decode_params=None if vae is None else vae.params,
         )
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
         stats = gen.compile(abstract)  # validates the request before any weights are read
@@ -212,31 +213,80 @@ def _main(argv: Sequence[str]) -> int:
             )
     except (jrun.CheckpointError, OSError) as e:
         fail(PROG, e, 1)
-    stem = f"{args.sampler}_{args.steps}steps_seed{args.seed}" + (
-        f"_g{args.guidance:g}" if args.guidance is not None else ""
+    return _write_samples(
+        args, gen, params, y, labels, run.num_classes, out_dir, dict(drawn, params=args.params), prediction, options
     )
-    path = lambda suffix: os.path.join(out_dir, stem + suffix)
+
+
+def _check_out(args, out_dir: str, out_shape: Sequence[int]) -> None:
+    """Before any work: an unwritable --out, or one without room for the .npz, fails at once (status 2)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        fail(PROG, f"cannot write to --out {out_dir}: {e.strerror or e}", 2)
+    need, free = args.num * math.prod(out_shape) * 4, shutil.disk_usage(out_dir).free
+    if need > free:
+        fail(
+            PROG,
+            f"--num {args.num} needs {need / 2**30:.1f} GiB for the .npz in {out_dir}, {free / 2**30:.1f} GiB free",
+            2,
+        )
+
+
+def _compilation_cache(args) -> Optional[str]:
+    """The persistent compilation cache in use (None with --no-cache); exit 2 with one line if --cache-dir fails."""
+    from jdiff import run as jrun
+
+    try:
+        return None if args.no_cache else jrun.enable_compilation_cache(args.cache_dir)
+    except OSError as e:
+        fail(PROG, f"cannot use --cache-dir {args.cache_dir}: {e}", 2)
+
+
+def _settings(args, guidance: Optional[float]):
+    """(jrun.Settings, sampler options, the drawn sampler/steps/spacing also recorded in the .npz) of the flags."""
+    from jdiff import run as jrun
+
+    options = _options(args)
+    drawn = {"sampler": args.sampler, "steps": args.steps, "spacing": args.spacing}
+    settings = jrun.Settings(**drawn, options=options, guidance=guidance, clip=args.clip, trajectory_every=_every(args))
+    return settings, options, drawn
+
+
+def _every(args) -> Optional[int]:
+    if not args.trajectory:
+        return None
+    return args.trajectory_every if args.trajectory_every is not None else max(1, args.steps // 10)
+
+
+def _write_samples(args, gen, params, y, labels, num_classes, out_dir, meta, prediction, options) -> int:
+    """Draws the samples and writes the PNG grid, the .npz (with `meta`) and the trajectory; returns 0."""
+    from jdiff import run as jrun
     from jdiff.sampling import check_options
 
+    guidance = gen.settings.guidance
+    stem = f"{args.sampler}_{args.steps}steps_seed{args.seed}" + (f"_g{guidance:g}" if guidance is not None else "")
+    path = lambda suffix: os.path.join(out_dir, stem + suffix)
     meta = dict(
-        drawn,
-        batch_size=batch,
+        meta,
+        batch_size=gen.batch,
         seed=args.seed,
-        params=args.params,
         prediction=prediction,
-        guidance=float("nan") if args.guidance is None else args.guidance,
+        guidance=float("nan") if guidance is None else guidance,
         **check_options(args.sampler, options),
     )
     try:
-        stream = jrun.NpzStream(path(".npz"), args.num, run.image_shape)
+        stream = jrun.NpzStream(path(".npz"), args.num, gen.output_shape)
     except OSError as e:
         fail(PROG, f"cannot write to {out_dir}: {e}", 1)
     try:
         grid, traj, spent = _sample_to(stream, gen, params, args, y)
         print(f"sampling: {args.num} images in {spent:.2f} s ({args.num / spent:.1f} images/s)", flush=True)
-        cycle = y is not None and labels is None and args.num >= run.num_classes  # one column per class
-        columns = run.num_classes if cycle else math.ceil(math.sqrt(len(grid)))
-        up = jrun.upscale_for(run.image_shape)
+        cycle = y is not None and labels is None and args.num >= num_classes  # one column per class
+        columns = num_classes if cycle else math.ceil(math.sqrt(len(grid)))
+        up = jrun.upscale_for(gen.output_shape)
         written = [
             jrun.save_png(jrun.image_grid(grid, columns=columns, upscale=up), path(".png")),
             stream.finish(y, **meta),
@@ -250,6 +300,76 @@ def _main(argv: Sequence[str]) -> int:
     for p in written:
         print(f"wrote {p}")
     return 0
+
+
+def _sample_pretrained(args) -> int:
+    """sample.py --pretrained PATH: a diffusers-format checkpoint (jdiff.pretrained.load); a latent model's
+    samples are decoded by its vae/. A bad directory exits 1 with one line, a request that does not fit 2."""
+    if args.step is not None:
+        fail(PROG, "--step applies to --workdir runs only", 2)
+    from jdiff import run as jrun
+    from jdiff.pretrained import PretrainedError, load
+
+    try:
+        pre = load(args.pretrained, timestep_convention=args.timestep_convention)
+    except PretrainedError as e:
+        fail(PROG, f"--pretrained {args.pretrained}: {e}", 1)
+    out_dir = args.out or os.path.join(args.pretrained, "samples")
+    labels = (args.class_,) if args.class_ is not None else args.labels
+    guidance = args.guidance if args.guidance is not None else (pre.guidance if pre.num_classes else None)
+
+    import jax
+
+    devices = jax.devices()
+    cache_dir = _compilation_cache(args)
+    try:
+        settings, options, drawn = _settings(args, guidance)
+        y = jrun.labels_for(args.num, pre.num_classes, labels)
+        batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
+        gen = jrun.Generator(
+            pre.model,
+            pre.schedule,
+            settings,
+            image_shape=pre.sample_shape,
+            num_classes=pre.num_classes,
+            prediction=pre.prediction,
+            batch=batch,
+            devices=devices,
+            decode=None if pre.vae is None else pre.vae.decode_latents,
+            decode_params=None if pre.vae is None else pre.vae.params,
+        )
+        _check_out(args, out_dir, gen.output_shape)
+        print(
+            f"{type(pre.model).__name__} from {args.pretrained}: {args.num} samples "
+            f"{'x'.join(map(str, gen.output_shape))}"
+            + (f" (latents {'x'.join(map(str, pre.sample_shape))} decoded by vae/)" if pre.vae is not None else "")
+            + f", {args.sampler} {args.steps} steps ({args.spacing}"
+            + "".join(f", {k} {v}" for k, v in options.items())
+            + f", prediction {pre.prediction}"
+            + (", learned-variance output" if pre.variance == "learned" else "")
+            + (f", guidance {guidance:g}" if guidance is not None else "")
+            + f"), {len(devices)} device(s), batch {batch}",
+            flush=True,
+        )
+        stats = gen.compile(pre.params)
+    except ValueError as e:
+        fail(PROG, e, 2)
+    print(f"compile: {stats.describe(cache_dir)}", flush=True)
+    meta = dict(drawn, pretrained=os.path.abspath(args.pretrained))
+    return _write_samples(args, gen, pre.params, y, labels, pre.num_classes, out_dir, meta, pre.prediction, options)
+
+
+def _run_vae(config):
+    """The AutoencoderKL a latent run (data.vae) decodes through, or None; a missing or unreadable one exits 1."""
+    if not config.data.vae:
+        return None
+    from jdiff.pretrained.autoencoder import load_autoencoder_dir
+    from jdiff.pretrained.files import PretrainedError
+
+    try:
+        return load_autoencoder_dir(config.data.vae)
+    except PretrainedError as e:
+        fail(PROG, f"the run's VAE (data.vae): {e}", 1)
 
 
 def _sample_to(stream, gen, params, args, labels):

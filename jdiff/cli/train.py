@@ -45,7 +45,8 @@ def _key_help() -> str:
         alias = f" (alias --{k.alias})" if k.alias != k.path.split(".")[1] else ""
         lines.append(f"  --{k.path}{alias}: {k.spec.summary()}")
         if k.path == "model.fields":
-            fields = ", ".join(f for f in model_config("unet_small") if f != "dtype")
+            own = ("dtype", "remat", "remat_policy")  # keys of their own: --model.dtype, --model.remat, ...
+            fields = ", ".join(f for f in model_config("unet_small") if f not in own)
             lines.append(f"  --model.FIELD: a field of the chosen model (unet_small: {fields})")
         if k.path == "sampling.options":
             for name, (spec, samplers) in all_options().items():

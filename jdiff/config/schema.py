@@ -11,8 +11,9 @@ declared options, `jdiff.sampling`).
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from jdiff.forward import PREDICTIONS
-from jdiff.losses import WEIGHTINGS
+from jdiff.edm import P_MEAN, P_STD
+from jdiff.forward import EDM_PREDICTIONS, PREDICTIONS
+from jdiff.losses import LOSSES, WEIGHTINGS
 from jdiff.schedules import BETA_SCHEDULES
 from jdiff.spec import Spec, spec_of_annotation
 
@@ -55,6 +56,24 @@ class _Section:
             object.__setattr__(self, f.name, value)
 
 
+MESH_AXES = ("data", "fsdp")  # batch axis; the axis parameters, EMA and optimizer state are sharded over
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """{"data": D, "fsdp": F} of a mesh string "data=D,fsdp=F"; an axis left out is -1 (the devices left).
+    ConfigError for anything else."""
+    shape = {}
+    for part in str(text).replace(" ", "").split(","):
+        name, eq, value = part.partition("=")
+        if not eq or name not in MESH_AXES or name in shape or not value.isdigit() or int(value) < 1:
+            raise ConfigError(
+                f'bad run.mesh {text!r}: expected "data=D,fsdp=F" with positive integers D and F (axes: '
+                f"{', '.join(MESH_AXES)}; one may be left out, e.g. fsdp=8)"
+            )
+        shape[name] = int(value)
+    return {a: shape.get(a, -1) for a in MESH_AXES}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig(_Section):
     section = "run"
@@ -64,11 +83,27 @@ class RunConfig(_Section):
     keep_checkpoints: int = setting(3, "keep the last K checkpoints", ge=1)
     async_checkpoint: bool = setting(True, "save checkpoints in the background")
     log_every: int = setting(100, "fetch and log metrics every N steps", ge=1)
+    eval_every: int = setting(
+        0, "every N steps, held-out bits/dim (VLB) of the EMA model on a fixed batch of data.eval_split (0: off)", ge=0
+    )
+    eval_num: int = setting(64, "examples in the held-out bits/dim batch (the first N of data.eval_split)", ge=1)
+    eval_ode: bool = setting(False, "the held-out evaluation also computes the probability-flow ODE bits/dim")
+    mesh: Optional[str] = setting(
+        None,
+        'device mesh "data=D,fsdp=F" (D*F = all devices; batch over both axes, parameters, EMA and optimizer '
+        "state sharded over fsdp; none: all devices on data, state replicated)",
+        alias="mesh",
+    )
+    fsdp_min_size: int = setting(
+        2**14, "parameters with fewer elements stay replicated on a fsdp mesh (0: shard every divisible one)", ge=0
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if not self.workdir:
             raise ConfigError("run.workdir must not be empty")
+        if self.mesh is not None:
+            parse_mesh(self.mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +124,34 @@ class DataConfig(_Section):
     label_dropout: float = setting(
         0.1, "probability of replacing a label by the null label (classifier-free guidance)", ge=0.0, le=1.0
     )
+    levels: Optional[int] = setting(
+        None, "values per pixel channel of the data, for the VLB decoder and bits/dim (none: 17 digits, else 256)", ge=2
+    )
+    eval_split: str = setting("test", "split of the held-out bits/dim evaluation (run.eval_every)")
+    vae: Optional[str] = setting(
+        None,
+        "diffusers AutoencoderKL directory: train on its latents (a posterior draw of each batch x scaling_factor); "
+        "previews and sample.py decode through it",
+        fixed=True,
+    )
+
+    def pixel_levels(self) -> int:
+        """`levels`, or the dataset's: 17 for the sklearn digits (0..16), 256 (8-bit) for everything else."""
+        if self.levels is not None:
+            return self.levels
+        return 17 if self.dataset == "digits" else 256
 
 
 def _model_names() -> tuple:
     from jdiff.models import list_models
 
     return tuple(list_models())
+
+
+def _remat_policies() -> tuple:
+    from jdiff.models.remat import REMAT_POLICIES
+
+    return REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +161,12 @@ class ModelConfig(_Section):
         "unet_small", "registered model (jdiff.models.list_models())", alias="model", fixed=True, choices=_model_names
     )
     dtype: str = setting("float32", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16"))
+    remat: bool = setting(
+        False, "rematerialise each res/attention block (U-Net) or transformer block (DiT) in the backward pass"
+    )
+    remat_policy: str = setting(
+        "nothing_saveable", "what a rematerialised block keeps (jax.checkpoint_policies)", choices=_remat_policies
+    )
     fields: dict = setting(
         {}, "module field overrides of the model, set one with --model.FIELD VALUE", alias="model_overrides", fixed=True
     )
@@ -112,7 +175,8 @@ class ModelConfig(_Section):
         super().__post_init__()
         from jdiff.models import model_config
 
-        allowed = {k: v for k, v in model_config(self.name).items() if k != "dtype"}  # dtype: model.dtype
+        own = ("dtype", "remat", "remat_policy")  # set by model.dtype, model.remat, model.remat_policy
+        allowed = {k: v for k, v in model_config(self.name).items() if k not in own}
         bad = sorted(set(self.fields) - set(allowed))
         if bad:
             raise ConfigError(f"unknown model field(s) {bad} for {self.name!r}; allowed: {', '.join(sorted(allowed))}")
@@ -140,20 +204,58 @@ class DiffusionConfig(_Section):
     zero_terminal_snr: bool = setting(
         False, "rescale the schedule to zero terminal SNR (use with objective v)", fixed=True
     )
-    objective: str = setting("eps", "what the model predicts", fixed=True, choices=PREDICTIONS)
+    objective: str = setting(
+        "eps",
+        "what the model predicts (edm, edm_vp, edm_ve: an EDM-preconditioned network, Karras et al. 2022)",
+        fixed=True,
+        choices=PREDICTIONS + EDM_PREDICTIONS,
+    )
     weighting: str = setting("simple", "loss weighting", choices=WEIGHTINGS)
     min_snr_gamma: float = setting(5.0, "gamma of min-SNR weighting", gt=0.0)
+    loss: str = setting(
+        "simple",
+        "simple: the denoising MSE; hybrid: + vlb_weight * L_vlb for a learned variance (Nichol & Dhariwal 2021); "
+        "vlb: the variational bound alone",
+        choices=LOSSES,
+    )
+    vlb_weight: float = setting(1e-3, "lambda of the hybrid loss L_simple + lambda L_vlb", ge=0.0)
+    t_sampling: str = setting(
+        "uniform",
+        "timestep sampling of loss hybrid/vlb: uniform, or importance (p_t ~ sqrt(E[L_t^2]), improved DDPM sec. 3.3)",
+        fixed=True,
+        choices=("uniform", "importance"),
+    )
+    edm_p_mean: float = setting(P_MEAN, "objective edm: mean of the log-normal training ln(sigma) (EDM P_mean)")
+    edm_p_std: float = setting(P_STD, "objective edm: std of the log-normal training ln(sigma) (EDM P_std)", gt=0.0)
 
     def __post_init__(self):
         super().__post_init__()
         if self.zero_terminal_snr and self.objective == "eps":
             raise ConfigError("diffusion.zero_terminal_snr needs objective v or x0 (eps cannot be sampled at SNR 0)")
+        if self.objective in EDM_PREDICTIONS:
+            if self.weighting != "simple":
+                raise ConfigError(
+                    f"diffusion.weighting {self.weighting} does not apply to objective {self.objective} (EDM weights "
+                    "its loss by lambda(sigma)); use weighting simple"
+                )
+            if self.zero_terminal_snr:
+                raise ConfigError(f"diffusion.zero_terminal_snr does not apply to objective {self.objective}")
+        edm_defaults = (self.edm_p_mean, self.edm_p_std) == (P_MEAN, P_STD)
+        if self.objective != "edm" and not edm_defaults:
+            raise ConfigError(f"diffusion.edm_p_mean / edm_p_std apply to objective edm only, not {self.objective}")
+        if self.loss != "simple" and self.objective not in PREDICTIONS:
+            raise ConfigError(f"diffusion.loss {self.loss} needs objective eps, x0 or v, not {self.objective}")
+        if self.t_sampling == "importance" and self.loss == "simple":
+            raise ConfigError("diffusion.t_sampling importance needs diffusion.loss vlb or hybrid")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(_Section):
     section = "optim"
     batch_size: int = setting(128, "global batch size (all devices, all hosts)", ge=1)
+    grad_accum: int = setting(
+        1, "gradient accumulation: each step runs the batch as K micro-batches of batch_size/K (same update)", ge=1
+    )
     steps: int = setting(2000, "total number of training steps", ge=0)
     lr: float = setting(2e-3, "peak learning rate", gt=0.0)
     warmup_steps: int = setting(100, "linear learning-rate warm-up steps (lr(0) = 0)", ge=0)
@@ -175,7 +277,7 @@ class OptimConfig(_Section):
 def _sampler_names() -> tuple:
     from jdiff.sampling import SAMPLERS
 
-    return tuple(SAMPLERS)
+    return tuple(sorted(SAMPLERS))
 
 
 def _spacings() -> tuple:
@@ -233,8 +335,18 @@ class TrainConfig:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
 
     def __post_init__(self):
+        if self.diffusion.loss == "hybrid" and not self.learned_variance():
+            raise ConfigError(
+                f"diffusion.loss hybrid needs a learned variance: set --model.learn_sigma true ({self.model.name})"
+            )
         if self.sampling.steps > self.diffusion.num_timesteps:
             raise ConfigError(
                 f"sampling.steps ({self.sampling.steps}) must be <= diffusion.num_timesteps "
                 f"({self.diffusion.num_timesteps})"
             )
+
+    def learned_variance(self) -> bool:
+        """Whether the model outputs a variance (learn_sigma: 2x channels, [prediction | v])."""
+        from jdiff.models import model_config
+
+        return bool({**model_config(self.model.name), **self.model.fields}.get("learn_sigma", False))

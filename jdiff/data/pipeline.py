@@ -7,7 +7,7 @@ resuming training at step ``s`` only needs ``s`` (see ``jdiff.data.sampler``).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -124,6 +124,7 @@ def iterate_batches(
     random_flip: bool = False,
     sharding: Any = None,
     prefetch: int = 2,
+    transform: Callable[[int, Any], Any] | None = None,
 ) -> BatchIterator:
     """Iterator of device batches for steps ``start_step, start_step + 1, ...``.
 
@@ -140,6 +141,9 @@ def iterate_batches(
     ``prefetch`` batches are prepared (and transferred) ahead in a background
     thread; use the iterator in a ``with`` block or call ``close()`` to stop it
     early. ``num_steps=None`` iterates forever.
+
+    ``transform(step, batch) -> batch`` (optional) is applied to each device batch in the same background
+    thread (e.g. encoding images to VAE latents), so it overlaps with the consumer's work.
     """
     import jax
 
@@ -179,4 +183,7 @@ def iterate_batches(
             local = _gather(source, step, local_rows, global_batch_size, seed, random_flip)
             return {k: jax.make_array_from_process_local_data(shardings[k], local[k], shapes[k]) for k in shapes}
 
+    if transform is not None:
+        raw = make_batch
+        make_batch = lambda step: transform(step, raw(step))  # noqa: E731
     return BatchIterator(make_batch, start_step=start_step, num_steps=num_steps, prefetch=prefetch)

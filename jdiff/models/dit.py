@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jdiff.models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
 from jdiff.models.layers import MultiHeadSelfAttention, check_inputs, modulate
+from jdiff.models.remat import maybe_remat
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
@@ -41,6 +42,7 @@ class DiTBlock(nn.Module):
     hidden: int
     num_heads: int
     mlp_ratio: float = 4.0
+    mlp_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -48,12 +50,12 @@ class DiTBlock(nn.Module):
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(c, 6, self.hidden, kw)
-        ln = lambda name: nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name=name, **kw)
+        ln = lambda name, eps: nn.LayerNorm(epsilon=eps, use_scale=False, use_bias=False, name=name, **kw)
         h = MultiHeadSelfAttention(self.num_heads, kernel_init=xavier, name="attn", **kw)(
-            modulate(ln("norm1")(x), shift1, scale1)
+            modulate(ln("norm1", 1e-6)(x), shift1, scale1)
         )
         x = x + gate1[:, None] * h
-        h = modulate(ln("norm2")(x), shift2, scale2)
+        h = modulate(ln("norm2", self.mlp_norm_eps)(x), shift2, scale2)
         h = nn.Dense(int(self.hidden * self.mlp_ratio), kernel_init=xavier, name="mlp_fc1", **kw)(h)
         h = nn.Dense(self.hidden, kernel_init=xavier, name="mlp_fc2", **kw)(nn.gelu(h, approximate=True))
         return x + gate2[:, None] * h
@@ -82,9 +84,12 @@ class DiT(nn.Module):
     Fields: patch_size, hidden_size, depth, num_heads, mlp_ratio (4), num_classes
     (None = unconditional; else ``num_classes + 1`` label rows, the last = null label,
     used when ``y`` is None), learn_sigma (doubles output channels: [eps | v]),
-    out_channels (None = input channels), remat (rematerialise blocks to save memory),
-    dtype / param_dtype. Output is float32. ``train`` changes nothing (no dropout layers);
-    label dropout for classifier-free guidance is ``drop_labels``, done by the caller.
+    out_channels (None = input channels), remat / remat_policy (rematerialise each block in the backward pass
+    with that `jdiff.models.remat` policy: less activation memory, same numbers),
+    freq_shift (time-embedding frequency shift, ``embeddings.timestep_embedding``: 0 = the DiT reference
+    code, 1 = diffusers' DiTTransformer2DModel), mlp_norm_eps (epsilon of the LayerNorm before the MLP: 1e-6 in
+    the reference, diffusers' ``norm_eps``), dtype / param_dtype. Output is float32. ``train`` changes
+    nothing (no dropout layers); label dropout for classifier-free guidance is ``drop_labels``, done by the caller.
     """
 
     patch_size: int = 2
@@ -96,6 +101,9 @@ class DiT(nn.Module):
     learn_sigma: bool = True
     out_channels: int | None = None
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    freq_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -121,14 +129,20 @@ class DiT(nn.Module):
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         c = TimestepEmbedder(
-            d, freq_dim=256, cos_first=True, kernel_init=nn.initializers.normal(0.02), name="t_embedder", **kw
+            d,
+            freq_dim=256,
+            cos_first=True,
+            freq_shift=self.freq_shift,
+            kernel_init=nn.initializers.normal(0.02),
+            name="t_embedder",
+            **kw,
         )(t)
         if self.num_classes is not None:
             c = c + LabelEmbedder(self.num_classes, d, name="y_embedder", **kw)(y, b)
 
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        block_cls = maybe_remat(DiTBlock, self.remat, self.remat_policy)
         for i in range(self.depth):
-            h = block_cls(d, self.num_heads, self.mlp_ratio, name=f"blocks_{i}", **kw)(h, c)
+            h = block_cls(d, self.num_heads, self.mlp_ratio, self.mlp_norm_eps, name=f"blocks_{i}", **kw)(h, c)
 
         out_ch = (self.out_channels or c_in) * (2 if self.learn_sigma else 1)
         h = FinalLayer(d, p * p * out_ch, name="final_layer", **kw)(h, c)

@@ -16,13 +16,17 @@ import numpy as np
 Dtype = Any
 
 
-def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 10000.0, cos_first: bool = False) -> jax.Array:
+def timestep_embedding(
+    t: jax.Array, dim: int, *, max_period: float = 10000.0, cos_first: bool = False, freq_shift: float = 0.0
+) -> jax.Array:
     """Sinusoidal timestep embedding (Vaswani et al. 2017 Sec. 3.5; DDPM App. B; ADM).
 
     ``emb[:, i] = sin(t * f_i)``, ``emb[:, half + i] = cos(t * f_i)`` with
-    ``f_i = max_period ** (-i / half)``, ``half = dim // 2`` (ADM/DiT frequencies).
-    Works for fractional ``t``. ``cos_first=True`` gives the [cos, sin] order of
-    ADM/DiT's reference code. Odd ``dim`` is zero-padded by one column.
+    ``f_i = max_period ** (-i / (half - freq_shift))``, ``half = dim // 2``. ``freq_shift=0`` gives the
+    ADM/DiT frequencies; ``freq_shift=1`` those of DDPM's original code (frequencies over ``half - 1``) and
+    of diffusers' ``get_timestep_embedding(downscale_freq_shift=1)``. Works for fractional ``t``.
+    ``cos_first=True`` gives the [cos, sin] order of ADM/DiT's reference code (diffusers'
+    ``flip_sin_to_cos=True``). Odd ``dim`` is zero-padded by one column.
 
     Args:
       t: (B,) timesteps, any real dtype (may be fractional).
@@ -32,7 +36,9 @@ def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 10000.0, c
     """
     t = jnp.asarray(t, jnp.float32)
     half = dim // 2
-    freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    if half - freq_shift <= 0:
+        raise ValueError(f"timestep embedding: freq_shift={freq_shift} must be below dim // 2 = {half}")
+    freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
     args = t[:, None] * freqs[None, :]
     parts = [jnp.cos(args), jnp.sin(args)] if cos_first else [jnp.sin(args), jnp.cos(args)]
     emb = jnp.concatenate(parts, axis=-1)
@@ -45,19 +51,20 @@ class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding followed by Dense -> SiLU -> Dense (DDPM/ADM/DiT).
 
     ``(B,) float t -> (B, hidden) dtype``. ``freq_dim`` is the sinusoid width
-    (DDPM U-Net: ``ch``; DiT: 256).
+    (DDPM U-Net: ``ch``; DiT: 256); ``cos_first`` and ``freq_shift`` as in ``timestep_embedding``.
     """
 
     hidden: int
     freq_dim: int = 256
     cos_first: bool = False
+    freq_shift: float = 0.0
     kernel_init: Any = nn.initializers.lecun_normal()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
-        emb = timestep_embedding(t, self.freq_dim, cos_first=self.cos_first)
+        emb = timestep_embedding(t, self.freq_dim, cos_first=self.cos_first, freq_shift=self.freq_shift)
         dense = lambda name: nn.Dense(
             self.hidden, kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jdiff.models.embeddings import LabelEmbedder, TimestepEmbedder
 from jdiff.models.layers import MultiHeadSelfAttention, check_inputs, num_groups
+from jdiff.models.remat import maybe_remat
 
 Dtype = Any
 
@@ -53,13 +54,14 @@ class ResBlock(nn.Module):
     use_scale_shift_norm: bool = False
     updown: str | None = None  # None, 'up' or 'down'
     norm_groups: int = 32
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        gn = lambda c, name: nn.GroupNorm(num_groups(c, self.norm_groups), name=name, **kw)
+        gn = lambda c, name: nn.GroupNorm(num_groups(c, self.norm_groups), epsilon=self.norm_eps, name=name, **kw)
         h = nn.silu(gn(x.shape[-1], "norm_0")(x))
         if self.updown == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
@@ -87,15 +89,15 @@ class AttnBlock(nn.Module):
 
     num_heads: int = 1
     norm_groups: int = 32
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hh, ww, c = x.shape
-        h = nn.GroupNorm(num_groups(c, self.norm_groups), dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
-            x
-        )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.GroupNorm(num_groups(c, self.norm_groups), epsilon=self.norm_eps, name="norm", **kw)(x)
         h = MultiHeadSelfAttention(
             self.num_heads,
             kernel_init=default_init,
@@ -114,14 +116,17 @@ def conv3x3(module: nn.Module, x: jax.Array, **kw) -> jax.Array:
 
 
 class Downsample(nn.Module):
-    """Learned 2x downsampling: Conv3x3 stride 2 (SAME, i.e. DDPM's (0, 1) padding)."""
+    """Learned 2x downsampling: Conv3x3 stride 2. ``padding=0``: SAME, i.e. DDPM's (0, 1) padding (diffusers'
+    ``downsample_padding=0``); ``padding=1``: one pixel on every side (diffusers' default 1)."""
 
+    padding: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return conv3x3(self, x, strides=(2, 2), padding="SAME")
+        pad = "SAME" if self.padding == 0 else ((self.padding, self.padding),) * 2
+        return conv3x3(self, x, strides=(2, 2), padding=pad)
 
 
 class Upsample(nn.Module):
@@ -159,6 +164,13 @@ class UNet(nn.Module):
         down/up sampling (ADM/BigGAN) instead of strided conv / upsample+conv.
       norm_groups: max GroupNorm groups (the largest divisor of C not above it that leaves
         >= 4 channels per group is used, see ``layers.num_groups``).
+      norm_eps: GroupNorm epsilon (1e-6: DDPM; diffusers' ``norm_eps``).
+      cos_first / freq_shift: sinusoidal time embedding order and frequency shift
+        (``embeddings.timestep_embedding``; DDPM's original code and google/ddpm-* use freq_shift=1).
+      downsample_padding: 0 = DDPM's (0, 1) padding of the strided conv, 1 = one pixel each side
+        (diffusers' ``downsample_padding``).
+      remat / remat_policy: rematerialise each res and attention block in the backward pass with that
+        ``jdiff.models.remat`` policy (less activation memory, same numbers).
       dtype / param_dtype: compute / parameter dtypes. Output is always float32.
     """
 
@@ -175,6 +187,12 @@ class UNet(nn.Module):
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
     norm_groups: int = 32
+    norm_eps: float = 1e-6
+    cos_first: bool = False
+    freq_shift: float = 0.0
+    downsample_padding: int = 0
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -197,12 +215,26 @@ class UNet(nn.Module):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         res_kw = dict(
-            dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, norm_groups=self.norm_groups, **kw
+            dropout=self.dropout,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            norm_groups=self.norm_groups,
+            norm_eps=self.norm_eps,
+            **kw,
         )
-        attn = lambda h, name: AttnBlock(self._heads(h.shape[-1]), self.norm_groups, name=name, **kw)(h)
+        res_block = maybe_remat(ResBlock, self.remat, self.remat_policy, static_argnums=(3,))  # 3: train
+        attn_block = maybe_remat(AttnBlock, self.remat, self.remat_policy)
+        attn = lambda h, name: attn_block(self._heads(h.shape[-1]), self.norm_groups, self.norm_eps, name=name, **kw)(h)
         use_attn = lambda h: min(h.shape[1], h.shape[2]) in tuple(self.attention_resolutions)
 
-        emb = TimestepEmbedder(4 * self.ch, freq_dim=self.ch, kernel_init=default_init, name="time_embed", **kw)(t)
+        emb = TimestepEmbedder(
+            4 * self.ch,
+            freq_dim=self.ch,
+            cos_first=self.cos_first,
+            freq_shift=self.freq_shift,
+            kernel_init=default_init,
+            name="time_embed",
+            **kw,
+        )(t)
         if self.num_classes is not None:
             emb = emb + LabelEmbedder(self.num_classes, 4 * self.ch, name="label_embed", **kw)(y, b)
 
@@ -210,35 +242,36 @@ class UNet(nn.Module):
         hs = [h]
         for lvl, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
-                h = ResBlock(self.ch * mult, name=f"down_{lvl}_res_{i}", **res_kw)(h, emb, train)
+                h = res_block(self.ch * mult, name=f"down_{lvl}_res_{i}", **res_kw)(h, emb, train)
                 if use_attn(h):
                     h = attn(h, f"down_{lvl}_attn_{i}")
                 hs.append(h)
             if lvl != len(self.ch_mult) - 1:
                 if self.resblock_updown:
-                    h = ResBlock(h.shape[-1], updown="down", name=f"down_{lvl}_resample", **res_kw)(h, emb, train)
+                    h = res_block(h.shape[-1], updown="down", name=f"down_{lvl}_resample", **res_kw)(h, emb, train)
                 else:
-                    h = Downsample(name=f"down_{lvl}_resample", **kw)(h)
+                    h = Downsample(self.downsample_padding, name=f"down_{lvl}_resample", **kw)(h)
                 hs.append(h)
 
-        h = ResBlock(h.shape[-1], name="mid_res_0", **res_kw)(h, emb, train)
+        h = res_block(h.shape[-1], name="mid_res_0", **res_kw)(h, emb, train)
         h = attn(h, "mid_attn")
-        h = ResBlock(h.shape[-1], name="mid_res_1", **res_kw)(h, emb, train)
+        h = res_block(h.shape[-1], name="mid_res_1", **res_kw)(h, emb, train)
 
         for lvl, mult in reversed(list(enumerate(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
-                h = ResBlock(self.ch * mult, name=f"up_{lvl}_res_{i}", **res_kw)(h, emb, train)
+                h = res_block(self.ch * mult, name=f"up_{lvl}_res_{i}", **res_kw)(h, emb, train)
                 if use_attn(h):
                     h = attn(h, f"up_{lvl}_attn_{i}")
             if lvl != 0:
                 if self.resblock_updown:
-                    h = ResBlock(h.shape[-1], updown="up", name=f"up_{lvl}_resample", **res_kw)(h, emb, train)
+                    h = res_block(h.shape[-1], updown="up", name=f"up_{lvl}_resample", **res_kw)(h, emb, train)
                 else:
                     h = Upsample(name=f"up_{lvl}_resample", **kw)(h)
         assert not hs
 
         out_ch = (self.out_channels or c_in) * (2 if self.learn_sigma else 1)
-        h = nn.silu(nn.GroupNorm(num_groups(h.shape[-1], self.norm_groups), name="norm_out", **kw)(h))
+        h = nn.GroupNorm(num_groups(h.shape[-1], self.norm_groups), epsilon=self.norm_eps, name="norm_out", **kw)(h)
+        h = nn.silu(h)
         h = nn.Conv(out_ch, (3, 3), kernel_init=zero_init, name="conv_out", **kw)(h)
         return h.astype(jnp.float32)

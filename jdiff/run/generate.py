@@ -11,7 +11,7 @@ are ValueErrors with one-line messages.
 import dataclasses
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,9 @@ DEFAULT_BATCH = 256
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How to draw: sampler, its steps, spacing and options (e.g. {"eta": 1.0}), classifier-free guidance
-    scale (None: plain conditional), x0 clipping to [-1, 1], and trajectory_every=k to also keep every k-th
-    state of the first `TRAJECTORY_SAMPLES` samples."""
+    scale (None: plain conditional), clipping to [-1, 1] (of x0 at every step in pixel space; of the decoded
+    images when a Generator decodes latents, whose values are not bounded), and trajectory_every=k to also
+    keep every k-th state of the first `TRAJECTORY_SAMPLES` samples."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -106,6 +107,13 @@ class Generator:
     depends only on (seed, j), not on the batch size or the device count (up to float rounding, ~1e-6).
     Traced inputs (a change never recompiles): params, the seed, labels, guidance scale and the sampler's
     traced options (e.g. eta).
+
+    Latent models (DiT on VAE latents): `image_shape` is the latent shape (h, w, c) the model samples and
+    `decode(decode_params, z)` maps a batch of sampled latents (B, h, w, c) to images (B, H, W, C) in [-1, 1]
+    inside the same program (e.g. `jdiff.pretrained.autoencoder.Autoencoder.decode_latents`, i.e. the VAE
+    decoder of z / scaling_factor); `decode_params` (its weights) are a traced, replicated argument.
+    `output_shape` is the (H, W, C) of the images returned (= image_shape without `decode`). Trajectory frames
+    are decoded too.
     """
 
     def __init__(
@@ -119,6 +127,8 @@ class Generator:
         prediction: str,
         batch: int,
         devices: Optional[Sequence[Any]] = None,
+        decode: Optional[Callable[[Any, jax.Array], jax.Array]] = None,
+        decode_params: Any = None,
     ):
         s = settings
         self.mesh = make_mesh(devices)
@@ -133,8 +143,22 @@ class Generator:
         self._rows, self._rep = batch_sharding(self.mesh), replicated(self.mesh)
         self._schedule = jax.device_put(schedule, self._rep)
         guided = bool(num_classes) and s.guidance is not None
+        self._decode_params = None if decode is None else jax.device_put(decode_params, self._rep)
+        if decode is None:
+            self.output_shape = tuple(int(d) for d in image_shape)
+        else:
+            z = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+            out = jax.eval_shape(decode, self._decode_params, z)
+            if len(out.shape) != 4 or out.shape[0] != 1:
+                raise ValueError(f"decode must map latents (B, h, w, c) to images (B, H, W, C), got {out.shape}")
+            self.output_shape = tuple(int(d) for d in out.shape[1:])
 
-        def run(params, sch, seed_key, batch_index, labels, traced_options, guidance):
+        def to_images(dparams, z):  # latents -> images in [-1, 1] (latent models only)
+            x = decode(dparams, z.reshape(-1, *z.shape[-3:])).astype(jnp.float32)
+            x = jnp.clip(x, -1.0, 1.0) if s.clip else x
+            return x.reshape(*z.shape[:-3], *x.shape[-3:])
+
+        def run(params, dparams, sch, seed_key, batch_index, labels, traced_options, guidance):
             idx = batch_index * batch + jnp.arange(batch)
             keys = jax.vmap(lambda j: jax.random.fold_in(seed_key, j))(idx)  # image j's key: its global index
             out = jdiff.sample(
@@ -152,12 +176,15 @@ class Generator:
                 labels=labels,
                 guidance_scale=guidance if guided else None,
                 null_label=num_classes if guided else None,
-                clip_x0=(-1.0, 1.0) if s.clip else None,
+                clip_x0=(-1.0, 1.0) if s.clip and decode is None else None,
                 return_trajectory_every=s.trajectory_every,
             )
-            if s.trajectory_every is None:
-                return out, None
-            return out[0], out[1][:, :TRAJECTORY_SAMPLES]
+            x, traj = (out, None) if s.trajectory_every is None else (out[0], out[1][:, :TRAJECTORY_SAMPLES])
+            if decode is not None:
+                x = jax.lax.with_sharding_constraint(to_images(dparams, x), self._rows)
+                # one frame (<= 8 images) at a time: the decoder's activations are large at 256x256
+                traj = None if traj is None else jax.lax.map(lambda f: to_images(dparams, f), traj)
+            return x, traj
 
         self._fn = jax.jit(run, out_shardings=(self._rows, self._rep))
         self._compiled = None
@@ -166,6 +193,7 @@ class Generator:
         rep = lambda x: jax.device_put(x, self._rep)
         return (
             params,
+            self._decode_params,
             self._schedule,
             rep(jax.random.key(seed)),
             rep(jnp.int32(index)),
@@ -200,7 +228,7 @@ class Generator:
         return CompileStats(t1 - t0, t2 - t1, bool(hits), saved[-1] if saved else None)
 
     def __call__(self, params: Any, index: int, labels: Optional[np.ndarray], *, seed: int = 0):
-        """Batch `index`: (x0 (batch, H, W, C), trajectory (F, <=8, H, W, C) or None) as numpy."""
+        """Batch `index`: (x0 (batch, *output_shape), trajectory (F, <=8, *output_shape) or None) as numpy."""
         if self._compiled is None:
             self.compile(params)
         params = jax.device_put(params, self._rep)

@@ -20,7 +20,7 @@ from jax import lax
 from jdiff.forward import check_prediction
 from jdiff.sampling.base import SAMPLERS, Noise, Step, get_sampler, split_options
 from jdiff.sampling.denoiser import Guidance, make_denoiser
-from jdiff.sampling.timesteps import SPACINGS, make_grid
+from jdiff.sampling.timesteps import SPACINGS, level_fn, make_grid
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -107,9 +107,12 @@ def _noise(rng, sample_keys, i) -> Noise:
     return Noise(rng, i, False) if sample_keys is None else Noise(sample_keys, i + 1, True)
 
 
-def _scan_steps(sampler, denoise, grid, carry, rng, sample_keys, opts, start, length):
+def _scan_steps(sampler, denoise, grid, carry, rng, sample_keys, opts, start, length, level):
+    n = grid.t.shape[0]
+
     def body(c, i):
-        s = Step(index=i, is_first=i == 0, is_last=i == grid.t.shape[0] - 1, row=jax.tree.map(lambda a: a[i], grid))
+        row = jax.tree.map(lambda a: a[i], grid)
+        s = Step(index=i, is_first=i == 0, is_last=i == n - 1, row=row, num_steps=n, level=level)
         return sampler.step(denoise, c, s, _noise(rng, sample_keys, i), opts), None
 
     carry, _ = lax.scan(body, carry, start + lax.iota(jnp.int32, length))
@@ -152,6 +155,7 @@ def _sample_jit(
     trajectory_every,
 ):
     grid = make_grid(schedule, spacing, num_steps, rho=rho)
+    level = level_fn(schedule)
     denoise = make_denoiser(
         model_fn,
         params,
@@ -167,18 +171,20 @@ def _sample_jit(
     opts = {**dict(static_options), **traced_options}
     carry = sampler.init(x_init)
     if trajectory_every is None:
-        return sampler.output(_scan_steps(sampler, denoise, grid, carry, loop_key, sample_keys, opts, 0, num_steps))
+        return sampler.output(
+            _scan_steps(sampler, denoise, grid, carry, loop_key, sample_keys, opts, 0, num_steps, level)
+        )
     # Trajectory: an outer scan over chunks of k steps keeps only N/k snapshots in memory.
     k = trajectory_every
     n_chunks, rest = divmod(num_steps, k)
 
     def chunk(c, j):
-        c = _scan_steps(sampler, denoise, grid, c, loop_key, sample_keys, opts, j * k, k)
+        c = _scan_steps(sampler, denoise, grid, c, loop_key, sample_keys, opts, j * k, k, level)
         return c, sampler.output(c)
 
     carry, snaps = lax.scan(chunk, carry, lax.iota(jnp.int32, n_chunks))
     if rest:
-        carry = _scan_steps(sampler, denoise, grid, carry, loop_key, sample_keys, opts, n_chunks * k, rest)
+        carry = _scan_steps(sampler, denoise, grid, carry, loop_key, sample_keys, opts, n_chunks * k, rest, level)
         snaps = jnp.concatenate([snaps, sampler.output(carry)[None]])
     return sampler.output(carry), jnp.concatenate([x_init[None], snaps])
 
@@ -219,11 +225,14 @@ def sample(
       shape: (B, ...) of the output, e.g. (B, H, W, C).
       rng: PRNG key for x_T and the per-step noise of the whole batch (step i uses fold_in(split(rng)[1], i));
         unused (may be None) with sample_keys.
-      sampler: "ddpm", "ddim", "dpmpp_2m", "euler" or "heun" (see jdiff.sampling.SAMPLERS).
-      num_steps: N in [1, T]; model evaluations are `SAMPLERS[sampler].nfe(N)` (N, or 2N - 1 for "heun").
+      sampler: "ddpm", "ddim", "euler", "euler_ancestral", "heun", "edm_sde", "dpmpp_2m", "dpmpp_2m_sde",
+        "dpmpp_3m" or "unipc" (see jdiff.sampling.SAMPLERS).
+      num_steps: N in [1, T]; model evaluations are `SAMPLERS[sampler].nfe(N)` (N, or 2N - 1 for "heun" and
+        "edm_sde").
       options: the sampler's options {name: value} (`jdiff.sampling.check_options`); missing ones take their
         defaults, one the sampler does not declare is an error. "ddim": eta in [0, 1] (DDIM eq. 16, traced);
-        "ddpm": variance "posterior" (beta-tilde), "beta" or "learned" (static).
+        "ddpm": variance "posterior" (beta-tilde), "beta" or "learned" (static); "edm_sde": s_churn, s_tmin,
+        s_tmax, s_noise (EDM Alg. 2, traced); "unipc": order 1, 2 or 3 (static).
       eta, variance: shorthands for options={"eta": eta} / {"variance": variance}.
       prediction: what the model predicts: "eps", "x0" or "v".
       guidance_scale: classifier-free guidance scale w (Ho & Salimans 2022), uncond + w (cond - uncond):

@@ -25,14 +25,24 @@ Array = jax.Array
 Denoise = Callable[[Array, Array, Array, Array], Denoised]
 
 
+def _no_level(sigma_edm):
+    raise ValueError("this Step has no `level` function (a sampler that visits off-grid levels needs one)")
+
+
 class Step(NamedTuple):
     """One step i of the scan: index (int32), is_first / is_last (bool), and `row`, the grid's row i (a `Grid`
-    of float32 scalars: the model timestep t, alpha, sigma of this level -> t_next, alpha_next, sigma_next)."""
+    of float32 scalars: the model timestep t, alpha, sigma of this level -> t_next, alpha_next, sigma_next).
+
+    num_steps: N, the number of steps of the run (a Python int: it is static). level(sigma_edm) -> (t, alpha,
+    sigma): the model timestep and VP coefficients of the EDM noise level sigma_edm = sigma/alpha, clamped to
+    the schedule's range (for samplers that evaluate the model off the grid, e.g. EDM's churn)."""
 
     index: Array
     is_first: Array
     is_last: Array
     row: Grid
+    num_steps: int = 0
+    level: Callable[[Array], tuple[Array, Array, Array]] = _no_level
 
 
 class Noise:

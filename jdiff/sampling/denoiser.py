@@ -3,6 +3,11 @@
 It applies, in order: the model call (with classifier-free guidance as one batched call of 2B examples),
 the split of a learned-variance output, the conversion of the model's prediction type to (x0, eps), and
 x0 clipping or dynamic thresholding (with eps re-derived from the clipped x0).
+
+EDM-preconditioned networks (predictions "edm", "edm_vp", "edm_ve"; Karras et al. 2022, `jdiff.edm`) meet the
+VP state x = alpha x0 + sigma eps here and only here: with x_edm = x/alpha and sigma_edm = sigma/alpha the
+network is called as F(c_in x_edm, c_noise(sigma_edm)) (the time input is c_noise, not the timestep t), and
+x0 = D = c_skip x_edm + c_out F, eps = (x_edm - D)/sigma_edm. So every sampler runs on an EDM model unchanged.
 """
 
 from __future__ import annotations
@@ -12,9 +17,15 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jdiff.forward import eps_from_x0, to_x0_eps
+from jdiff import edm
+from jdiff.forward import EDM_PREDICTIONS, eps_from_x0, to_x0_eps
+from jdiff.schedules import ABAR_FLOOR
 
 Array = jax.Array
+
+# The smallest alpha an EDM network is evaluated at (sigma_edm <= 4096): a zero-terminal-SNR level (alpha = 0)
+# has no finite EDM sigma.
+EDM_ALPHA_FLOOR = ABAR_FLOOR**0.5
 
 
 class Denoised(NamedTuple):
@@ -51,7 +62,8 @@ def make_denoiser(
     """Builds denoise(x (B, ...), t () float32, alpha (), sigma ()) -> Denoised.
 
     model_fn is called as model_fn([params,] x, t_batch[, y]) with t_batch a (B,) float32 array of
-    training-timestep indices; `params` is passed first when it is not None.
+    training-timestep indices; `params` is passed first when it is not None. For an EDM prediction it is
+    called as model_fn([params,] c_in x/alpha, c_noise[, y]) (see module docstring; t is unused).
     clip_range: (2,) float32 [lo, hi] to clip x0 to, or None. threshold_percentile: () float32 or None.
     """
 
@@ -59,15 +71,23 @@ def make_denoiser(
         args = (x, t) if y is None else (x, t, y)
         return model_fn(*args) if params is None else model_fn(params, *args)
 
+    precond = edm.preconditioning_of(prediction) if prediction in EDM_PREDICTIONS else None
+
     def denoise(x: Array, t: Array, alpha: Array, sigma: Array) -> Denoised:
         b, c = x.shape[0], x.shape[-1]
-        tb = jnp.full((b,), t, jnp.float32)
+        x_in, t_in = x, t
+        if precond is not None:
+            x_edm, sig = edm.from_vp(x=x, alpha=jnp.maximum(alpha, EDM_ALPHA_FLOOR), sigma=sigma)
+            coef = edm.coefficients(precond, sigma=sig)
+            x_in, t_in = coef.c_in * x_edm, coef.c_noise
+        tb = jnp.full((b,), t_in, jnp.float32)
         if guidance.scale is not None:
             null = jnp.full((b,), guidance.null_label, jnp.int32)
-            out = call(jnp.concatenate([x, x]), jnp.concatenate([tb, tb]), jnp.concatenate([guidance.labels, null]))
+            xx = jnp.concatenate([x_in, x_in])
+            out = call(xx, jnp.concatenate([tb, tb]), jnp.concatenate([guidance.labels, null]))
             cond, uncond = out[:b], out[b:]
         else:
-            cond = call(x, tb, guidance.labels)
+            cond = call(x_in, tb, guidance.labels)
             uncond = None
         if cond.shape[:-1] != x.shape[:-1] or cond.shape[-1] not in (c, 2 * c):
             raise ValueError(
@@ -83,7 +103,11 @@ def make_denoiser(
         if uncond is not None:
             # Ho & Salimans 2022, eq. 6 with w = scale - 1: uncond + scale (cond - uncond).
             out = uncond.astype(jnp.float32) + guidance.scale * (out - uncond.astype(jnp.float32))
-        x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+        if precond is None:
+            x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+        else:  # guidance combined on F equals guidance on D: D is affine in F with the same coefficients
+            x0 = coef.c_skip * x_edm + coef.c_out * out
+            eps = (x_edm - x0) / sig
         if clip_range is not None or threshold_percentile is not None:
             if threshold_percentile is not None:
                 x0 = dynamic_threshold(x0, threshold_percentile)

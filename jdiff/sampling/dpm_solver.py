@@ -2,8 +2,11 @@
 
 With lambda = log(alpha/sigma) and h_i = lambda_next - lambda_i:
 x_next = (sigma_next/sigma) x - alpha_next (exp(-h) - 1) D,
-D = x0_i (first order: the first step, and the last step to sigma = 0), else
-D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},  r = h_{i-1}/h_i.
+D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},  r = h_{i-1}/h_i, or
+D = x0_i (first order) on the first step, on the last step (to sigma = 0) and, for N < 15 steps, on the step
+into the smallest noise level of the grid (diffusers' lower_order_final; `multistep_order`): with a narrow,
+well-separated Gaussian mixture and an exact predictor this makes 5 NFE on the linspace / karras grids 1.2x /
+1.5x more accurate than DDIM instead of 2.7x / 1.2x less.
 """
 
 from __future__ import annotations
@@ -14,19 +17,34 @@ from jdiff.sampling.base import Sampler, register
 from jdiff.schedules import ABAR_FLOOR
 
 
-def _log_alpha_sigma(alpha, sigma):
-    # Zero-terminal-SNR: alpha = 0 at the first level; floor it so lambda stays finite.
+def log_alpha_sigma(alpha, sigma):
+    """lambda = log(alpha/sigma), +inf at the clean level (sigma = 0). Zero-terminal-SNR: alpha = 0 at the first
+    level is floored at sqrt(ABAR_FLOOR) so lambda stays finite."""
     return jnp.log(jnp.maximum(alpha, ABAR_FLOOR**0.5)) - jnp.log(sigma)
+
+
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def multistep_order(index, num_steps: int, max_order: int):
+    """The order of multistep step `index` of `num_steps`: min(max_order, index + 1) (the warm-up from one
+    stored x0), 1 on the last step (to sigma = 0: the final denoising), and, when num_steps <
+    LOWER_ORDER_FINAL_BELOW, at most k on the k-th step before it (diffusers' lower_order_final: the step into
+    the smallest noise level of a short grid is first order, the one before at most second). int32 scalar."""
+    num_steps = jnp.asarray(num_steps, jnp.int32)  # as data: the program's structure does not depend on N
+    order = jnp.minimum(max_order, index + 1)
+    order = jnp.where(num_steps < LOWER_ORDER_FINAL_BELOW, jnp.minimum(order, num_steps - 1 - index), order)
+    return jnp.where(index >= num_steps - 1, 1, jnp.maximum(order, 1))
 
 
 def dpmpp_2m_step(denoise, carry, s, noise, opts):
     x, x0_prev, h_prev = carry
     g = s.row
     d = denoise(x, g.t, g.alpha, g.sigma)
-    lam = _log_alpha_sigma(g.alpha, g.sigma)
-    lam_next = _log_alpha_sigma(g.alpha_next, g.sigma_next)  # +inf on the last step
+    lam = log_alpha_sigma(g.alpha, g.sigma)
+    lam_next = log_alpha_sigma(g.alpha_next, g.sigma_next)  # +inf on the last step
     h = lam_next - lam
-    first_order = s.is_first | s.is_last
+    first_order = multistep_order(s.index, s.num_steps, 2) == 1
     r = h_prev / jnp.where(first_order, 1.0, h)
     r = jnp.where(first_order, 1.0, r)
     d2 = (1.0 + 0.5 / r) * d.x0 - (0.5 / r) * x0_prev
@@ -37,7 +55,7 @@ def dpmpp_2m_step(denoise, carry, s, noise, opts):
 
 def _init(x):
     """Carry (x, previous x0, previous step size h) of the multistep update."""
-    return x, jnp.zeros_like(x), jnp.zeros((), jnp.float32)
+    return x, jnp.zeros_like(x), jnp.zeros((), x.dtype)
 
 
 DPMPP_2M = register(

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdiff.schedules import Schedule, t_from_log_snr
+from jdiff.schedules import Schedule, log_snr_at, t_from_log_snr
 
 Array = jax.Array
 
@@ -83,3 +83,18 @@ def make_grid(schedule: Schedule, spacing: str, num_steps: int, *, rho: float = 
         sigma = schedule.sqrt_one_minus_alphas_cumprod[ti]
     nxt = lambda a, last: jnp.concatenate([a[1:], jnp.full((1,), last, a.dtype)])
     return Grid(t, alpha, sigma, nxt(t, -1.0), nxt(alpha, 1.0), nxt(sigma, 0.0))
+
+
+def level_fn(schedule: Schedule):
+    """level(sigma_edm) -> (t, alpha, sigma) for `Step.level`: the EDM noise level sigma_edm = sigma/alpha
+    clamped to the schedule's range [sigma_edm(t=0), sigma_edm(t=T-1)], its fractional model timestep
+    (`t_from_log_snr`) and alpha = 1/sqrt(1 + sigma_edm^2), sigma = sigma_edm alpha."""
+    big_t = schedule.num_timesteps
+    lam_lo, lam_hi = log_snr_at(schedule, big_t - 1.0), log_snr_at(schedule, 0.0)
+
+    def level(sigma_edm):
+        lam = jnp.clip(-2.0 * jnp.log(sigma_edm), lam_lo, lam_hi)
+        alpha = jnp.sqrt(jax.nn.sigmoid(lam))
+        return t_from_log_snr(schedule, lam), alpha, jnp.sqrt(jax.nn.sigmoid(-lam))
+
+    return level

@@ -33,6 +33,7 @@ from jdiff.run import (
     workdir_lock,
 )
 from jdiff.signals import StopFlag, catch_signals
+from jdiff.training.evaluate import evaluate_bpd
 from jdiff.training.metrics_log import MetricsWriter
 from jdiff.training.setup import Setup, setup
 from jdiff.training.state import TrainState, tree_all_finite
@@ -85,7 +86,9 @@ class Loop:
     stopping: bool = False
     sample_path: Optional[str] = None
     window: tuple[float, int] = (0.0, 0)  # (start time, steps) of the throughput window
+    waited: float = 0.0  # seconds of the window spent waiting for the next batch (input pipeline)
     _generator: Optional[Generator] = None
+    cache: dict = dataclasses.field(default_factory=dict)  # the periodic actions' own state (compiled evaluations)
 
     @property
     def config(self) -> TrainConfig:
@@ -118,9 +121,13 @@ class Loop:
         self.last_checkpoint = self.done
 
     def preview(self) -> Optional[str]:
-        """Writes a grid drawn from the EMA parameters on this host's devices (primary host only)."""
+        """Writes a grid drawn from the EMA parameters on this host's devices (primary host only; every host
+        calls it, since gathering fsdp-sharded parameters is a collective)."""
         c = self.config
-        if not self.primary or c.sampling.num_samples == 0:
+        if c.sampling.num_samples == 0:
+            return None
+        ema = local_copy(self.state.ema_params)
+        if not self.primary:
             return None
         s = self.setup
         if self._generator is None:
@@ -141,14 +148,12 @@ class Loop:
                 prediction=c.diffusion.objective,
                 batch=auto_batch(c.sampling.num_samples, len(devices)),
                 devices=devices,
+                decode=None if s.vae is None else s.vae.decode_latents,  # latent runs (data.vae) show images
+                decode_params=None if s.vae is None else s.vae.params,
             )
         labels = labels_for(c.sampling.num_samples, s.num_classes)
-        images, _, _ = self._generator.draw(
-            local_copy(self.state.ema_params),
-            c.sampling.num_samples,
-            seed=c.run.seed + PREVIEW_SEED_SALT,
-            labels=labels,
-        )
+        seed = c.run.seed + PREVIEW_SEED_SALT
+        images, _, _ = self._generator.draw(ema, c.sampling.num_samples, seed=seed, labels=labels)
         grid = image_grid(images, columns=c.sampling.columns, upscale=c.sampling.upscale)
         self.sample_path = save_png(grid, sample_path(c.run.workdir, self.done))
         return self.sample_path
@@ -176,6 +181,7 @@ def log_metrics(loop: Loop) -> None:
         "lr": float(host["lr"]),
         "steps_per_sec": n / dt if n else None,
         "images_per_sec": n * loop.config.optim.batch_size / dt if n else None,
+        "input_wait_share": min(loop.waited / dt, 1.0) if n else None,  # > 0.1 or so: input-bound
         "time": time.time(),
     }
     loop.writer.write(rec)
@@ -187,7 +193,7 @@ def log_metrics(loop: Loop) -> None:
         rate = f", {rec['steps_per_sec']:.2f} steps/s" if rec["steps_per_sec"] else ""
         print(f"step {loop.done}: loss {rec['loss']:.4f}{rate}", file=sys.stderr)
     loop.acc = jax.device_put(init_accumulator(), loop.acc["count"].sharding)
-    loop.window = (now, 0)
+    loop.window, loop.waited = (now, 0), 0.0
 
 
 def save_checkpoint(loop: Loop) -> None:
@@ -202,7 +208,7 @@ def write_preview(loop: Loop) -> None:
         loop.preview()
 
 
-ACTIONS: tuple[Callable[[Loop], None], ...] = (log_metrics, save_checkpoint, write_preview)
+ACTIONS: tuple[Callable[[Loop], None], ...] = (log_metrics, save_checkpoint, write_preview, evaluate_bpd)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -287,6 +293,10 @@ def train(
             if not os.path.exists(sample_path(workdir, start)):
                 loop.preview()
             return TrainResult(start, None, loop.last_checkpoint, loop.sample_path)
+        if not stop.requested:
+            t0 = time.perf_counter()
+            _, memory = s.compile_step()  # jit keeps the executable for the first step
+            log(f"compiled the train step in {time.perf_counter() - t0:.1f}s; {memory.line()}")
         return _run(loop, actions, batch_hook, progress and primary, stop)
 
 
@@ -311,16 +321,18 @@ def _run(loop: Loop, actions, batch_hook, progress: bool, flag: StopFlag) -> Tra
     t_start = time.perf_counter()
     try:
         for step in range(start, loop.stop_at):
+            t_wait = time.perf_counter()
             batch = _next_batch(loop, batches)
+            loop.waited += time.perf_counter() - t_wait
             if batch_hook is not None:
                 batch = batch_hook(step, batch)
             loop.state, loop.acc = loop.setup.step_fn(loop.state, batch, loop.setup.schedule, loop.acc)
             loop.done = step + 1
             loop.window = (loop.window[0], loop.window[1] + 1)
-            if step == start:  # one-time compile: time it separately, then start the progress bar
+            if step == start:  # the first step (and its data) timed apart, then the progress bar starts
                 jax.block_until_ready(loop.acc)
-                loop.log(f"compiled the train step in {time.perf_counter() - t_start:.1f}s")
-                loop.window = (time.perf_counter(), 0)
+                loop.log(f"first step in {time.perf_counter() - t_start:.1f}s")
+                loop.window, loop.waited = (time.perf_counter(), 0), 0.0
                 loop.bar = _progress(end, start, progress)
             loop.bar.update(1)
             loop.stopping = flag.requested

@@ -12,7 +12,9 @@ from typing import Callable
 import jax
 
 import jdiff
+from jdiff import edm
 from jdiff.config.schema import DiffusionConfig
+from jdiff.forward import EDM_PREDICTIONS
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -26,6 +28,40 @@ def simple_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: A
     )
 
 
-def training_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array):
-    """The loss of a run with diffusion settings `d` on the batch x0 (B, H, W, C); see module docstring."""
+def edm_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array):
+    """EDM's loss (Karras et al. 2022, eq. 2 / Sec. 5, `jdiff.edm.edm_loss`) for objectives edm, edm_vp, edm_ve:
+    continuous sigma from the preconditioning's training distribution; the schedule is not used (it only sets
+    the sampling grid). model_fn is the network F, called as F(c_in x, c_noise)."""
+    return edm.edm_loss(
+        model_fn, x0, rng, preconditioning=edm.preconditioning_of(d.objective), p_mean=d.edm_p_mean, p_std=d.edm_p_std
+    )
+
+
+def improved_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array, **vlb):
+    """Improved DDPM's hybrid (L_simple + lambda L_vlb) or VLB loss (`jdiff.losses.vlb_loss`); `vlb` holds the
+    data's `levels` and the importance-sampling `t_probs` (None: uniform t)."""
+    return jdiff.losses.vlb_loss(
+        model_fn,
+        schedule,
+        x0,
+        rng,
+        objective=d.objective,
+        loss=d.loss,
+        vlb_weight=d.vlb_weight,
+        weighting=d.weighting,
+        min_snr_gamma=d.min_snr_gamma,
+        **vlb,
+    )
+
+
+def training_loss(
+    d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array, *, levels=256, t_probs=None
+):
+    """The loss of a run with diffusion settings `d` on the batch x0 (B, H, W, C); see module docstring.
+    levels: values per pixel of the data (the VLB's decoder term); t_probs: (T,) importance-sampling
+    probabilities of t (diffusion.t_sampling importance) or None."""
+    if d.loss in ("hybrid", "vlb"):
+        return improved_loss(d, model_fn, schedule, x0, rng, levels=levels, t_probs=t_probs)
+    if d.objective in EDM_PREDICTIONS:
+        return edm_loss(d, model_fn, schedule, x0, rng)
     return simple_loss(d, model_fn, schedule, x0, rng)

@@ -23,16 +23,18 @@ from jdiff.run import (
     model_num_classes,
     replicated,
 )
+from jdiff.run.mesh import FSDP_RULES, fsdp_sharding, per_device_bytes
 from jdiff.training.optim import make_optimizer
 from jdiff.training.state import TrainState, init_train_state
-from jdiff.training.step import make_step_fn
+from jdiff.training.step import init_accumulator, make_step_fn
 
 
 @dataclasses.dataclass
 class Setup:
     """The parts of a run. `schedule` is replicated over `mesh`; `abstract_state` holds the state's shapes,
-    dtypes and shardings (the restore target); `step_fn(state, batch, schedule, acc) -> (state, acc)` is the
-    compiled, sharded train step."""
+    dtypes and shardings (the restore target: parameters, EMA and optimizer state sharded over the mesh's
+    "fsdp" axis, `jdiff.run.mesh.fsdp_sharding`); `step_fn(state, batch, schedule, acc) -> (state, acc)` is the
+    jitted, sharded train step (`compile_step` compiles it ahead of time and reports its memory)."""
 
     config: TrainConfig
     mesh: Any
@@ -45,6 +47,8 @@ class Setup:
     init_fn: Any
     abstract_state: Any
     step_fn: Any
+    vae: Any = None  # a `jdiff.pretrained.autoencoder.Autoencoder` when training on its latents (data.vae)
+    encode: Any = None  # (step, device batch) -> the batch with images replaced by latents (data.vae)
 
     def derived(self) -> dict[str, Any]:
         """Facts config.json records beside the config."""
@@ -52,6 +56,7 @@ class Setup:
             "num_classes": self.num_classes,
             "image_shape": list(self.image_shape),
             "dataset_size": len(self.source),
+            **({"decoded_shape": list(self.source.image_shape)} if self.vae is not None else {}),
             "jdiff_version": jdiff.__version__,
         }
 
@@ -65,6 +70,23 @@ class Setup:
             raise CheckpointError(f"checkpoint {latest} in {ckpt.directory} holds step {int(state.step)}")
         log(f"resumed from checkpoint step {latest} in {ckpt.directory}")
         return state
+
+    def abstract_step_args(self) -> tuple:
+        """(state, batch, schedule, acc) of `step_fn` as ShapeDtypeStructs with their shardings (nothing
+        allocated; the schedule is the real one, it is small)."""
+        b, rows, rep = self.config.optim.batch_size, batch_sharding(self.mesh), replicated(self.mesh)
+        batch = {
+            "image": jax.ShapeDtypeStruct((b, *self.image_shape), jax.numpy.float32, sharding=rows),
+            "label": jax.ShapeDtypeStruct((b,), jax.numpy.int32, sharding=rows),
+        }
+        acc = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), init_accumulator())
+        return self.abstract_state, batch, self.schedule, acc
+
+    def compile_step(self) -> tuple[Any, "MemoryReport"]:
+        """Compiles `step_fn` ahead of time for this run's shapes and shardings (jit keeps the executable, so
+        the first step does not compile again) and returns (compiled, its `MemoryReport`)."""
+        compiled = self.step_fn.lower(*self.abstract_step_args()).compile()
+        return compiled, MemoryReport.of(self.abstract_state, compiled)
 
     def batches(self, start: int, num_steps: Optional[int] = None, prefetch: int = 2):
         """Global batches of steps start, start + 1, ..., sharded over the mesh (a closeable iterator)."""
@@ -80,22 +102,29 @@ class Setup:
             random_flip=c.data.random_flip,
             sharding=batch_sharding(self.mesh),
             prefetch=prefetch,
+            transform=self.encode,
         )
 
 
 def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup:
     """Builds the parts of the run `config` describes on `devices` (default: all). Nothing is computed yet:
     the init and step functions compile on first use. Raises ConfigError / ValueError for bad settings."""
-    mesh = make_mesh(devices)
-    check_batch_size(config.optim.batch_size, mesh)
+    mesh = make_mesh(devices, config.run.mesh)
+    try:
+        check_batch_size(config.optim.batch_size, mesh, grad_accum=config.optim.grad_accum)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     rep = replicated(mesh)
     source = build_source(config)
     num_classes = model_num_classes(config, getattr(source, "num_classes", None))
     image_shape = tuple(int(d) for d in source.image_shape)
-    model = build_model(config, num_classes)
+    vae, encode = None, None
+    if config.data.vae:
+        vae, image_shape, encode = latent_space(config, image_shape, mesh)
+    model = with_remat(build_model(config, num_classes), config)
     tx = make_optimizer(config.optim)
-    init = functools.partial(init_train_state, model, tx, image_shape, config.run.seed)
-    init_fn = jax.jit(init, out_shardings=rep)
+    history = config.diffusion.num_timesteps if config.diffusion.t_sampling == "importance" else 0
+    init = functools.partial(init_train_state, model, tx, image_shape, config.run.seed, history_steps=history)
     try:  # traces the model once: its own constraints on its fields and the image shape are checked here
         shapes = jax.eval_shape(init)
     except (ValueError, TypeError, ZeroDivisionError, IndexError) as e:
@@ -103,7 +132,7 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
             f"model {config.model.name!r} with fields {dict(config.model.fields)} cannot be built for "
             f"{image_shape} images: {one_line(e, 300)}"
         ) from None
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)
+    init_fn, abstract, state_sharding = sharded_init(init, shapes, model, mesh, config.run.fsdp_min_size)
     return Setup(
         config,
         mesh,
@@ -115,5 +144,99 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
         image_shape,
         init_fn,
         abstract,
-        make_step_fn(model, config, mesh),
+        make_step_fn(model, config, mesh, state_sharding),
+        vae,
+        encode,
     )
+
+
+VAE_SEED_SALT = 0x7AE  # posterior draws of the latent batches use key(run.seed) folded with this, then the step
+
+
+def latent_space(config: TrainConfig, image_shape: tuple[int, int, int], mesh):
+    """Training on the latents of the AutoencoderKL in `config.data.vae` (the DiT paper's setting): (vae, latent
+    shape, transform) where transform(step, batch) replaces batch["image"] by scaling_factor x a posterior draw
+    of its VAE latents, with key fold_in(fold_in(key(seed), VAE_SEED_SALT), step) (a resumed run draws the same).
+    The draw runs on the sharded device batch in the data thread (`iterate_batches(transform=...)`)."""
+    from jdiff.pretrained.autoencoder import load_autoencoder_dir
+    from jdiff.pretrained.files import PretrainedError
+
+    try:
+        vae = load_autoencoder_dir(config.data.vae)
+    except PretrainedError as e:
+        raise ConfigError(f"data.vae: {one_line(e)}") from None
+    f, want = vae.module.downsample_factor, vae.module.in_channels
+    h, w, c = image_shape
+    if c != want or h % f or w % f:
+        raise ConfigError(
+            f"data.vae {config.data.vae} takes images with {want} channels and sides divisible by {f}; the data gives "
+            f"{image_shape} (set data.channels / data.image_size)"
+        )
+    rep = replicated(mesh)
+    params = jax.device_put(vae.params, rep)
+    base = jax.random.fold_in(jax.random.key(config.run.seed), VAE_SEED_SALT)
+    to_latents = jax.jit(
+        lambda p, x, step: vae.encode_latents(p, x, jax.random.fold_in(base, step)), out_shardings=batch_sharding(mesh)
+    )
+
+    def transform(step: int, batch: dict) -> dict:
+        return {**batch, "image": to_latents(params, batch["image"], step)}
+
+    return vae, vae.latent_shape(image_shape), transform
+
+
+def sharded_init(init: Any, shapes: Any, model: Any, mesh: Any, min_size: int) -> tuple[Any, Any, Any]:
+    """(init_fn, abstract_state, state_sharding) for the state init() builds (`shapes`: its eval_shape): every
+    leaf sharded over the mesh's "fsdp" axis by `jdiff.run.mesh.fsdp_sharding` (with the model's FSDP_RULES),
+    init_fn = init jitted to create it in place, abstract_state = shapes with those shardings."""
+    rules = FSDP_RULES.get(type(model).__name__, ())
+    state_sharding = fsdp_sharding(shapes, mesh, min_size=min_size, rules=rules)
+    abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, state_sharding)
+    return jax.jit(init, out_shardings=state_sharding), abstract, state_sharding
+
+
+def with_remat(model: Any, config: TrainConfig) -> Any:
+    """`model` with its blocks rematerialised (`jdiff.models.remat`) when config.model.remat is set."""
+    if not config.model.remat:
+        return model
+    if not hasattr(model, "remat"):
+        raise ConfigError(f"model {config.model.name!r} does not support model.remat")
+    return model.clone(remat=True, remat_policy=config.model.remat_policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-device bytes of a run: the train state (its shards) and the compiled step's buffers from XLA's
+    memory analysis (arguments: state + batch + schedule; outputs; temporaries: activations, gradients,
+    collectives' buffers, one preallocated block sized by XLA's heap simulation; alias: outputs written into
+    donated arguments). peak = arguments + outputs - alias + temporaries, what the step needs while it runs."""
+
+    state: int
+    arguments: int
+    outputs: int
+    alias: int
+    temp: int
+    peak: int
+
+    @classmethod
+    def of(cls, abstract_state: Any, compiled: Any) -> "MemoryReport":
+        m = compiled.memory_analysis()
+        arg, out, alias, temp = (
+            int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")
+        )
+        return cls(per_device_bytes(abstract_state), arg, out, alias, temp, arg + out - alias + temp)
+
+    def line(self) -> str:
+        b = _bytes
+        return (
+            f"memory per device: state {b(self.state)}, train step peak {b(self.peak)} (arguments "
+            f"{b(self.arguments)}, outputs {b(self.outputs)}, aliased {b(self.alias)}, temporaries {b(self.temp)})"
+        )
+
+
+def _bytes(n: int) -> str:
+    """1.23 GiB / 45.6 MiB / 7.8 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n / 2**10:.1f} KiB"

@@ -18,7 +18,13 @@ from jdiff.training.state import TrainState
 
 
 def train_step(
-    state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module, schedule: Schedule, config: TrainConfig
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    model: nn.Module,
+    schedule: Schedule,
+    config: TrainConfig,
+    param_sharding: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on a global batch.
 
@@ -27,11 +33,14 @@ def train_step(
       batch: {"image": float32 (B, H, W, C) in [-1, 1], "label": int32 (B,)}.
       model: Flax module called as model.apply({"params": p}, x, t, y, train=True, rngs={"dropout": k}).
       schedule: noise schedule (traced data).
-      config: static settings (objective, weighting, label dropout, optimizer, EMA).
+      config: static settings (objective, weighting, label dropout, optimizer, EMA, grad_accum).
+      param_sharding: shardings of the parameters (a pytree like state.params; None: unconstrained); the
+        gradients (and their sum over micro-batches) are kept in them.
 
     The randomness of update s is fold_in(state.rng, s), split into the diffusion draw (t, noise), the
     dropout key and the label-dropout key, so no key is reused across steps and the draws over the global
-    batch do not depend on how it is sharded.
+    batch do not depend on how it is sharded. With optim.grad_accum = K the batch runs as K micro-batches
+    (`loss_and_grads`) with the same draws, so the update equals the K = 1 update up to float reassociation.
 
     Returns:
       (state at step s + 1, metrics {"loss", "mse", "grad_norm" (before clipping), "lr"} float32 scalars).
@@ -45,13 +54,19 @@ def train_step(
     if num_classes is not None:
         labels = drop_labels(label_key, batch["label"].astype(jnp.int32), config.data.label_dropout, num_classes)
 
-    def loss_fn(params):
-        def model_fn(x_t, t):
-            return model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
+    def objective(model_fn):
+        return training_loss(config.diffusion, model_fn, schedule, x0, diff_key, **vlb_inputs)
 
-        return training_loss(config.diffusion, model_fn, schedule, x0, diff_key)
+    def apply(params, x_t, t, y, rng):
+        return model.apply({"params": params}, x_t, t, y, train=True, rngs={"dropout": rng})
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    history = getattr(state, "loss_history", None)  # importance-sampled t (ImportanceTrainState)
+    vlb_inputs = {}
+    if config.diffusion.loss != "simple":
+        vlb_inputs = dict(levels=config.data.pixel_levels(), t_probs=None if history is None else history.probs())
+    (loss, aux), grads = loss_and_grads(
+        objective, apply, state.params, labels, dropout_key, config.optim.grad_accum, param_sharding
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema_params, params, state.step, config.optim.ema_decay, config.optim.ema_warmup)
@@ -62,7 +77,63 @@ def train_step(
         "lr": jnp.asarray(lr_schedule(config.optim)(state.step), jnp.float32),
     }
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    if history is not None:
+        new_state = new_state.replace(loss_history=history.record(aux["t"], aux["per_example"]))
     return new_state, metrics
+
+
+def _micro(x: jax.Array, i: jax.Array, k: int) -> jax.Array:
+    """Micro-batch i of k of a global-batch array x (n, ...): rows i, i + k, i + 2k, ... (strided, so that every
+    device of a batch-sharded mesh holds n / k / devices rows of each micro-batch)."""
+    return jax.lax.dynamic_index_in_dim(x.reshape(x.shape[0] // k, k, *x.shape[1:]), i, axis=1, keepdims=False)
+
+
+def loss_and_grads(objective, apply, params, labels, dropout_key, grad_accum: int = 1, param_sharding=None):
+    """((loss, aux), grads) of `objective(model_fn)` (the run's loss on the global batch, which draws t and the
+    noise for the whole batch and calls model_fn(x_t, t) once) with model_fn = apply(params, x_t, t, labels,
+    dropout_key).
+
+    grad_accum = K > 1 (gradient accumulation): a `lax.scan` over K micro-batches (`_micro`) so that only one
+    micro-batch's activations are live. Iteration i evaluates the same objective -- the same draws of t and
+    noise for the whole global batch -- with a model_fn that runs the network on micro-batch i only (dropout
+    key fold_in(dropout_key, i)) and returns zeros for the other rows; since the loss is a mean of per-example
+    terms, the gradient of iteration i is exactly micro-batch i's share of the global gradient, and the sum
+    over i is the global gradient. The reported loss and aux are the objective of the assembled outputs of
+    all micro-batches. So the update equals the K = 1 update on the same batch up to float reassociation
+    (and, with dropout, the dropout masks, which are drawn per micro-batch). Costs over K = 1: the
+    element-wise loss (not the network) once more per micro-batch."""
+    if grad_accum == 1:
+        loss_fn = lambda p: objective(lambda x_t, t: apply(p, x_t, t, labels, dropout_key))  # noqa: E731
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    k = grad_accum
+    keep = (lambda g: g) if param_sharding is None else (lambda g: jax.lax.with_sharding_constraint(g, param_sharding))
+
+    def micro_loss(p, i):
+        outs = []
+
+        def model_fn(x_t, t):
+            n = x_t.shape[0]
+            if n % k:
+                raise ValueError(f"grad_accum={k} must divide the batch the model is called on ({n})")
+            t_i = _micro(t, i, k) if jnp.ndim(t) and jnp.shape(t)[0] == n else t
+            y_i = None if labels is None else _micro(labels, i, k)
+            out = apply(p, _micro(x_t, i, k), t_i, y_i, jax.random.fold_in(dropout_key, i))
+            outs.append(out)
+            full = jnp.zeros((n // k, k, *out.shape[1:]), out.dtype)
+            return jax.lax.dynamic_update_index_in_dim(full, out, i, axis=1).reshape(n, *out.shape[1:])
+
+        loss, _ = objective(model_fn)
+        if len(outs) != 1:
+            raise NotImplementedError(f"grad_accum needs an objective that calls the model once, not {len(outs)} times")
+        return loss, outs[0]
+
+    def body(total, i):
+        (_, out), g = jax.value_and_grad(micro_loss, has_aux=True)(params, i)
+        return keep(jax.tree.map(jnp.add, total, keep(g))), out
+
+    grads, outs = jax.lax.scan(body, keep(jax.tree.map(jnp.zeros_like, params)), jnp.arange(k))
+    full = jnp.swapaxes(outs, 0, 1).reshape(-1, *outs.shape[2:])  # (K, n/K, ...) -> rows in global order
+    return objective(lambda x_t, t: full), grads
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,16 +166,25 @@ def accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
     }
 
 
-def make_step_fn(model: nn.Module, config: TrainConfig, mesh: Any) -> Any:
-    """jit of (state, batch, schedule, acc) -> (state, acc): batch sharded over "data", the rest
-    replicated; state and acc are donated."""
+def make_step_fn(model: nn.Module, config: TrainConfig, mesh: Any, state_sharding: Any = None) -> Any:
+    """jit of (state, batch, schedule, acc) -> (state, acc): batch sharded over all mesh axes, the state in
+    `state_sharding` (a pytree of shardings like the state, e.g. `jdiff.run.mesh.fsdp_sharding`; None:
+    replicated), schedule and acc replicated; state and acc are donated. XLA inserts the collectives."""
     from jdiff.run.mesh import batch_sharding, replicated
 
+    rep = replicated(mesh)
+    state_sharding = rep if state_sharding is None else state_sharding
+    param_sharding = getattr(state_sharding, "params", None)
+
     def fn(state, batch, schedule, acc):
-        new_state, metrics = train_step(state, batch, model=model, schedule=schedule, config=config)
+        new_state, metrics = train_step(
+            state, batch, model=model, schedule=schedule, config=config, param_sharding=param_sharding
+        )
         return new_state, accumulate(acc, metrics, state.step)
 
-    rep = replicated(mesh)
     return jax.jit(
-        fn, in_shardings=(rep, batch_sharding(mesh), rep, rep), out_shardings=(rep, rep), donate_argnums=(0, 3)
+        fn,
+        in_shardings=(state_sharding, batch_sharding(mesh), rep, rep),
+        out_shardings=(state_sharding, rep),
+        donate_argnums=(0, 3),
     )
