@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 
 
 def one_line(e: BaseException, limit: int = 0) -> str:
@@ -40,7 +41,8 @@ def _orbax_thread_traceback(record: logging.LogRecord) -> bool:
 
 def filter_failed_read_noise():
     """Drops exactly the tracebacks that a failed orbax read's still-running background reads print later
-    (unraisable "Event loop is closed" errors and asyncio's "... exception was never retrieved" records),
+    (unraisable "Event loop is closed" errors, asyncio's "... exception was never retrieved" records and the
+    "coroutine ... was never awaited" warnings of its abandoned coroutines),
     and the tracebacks orbax logs for a failed background save (which it raises again at the next save or
     wait), for tools that report the failure themselves in one line. Other exceptions and records pass
     through. Returns a function that restores the previous hooks.
@@ -58,8 +60,13 @@ def filter_failed_read_noise():
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_closed_loop_noise)
     logging.getLogger("absl").addFilter(_orbax_thread_traceback)
+    saved_filters = warnings.filters[:]
+    # A failed read's abandoned tensorstore coroutines are collected at exit ("coroutine
+    # 'Store._get_array_metadatas' was never awaited"); jdiff itself has no coroutines.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
     def restore():
+        warnings.filters[:] = saved_filters
         logging.getLogger("absl").removeFilter(_orbax_thread_traceback)
         logging.getLogger("asyncio").removeFilter(_closed_loop_noise)
         sys.unraisablehook = default
