@@ -461,14 +461,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = evaluate(images, labels, seed=args.seed)
     result["samples_info"] = info
     print(markdown(result))
-    if args.json:
-        text = json.dumps(_finite(result), indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    _write_json(result, args.json)
     return 0
+
+
+def _write_json(result: dict, dest: Optional[str]) -> None:
+    """--json: the result as JSON to the file `dest`, to stdout for "-", nowhere for None."""
+    if not dest:
+        return
+    text = json.dumps(_finite(result), indent=1)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
 
 
 def _main_sweep(p: argparse.ArgumentParser, args) -> int:
@@ -506,13 +512,7 @@ def _main_sweep(p: argparse.ArgumentParser, args) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(sweep_markdown(result))
-    if args.json:
-        text = json.dumps(_finite(result), indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    _write_json(result, args.json)
     return 0
 
 
