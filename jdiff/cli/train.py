@@ -57,8 +57,7 @@ def _key_help() -> str:
 EPILOG = """presets: {presets} (default digits: 8x8 digits, a few minutes on a CPU).
 A workdir that already holds config.json resumes from its latest checkpoint with the saved settings; flags
 override them (e.g. --optim.steps to train longer), but a change of a field that fixes the model or the data
-(dataset, image_size, channels, class_conditional, model.*, schedule, num_timesteps, zero_terminal_snr,
-objective) is refused. Values: ints, floats (1e-4), booleans (true/false; a bare boolean flag means true),
+({fixed}) is refused. Values: ints, floats (1e-4), booleans (true/false; a bare boolean flag means true),
 tuples ("(1,2,2)"), none.
 Examples:
   python train.py
@@ -89,7 +88,8 @@ def build_parser() -> Parser:
 
     class Help(argparse.Action):  # the key list imports the model and sampler registries: build it on demand
         def __call__(self, parser, *args):
-            parser.epilog = EPILOG.format(presets=", ".join(PRESETS), keys=_key_help())
+            fixed = ", ".join(k for k, key in KEYS.items() if key.fixed)
+            parser.epilog = EPILOG.format(presets=", ".join(PRESETS), fixed=fixed, keys=_key_help())
             parser.print_help()
             parser.exit()
 
