@@ -53,7 +53,7 @@ def dpmpp_2m_step(denoise, carry, s, noise, opts):
     return x_next, d.x0, h
 
 
-def _init(x):
+def multistep_init(x):
     """Carry (x, previous x0, previous step size h) of the multistep update."""
     return x, jnp.zeros_like(x), jnp.zeros((), x.dtype)
 
@@ -65,7 +65,7 @@ DPMPP_2M = register(
         nfe=lambda n: n,
         stochastic=False,
         zero_terminal_snr=True,
-        init=_init,
+        init=multistep_init,
         output=lambda carry: carry[0],
     )
 )

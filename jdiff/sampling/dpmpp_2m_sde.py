@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jdiff.sampling.base import Sampler, register
-from jdiff.sampling.dpm_solver import log_alpha_sigma, multistep_order
+from jdiff.sampling.dpm_solver import log_alpha_sigma, multistep_init, multistep_order
 
 
 def dpmpp_2m_sde_step(denoise, carry, s, noise, opts):
@@ -36,11 +36,6 @@ def dpmpp_2m_sde_step(denoise, carry, s, noise, opts):
     return x_next, d.x0, h
 
 
-def _init(x):
-    """Carry (x, previous x0, previous step size h)."""
-    return x, jnp.zeros_like(x), jnp.zeros((), x.dtype)
-
-
 DPMPP_2M_SDE = register(
     Sampler(
         "dpmpp_2m_sde",
@@ -48,7 +43,7 @@ DPMPP_2M_SDE = register(
         nfe=lambda n: n,
         stochastic=True,
         zero_terminal_snr=True,
-        init=_init,
+        init=multistep_init,
         output=lambda carry: carry[0],
     )
 )
