@@ -121,7 +121,7 @@ def sample_checkpoint(
         settings,
         image_shape=run.image_shape,
         num_classes=num_classes,
-        prediction=run.config.diffusion.objective,
+        prediction=run.config.diffusion.prediction,
         batch=jrun.auto_batch(num, len(devices)),
         devices=devices,
     )
@@ -139,7 +139,7 @@ def sample_checkpoint(
         "spacing": spacing,
         "eta": eta,
         "variance": variance,
-        "objective": run.config.diffusion.objective,
+        "prediction": run.config.diffusion.prediction,
         "conditioning": mode,
         "sample_seconds": round(time.time() - t0, 2),
     }

@@ -83,9 +83,9 @@ def test_bad_values_are_one_line_errors_naming_the_key(key, value, words):
 def test_cross_section_rules():
     with pytest.raises(ConfigError, match=r"sampling.steps \(200\) must be <= diffusion.num_timesteps \(100\)"):
         apply_overrides(get_preset("digits"), {"diffusion.num_timesteps": 100, "sampling.steps": 200})
-    with pytest.raises(ConfigError, match="zero_terminal_snr needs objective v or x0"):
+    with pytest.raises(ConfigError, match="zero_terminal_snr needs prediction v or x0"):
         apply_overrides(get_preset("digits"), {"diffusion.zero_terminal_snr": True})
-    ok = apply_overrides(get_preset("digits"), {"diffusion.objective": "v", "diffusion.zero_terminal_snr": True})
+    ok = apply_overrides(get_preset("digits"), {"diffusion.prediction": "v", "diffusion.zero_terminal_snr": True})
     assert ok.diffusion.zero_terminal_snr
 
 
@@ -119,8 +119,8 @@ def test_fixed_fields_are_the_ones_that_change_the_model_or_data():
     base = get_preset("digits")
     changed = apply_overrides(base, {"optim.lr": 1e-4, "run.log_every": 5, "sampling.steps": 10})
     assert fixed_conflicts(base, changed) == []
-    changed = apply_overrides(base, {"model.ch": 16, "diffusion.objective": "v"})
-    assert fixed_conflicts(base, changed) == ["model.fields: {} -> {'ch': 16}", "diffusion.objective: 'eps' -> 'v'"]
+    changed = apply_overrides(base, {"model.ch": 16, "diffusion.prediction": "v"})
+    assert fixed_conflicts(base, changed) == ["model.fields: {} -> {'ch': 16}", "diffusion.prediction: 'eps' -> 'v'"]
 
 
 def test_overrides_apply_in_order_and_configs_are_immutable():

@@ -142,7 +142,7 @@ def test_grad_accum_equals_one_step_on_the_whole_batch():
     update of one step on the 16 examples: the same draws of t and noise (drawn for the global batch, split
     by micro-batch), loss = mean over the 16 (with per-example min-SNR weights). Without dropout the two agree
     to float reassociation (loss, grad norm rtol 1e-5; parameters, Adam moments rtol 2e-5)."""
-    diffusion = {"diffusion.objective": "v", "diffusion.weighting": "min_snr"}
+    diffusion = {"diffusion.prediction": "v", "diffusion.weighting": "min_snr"}
     mesh = make_mesh(jax.devices()[:4], "data=2,fsdp=2")
     c1 = _config(**diffusion)
     c4 = _config(**diffusion, **{"optim.grad_accum": 4})
@@ -168,14 +168,14 @@ def test_grad_accum_micro_batches_see_their_own_rows():
     rows = jnp.arange(12.0)[:, None]
     w = jnp.linspace(1.0, 2.0, 12)[:, None]
 
-    def objective(model_fn):  # a per-example loss like the diffusion loss: sum_i w_i (f(x_i) - i)^2 / n
+    def batch_loss(model_fn):  # a per-example loss like the diffusion loss: sum_i w_i (f(x_i) - i)^2 / n
         out = model_fn(rows, jnp.zeros(12))
         return jnp.mean(w * (out - rows) ** 2), {"out": out}
 
     apply = lambda p, x, t, y, rng: p["a"] * x + p["b"]  # noqa: E731
     params = {"a": jnp.float32(0.5), "b": jnp.float32(0.1)}
-    (l1, aux1), g1 = loss_and_grads(objective, apply, params, None, jax.random.PRNGKey(0), 1)
-    (l3, aux3), g3 = loss_and_grads(objective, apply, params, None, jax.random.PRNGKey(0), 3)
+    (l1, aux1), g1 = loss_and_grads(batch_loss, apply, params, None, jax.random.PRNGKey(0), 1)
+    (l3, aux3), g3 = loss_and_grads(batch_loss, apply, params, None, jax.random.PRNGKey(0), 3)
     np.testing.assert_allclose(l3, l1, rtol=1e-6)
     np.testing.assert_allclose(aux3["out"], aux1["out"], rtol=1e-6)
     _assert_close(g3, g1, 1e-6, 1e-7)

@@ -180,7 +180,7 @@ def _main(argv: Sequence[str]) -> int:
         y = jrun.labels_for(args.num, run.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
         model, schedule = jrun.build_model(config, run.num_classes), jrun.build_schedule(config)
-        prediction = config.diffusion.objective
+        prediction = config.diffusion.prediction
         print(
             f"{config.model.name} ({args.params} params) from {args.workdir}: {args.num} samples "
             f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({args.spacing}"

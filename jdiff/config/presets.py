@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # sigma, lambda weighting), the "edm" schedule (sigma 0.002..80, rho 7) as the sampling grid, so the default
     # linspace spacing is EDM's time grid; preview grids with EDM's Heun sampler (Alg. 1).
     "digits_edm": {
-        "diffusion.objective": "edm",
+        "diffusion.prediction": "edm",
         "diffusion.schedule": "edm",
         "run.workdir": "runs/digits_edm",
         "sampling.sampler": "heun",
@@ -77,7 +77,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "data.class_conditional": False,
         "data.label_dropout": 0.0,
         "data.random_flip": True,
-        "diffusion.objective": "edm",
+        "diffusion.prediction": "edm",
         "diffusion.schedule": "edm",
         "optim.batch_size": 512,
         "optim.steps": 390_625,

@@ -202,9 +202,9 @@ class DiffusionConfig(_Section):
     schedule: str = setting("linear", "beta schedule", fixed=True, choices=tuple(BETA_SCHEDULES))
     num_timesteps: int = setting(1000, "T, number of diffusion steps", fixed=True, ge=1)
     zero_terminal_snr: bool = setting(
-        False, "rescale the schedule to zero terminal SNR (use with objective v)", fixed=True
+        False, "rescale the schedule to zero terminal SNR (use with prediction v)", fixed=True
     )
-    objective: str = setting(
+    prediction: str = setting(
         "eps",
         "what the model predicts (edm, edm_vp, edm_ve: an EDM-preconditioned network, Karras et al. 2022)",
         fixed=True,
@@ -225,26 +225,26 @@ class DiffusionConfig(_Section):
         fixed=True,
         choices=("uniform", "importance"),
     )
-    edm_p_mean: float = setting(P_MEAN, "objective edm: mean of the log-normal training ln(sigma) (EDM P_mean)")
-    edm_p_std: float = setting(P_STD, "objective edm: std of the log-normal training ln(sigma) (EDM P_std)", gt=0.0)
+    edm_p_mean: float = setting(P_MEAN, "prediction edm: mean of the log-normal training ln(sigma) (EDM P_mean)")
+    edm_p_std: float = setting(P_STD, "prediction edm: std of the log-normal training ln(sigma) (EDM P_std)", gt=0.0)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.zero_terminal_snr and self.objective == "eps":
-            raise ConfigError("diffusion.zero_terminal_snr needs objective v or x0 (eps cannot be sampled at SNR 0)")
-        if self.objective in EDM_PREDICTIONS:
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ConfigError("diffusion.zero_terminal_snr needs prediction v or x0 (eps cannot be sampled at SNR 0)")
+        if self.prediction in EDM_PREDICTIONS:
             if self.weighting != "simple":
                 raise ConfigError(
-                    f"diffusion.weighting {self.weighting} does not apply to objective {self.objective} (EDM weights "
+                    f"diffusion.weighting {self.weighting} does not apply to prediction {self.prediction} (EDM weights "
                     "its loss by lambda(sigma)); use weighting simple"
                 )
             if self.zero_terminal_snr:
-                raise ConfigError(f"diffusion.zero_terminal_snr does not apply to objective {self.objective}")
+                raise ConfigError(f"diffusion.zero_terminal_snr does not apply to prediction {self.prediction}")
         edm_defaults = (self.edm_p_mean, self.edm_p_std) == (P_MEAN, P_STD)
-        if self.objective != "edm" and not edm_defaults:
-            raise ConfigError(f"diffusion.edm_p_mean / edm_p_std apply to objective edm only, not {self.objective}")
-        if self.loss != "simple" and self.objective not in PREDICTIONS:
-            raise ConfigError(f"diffusion.loss {self.loss} needs objective eps, x0 or v, not {self.objective}")
+        if self.prediction != "edm" and not edm_defaults:
+            raise ConfigError(f"diffusion.edm_p_mean / edm_p_std apply to prediction edm only, not {self.prediction}")
+        if self.loss != "simple" and self.prediction not in PREDICTIONS:
+            raise ConfigError(f"diffusion.loss {self.loss} needs prediction eps, x0 or v, not {self.prediction}")
         if self.t_sampling == "importance" and self.loss == "simple":
             raise ConfigError("diffusion.t_sampling importance needs diffusion.loss vlb or hybrid")
 

@@ -198,7 +198,7 @@ def load_params(
         model is not traced a second time.
 
     Sample with `jdiff.sample(model.apply, schedule, shape, rng, params={"params": params},
-    prediction=run.config.diffusion.objective, ...)` or `jdiff.run.Generator`.
+    prediction=run.config.diffusion.prediction, ...)` or `jdiff.run.Generator`.
     Raises CheckpointError (one line) for a missing/corrupted checkpoint.
     """
     from jdiff.models import abstract_params

@@ -43,7 +43,7 @@ def make_bpd_fn(
     (`jdiff.likelihood.vlb_bpd`, variance None: learned for a learn_sigma model, else posterior) or "ode"
     (`jdiff.likelihood.ode_bpd` with `ode_options`). Labels condition a class-conditional model."""
     levels = config.data.pixel_levels()
-    prediction = config.diffusion.objective
+    prediction = config.diffusion.prediction
     conditional = getattr(model, "num_classes", None) is not None
 
     def bpd(params, images, labels, rng):

@@ -145,7 +145,7 @@ class Loop:
                 settings,
                 image_shape=s.image_shape,
                 num_classes=s.num_classes,
-                prediction=c.diffusion.objective,
+                prediction=c.diffusion.prediction,
                 batch=auto_batch(c.sampling.num_samples, len(devices)),
                 devices=devices,
                 decode=None if s.vae is None else s.vae.decode_latents,  # latent runs (data.vae) show images

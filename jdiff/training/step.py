@@ -12,7 +12,7 @@ import optax
 from jdiff.config import TrainConfig
 from jdiff.models import drop_labels
 from jdiff.schedules import Schedule
-from jdiff.training.objective import training_loss
+from jdiff.training.loss import training_loss
 from jdiff.training.optim import ema_update, lr_schedule, make_optimizer
 from jdiff.training.state import TrainState
 
@@ -33,7 +33,7 @@ def train_step(
       batch: {"image": float32 (B, H, W, C) in [-1, 1], "label": int32 (B,)}.
       model: Flax module called as model.apply({"params": p}, x, t, y, train=True, rngs={"dropout": k}).
       schedule: noise schedule (traced data).
-      config: static settings (objective, weighting, label dropout, optimizer, EMA, grad_accum).
+      config: static settings (prediction, weighting, label dropout, optimizer, EMA, grad_accum).
       param_sharding: shardings of the parameters (a pytree like state.params; None: unconstrained); the
         gradients (and their sum over micro-batches) are kept in them.
 
@@ -54,7 +54,7 @@ def train_step(
     if num_classes is not None:
         labels = drop_labels(label_key, batch["label"].astype(jnp.int32), config.data.label_dropout, num_classes)
 
-    def objective(model_fn):
+    def batch_loss(model_fn):
         return training_loss(config.diffusion, model_fn, schedule, x0, diff_key, **vlb_inputs)
 
     def apply(params, x_t, t, y, rng):
@@ -65,7 +65,7 @@ def train_step(
     if config.diffusion.loss != "simple":
         vlb_inputs = dict(levels=config.data.pixel_levels(), t_probs=None if history is None else history.probs())
     (loss, aux), grads = loss_and_grads(
-        objective, apply, state.params, labels, dropout_key, config.optim.grad_accum, param_sharding
+        batch_loss, apply, state.params, labels, dropout_key, config.optim.grad_accum, param_sharding
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -88,22 +88,22 @@ def _micro(x: jax.Array, i: jax.Array, k: int) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(x.reshape(x.shape[0] // k, k, *x.shape[1:]), i, axis=1, keepdims=False)
 
 
-def loss_and_grads(objective, apply, params, labels, dropout_key, grad_accum: int = 1, param_sharding=None):
-    """((loss, aux), grads) of `objective(model_fn)` (the run's loss on the global batch, which draws t and the
+def loss_and_grads(batch_loss, apply, params, labels, dropout_key, grad_accum: int = 1, param_sharding=None):
+    """((loss, aux), grads) of `batch_loss(model_fn)` (the run's loss on the global batch, which draws t and the
     noise for the whole batch and calls model_fn(x_t, t) once) with model_fn = apply(params, x_t, t, labels,
     dropout_key).
 
     grad_accum = K > 1 (gradient accumulation): a `lax.scan` over K micro-batches (`_micro`) so that only one
-    micro-batch's activations are live. Iteration i evaluates the same objective -- the same draws of t and
+    micro-batch's activations are live. Iteration i evaluates the same batch_loss -- the same draws of t and
     noise for the whole global batch -- with a model_fn that runs the network on micro-batch i only (dropout
     key fold_in(dropout_key, i)) and returns zeros for the other rows; since the loss is a mean of per-example
     terms, the gradient of iteration i is exactly micro-batch i's share of the global gradient, and the sum
-    over i is the global gradient. The reported loss and aux are the objective of the assembled outputs of
+    over i is the global gradient. The reported loss and aux are the batch_loss of the assembled outputs of
     all micro-batches. So the update equals the K = 1 update on the same batch up to float reassociation
     (and, with dropout, the dropout masks, which are drawn per micro-batch). Costs over K = 1: the
     element-wise loss (not the network) once more per micro-batch."""
     if grad_accum == 1:
-        loss_fn = lambda p: objective(lambda x_t, t: apply(p, x_t, t, labels, dropout_key))  # noqa: E731
+        loss_fn = lambda p: batch_loss(lambda x_t, t: apply(p, x_t, t, labels, dropout_key))  # noqa: E731
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
     k = grad_accum
     keep = (lambda g: g) if param_sharding is None else (lambda g: jax.lax.with_sharding_constraint(g, param_sharding))
@@ -122,9 +122,9 @@ def loss_and_grads(objective, apply, params, labels, dropout_key, grad_accum: in
             full = jnp.zeros((n // k, k, *out.shape[1:]), out.dtype)
             return jax.lax.dynamic_update_index_in_dim(full, out, i, axis=1).reshape(n, *out.shape[1:])
 
-        loss, _ = objective(model_fn)
+        loss, _ = batch_loss(model_fn)
         if len(outs) != 1:
-            raise NotImplementedError(f"grad_accum needs an objective that calls the model once, not {len(outs)} times")
+            raise NotImplementedError(f"grad_accum needs a batch_loss that calls the model once, not {len(outs)} times")
         return loss, outs[0]
 
     def body(total, i):
@@ -133,7 +133,7 @@ def loss_and_grads(objective, apply, params, labels, dropout_key, grad_accum: in
 
     grads, outs = jax.lax.scan(body, keep(jax.tree.map(jnp.zeros_like, params)), jnp.arange(k))
     full = jnp.swapaxes(outs, 0, 1).reshape(-1, *outs.shape[2:])  # (K, n/K, ...) -> rows in global order
-    return objective(lambda x_t, t: full), grads
+    return batch_loss(lambda x_t, t: full), grads
 
 
 # ---------------------------------------------------------------------------------------------------
