@@ -1,11 +1,10 @@
-"""jdiff.config: declared fields, one override syntax with flat aliases, JSON round trip, resume rules."""
+"""jdiff.config: declared fields, one dotted key per field, JSON round trip, resume rules."""
 
 import json
 
 import pytest
 
 from jdiff.config import (
-    ALIASES,
     KEYS,
     PRESETS,
     ConfigError,
@@ -15,6 +14,7 @@ from jdiff.config import (
     from_dict,
     get_preset,
     resolve,
+    suggest,
     to_dict,
 )
 
@@ -24,17 +24,21 @@ def test_every_field_is_declared_with_help_and_a_valid_default():
         assert key.spec.help, key.path
         if key.spec.kind is not dict:
             key.spec.check(key.path, key.spec.default)
-    assert len(ALIASES) == len(KEYS)
     TrainConfig()  # the defaults form a valid config
 
 
-def test_keys_resolve_dotted_flat_and_registry_entries():
-    assert resolve("optim.lr") == resolve("lr") == "optim.lr"
-    assert resolve("sample_steps") == "sampling.steps" and resolve("steps") == "optim.steps"
-    assert resolve("model") == "model.name" and resolve("model_overrides") == "model.fields"
+def test_keys_resolve_dotted_and_registry_entries_only():
+    assert resolve("optim.lr") == "optim.lr" and resolve("sampling.steps") == "sampling.steps"
     assert resolve("model.ch") == "model.fields.ch" and resolve("sampling.eta") == "sampling.options.eta"
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean optim.lr\?\)"):
         resolve("optim.lrr")
+    for bare, dotted in [("lr", "optim.lr"), ("steps", "optim.steps"), ("workdir", "run.workdir")]:
+        with pytest.raises(ConfigError, match=rf"unknown config key '{bare}' \(did you mean {dotted}\?\)"):
+            resolve(bare)
+        assert suggest(bare) == dotted
+    for gone in ("sample_steps", "model_overrides", "model"):  # no second spelling of any key
+        with pytest.raises(ConfigError, match="unknown config key"):
+            resolve(gone)
 
 
 def test_overrides_parse_text_with_each_fields_type():
@@ -95,24 +99,13 @@ def test_presets_round_trip_through_json(name):
     assert from_dict(json.loads(json.dumps(to_dict(c)))) == c
 
 
-def test_pre_0_2_flat_config_json_still_loads():
-    flat = {
-        "dataset": "digits",
-        "model": "unet_small",
-        "model_overrides": {"ch": 8, "ch_mult": [1]},
-        "batch_size": 8,
-        "steps": 4,
-        "sample_steps": 2,
-        "num_timesteps": 100,
-        "sampler": "ddim",
-        "workdir": "runs/x",
-        "guidance_scale": None,
-    }
-    c = from_dict(flat)
-    assert c.model.fields == {"ch": 8, "ch_mult": (1,)} and c.optim.batch_size == 8 and c.sampling.steps == 2
-    assert c.run.workdir == "runs/x" and c.diffusion.num_timesteps == 100
-    with pytest.raises(ConfigError, match="unknown config key 'no_such_field'"):
-        from_dict({**flat, "no_such_field": 1})
+def test_only_the_sectioned_config_loads():
+    c = from_dict({"model": {"name": "unet_small", "fields": {"ch": 8, "ch_mult": [1]}}, "optim": {"batch_size": 8}})
+    assert c.model.fields == {"ch": 8, "ch_mult": (1,)} and c.optim.batch_size == 8
+    with pytest.raises(ConfigError, match=r"not a jdiff 0.1 config: unknown section\(s\) \['dataset', 'steps'\]"):
+        from_dict({"dataset": "digits", "steps": 4})
+    with pytest.raises(ConfigError, match="unknown config key 'optim.no_such_field'"):
+        from_dict({"optim": {"no_such_field": 1}})
 
 
 def test_fixed_fields_are_the_ones_that_change_the_model_or_data():
@@ -124,7 +117,7 @@ def test_fixed_fields_are_the_ones_that_change_the_model_or_data():
 
 
 def test_overrides_apply_in_order_and_configs_are_immutable():
-    c = apply_overrides(get_preset("digits"), [("lr", "1e-3"), ("optim.lr", "2e-3")])
+    c = apply_overrides(get_preset("digits"), [("optim.lr", "1e-3"), ("optim.lr", "2e-3")])
     assert c.optim.lr == 2e-3
     with pytest.raises(AttributeError):
         c.optim.lr = 1.0

@@ -275,7 +275,7 @@ def test_tiny_edm_run_trains_resumes_exactly_and_samples(tiny_config, tmp_path):
     from jdiff.run import load_for_inference
     from jdiff.training import train
 
-    over = {"diffusion.prediction": "edm", "diffusion.schedule": "edm", "steps": 4, "checkpoint_every": 2}
+    over = {"diffusion.prediction": "edm", "diffusion.schedule": "edm", "optim.steps": 4, "run.checkpoint_every": 2}
     dev = jax.devices()[:1]
     c = tiny_config(workdir=tmp_path / "c", **over)
     assert train(c, devices=dev, **QUIET).step == 4  # uninterrupted, checkpoints 2 and 4

@@ -366,7 +366,7 @@ def test_export_cli_writes_a_trained_run(tmp_path):
     from jdiff.run import build_schedule, save_run_config
 
     workdir = str(tmp_path / "run")
-    over = {"workdir": workdir, "num_timesteps": "100", "model.ch": "8", "model.ch_mult": "(1, 2)"}
+    over = {"run.workdir": workdir, "diffusion.num_timesteps": "100", "model.ch": "8", "model.ch_mult": "(1, 2)"}
     over.update({"model.attention_resolutions": "(4,)", "model.num_heads": "1", "model.norm_groups": "2"})
     config = apply_overrides(get_preset("digits"), over)
     model, state = write_random_run(workdir, config)

@@ -50,7 +50,12 @@ def trained_run(tmp_path_factory):
 
 def test_resume_is_exact(tiny_config, tmp_path):
     """2N steps in one call == N steps, stop, resume for N (params, EMA, opt state, step, rng: bitwise)."""
-    over = {"steps": 6, "checkpoint_every": 4, "label_dropout": 0.3, "model.dropout": 0.1}  # the tiny U-Net + dropout
+    over = {
+        "optim.steps": 6,
+        "run.checkpoint_every": 4,
+        "data.label_dropout": 0.3,
+        "model.dropout": 0.1,
+    }  # the tiny U-Net + dropout
     a = tiny_config(workdir=tmp_path / "a", **over)
     b = tiny_config(workdir=tmp_path / "b", **over)
     dev = jax.devices()[:1]
@@ -74,7 +79,7 @@ def test_resume_is_exact(tiny_config, tmp_path):
 
 
 def test_restore_onto_other_device_counts(tiny_config, tmp_path):
-    config = tiny_config(workdir=tmp_path / "x", steps=4, checkpoint_every=2)
+    config = tiny_config(workdir=tmp_path / "x", **{"optim.steps": 4, "run.checkpoint_every": 2})
     eight, one = jax.devices()[:8], jax.devices()[:1]
     r = train(config, devices=eight, stop_after=2, **QUIET)  # written from an 8-device mesh
     assert r.last_checkpoint == 2
@@ -150,7 +155,7 @@ def test_corrupted_checkpoint_gives_clear_error(tmp_path, trained_run, damage):
         shutil.rmtree(step_dir / "ocdbt.process_0")
     else:
         (step_dir / "_METADATA").write_text("{not json")
-    config = with_changes(trained_run, workdir=str(wd))
+    config = with_changes(trained_run, **{"run.workdir": str(wd)})
     with pytest.raises(CheckpointError) as e:
         load_for_inference(str(wd))
     _one_line_error(e, "corrupted")
@@ -158,7 +163,7 @@ def test_corrupted_checkpoint_gives_clear_error(tmp_path, trained_run, damage):
         _restore(config, 4, jax.devices()[:1])
     _one_line_error(e, "corrupted")
     with pytest.raises(CheckpointError) as e:  # training refuses to resume from it (and does not overwrite it)
-        train(with_changes(config, steps=6), devices=jax.devices()[:1], **QUIET)
+        train(with_changes(config, **{"optim.steps": 6}), devices=jax.devices()[:1], **QUIET)
     _one_line_error(e, "corrupted")
     # The older checkpoint is still fine.
     _restore(config, 2, jax.devices()[:1])
@@ -180,7 +185,7 @@ def test_flipped_bits_in_checkpoint_data_never_restore_silently(tmp_path, traine
         raw = bytearray(target.read_bytes())
         raw[int(len(raw) * frac)] ^= 0x10
         target.write_bytes(bytes(raw))
-        config = with_changes(trained_run, workdir=str(wd))
+        config = with_changes(trained_run, **{"run.workdir": str(wd)})
         for load in (
             lambda: _restore(config, 4, jax.devices()[:1]),
             lambda: load_for_inference(str(wd), which="params")[3],

@@ -212,11 +212,11 @@ def test_remat_changes_no_numbers(name):
 
 def test_bad_mesh_and_batch_are_one_line_errors(tiny_config):
     with pytest.raises(ConfigError, match=r"data=2,fsdp=2 has 4 devices, not the 8 devices") as e:
-        setup(tiny_config(mesh="data=2,fsdp=2"), devices=jax.devices()[:8])
+        setup(tiny_config(**{"run.mesh": "data=2,fsdp=2"}), devices=jax.devices()[:8])
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="bad run.mesh"):
-        tiny_config(mesh="data=2,tensor=4")
-    with pytest.raises(ValueError, match=r"multiple of grad_accum x devices \(4 x 8\); e.g. use --batch_size 32"):
+        tiny_config(**{"run.mesh": "data=2,tensor=4"})
+    with pytest.raises(ValueError, match=r"multiple of grad_accum x devices \(4 x 8\); e.g. use --optim.batch_size 32"):
         check_batch_size(48, 8, grad_accum=4)
     with pytest.raises(ConfigError, match="grad_accum x devices"):
         setup(tiny_config(**{"optim.grad_accum": 3}), devices=jax.devices()[:8])
@@ -232,7 +232,7 @@ def test_checkpoints_move_between_meshes_and_resume_exactly(tiny_config, tmp_pat
     """A run on mesh 2x4 (state split over fsdp=4): its checkpoint restores on 1x8, 8x1 and one device with the
     same values, each leaf in the new mesh's sharding; stopping at step 2 and resuming on 2x4 ends bitwise
     equal to 4 uninterrupted steps. metrics.jsonl reports the input-wait share in [0, 1]."""
-    over = {"mesh": "data=2,fsdp=4", "fsdp_min_size": 64}
+    over = {"run.mesh": "data=2,fsdp=4", "run.fsdp_min_size": 64}
     a = tiny_config(workdir=tmp_path / "a", **over)
     b = tiny_config(workdir=tmp_path / "b", **over)
     eight = jax.devices()[:8]

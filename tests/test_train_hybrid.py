@@ -34,7 +34,7 @@ def _restore(config, step):
 def test_importance_sampling_state_resumes_exactly(tiny_config, tmp_path):
     """6 steps in one call == 3 steps, stop, resume for 3: every leaf bitwise, the loss history included; the
     history holds the 48 recorded losses (fewer than T * 10: sampling is still uniform)."""
-    over = {"steps": 6, "checkpoint_every": 6, **IMPORTANCE}
+    over = {"optim.steps": 6, "run.checkpoint_every": 6, **IMPORTANCE}
     a, b = tiny_config(workdir=tmp_path / "a", **over), tiny_config(workdir=tmp_path / "b", **over)
     dev = jax.devices()[:1]
     assert train(a, devices=dev, **QUIET).step == 6
@@ -87,11 +87,11 @@ def test_hybrid_gets_lower_heldout_vlb_than_simple(tiny_config, tmp_path):
     leaves it at its zero initialisation (the geometric mean of beta and beta-tilde), so the hybrid run's
     held-out VLB (64 test digits) is lower."""
     over = {
-        "steps": 300,
+        "optim.steps": 300,
         "optim.batch_size": 64,
         "optim.lr": 3e-3,
-        "checkpoint_every": 0,
-        "log_every": 100,
+        "run.checkpoint_every": 0,
+        "run.log_every": 100,
         "model.learn_sigma": True,
     }
     bpd = {}

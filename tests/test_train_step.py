@@ -37,7 +37,8 @@ class TinyNet(nn.Module):
 
 
 def _config(**kw):
-    base = dict(batch_size=16, num_timesteps=100, lr=1e-2, warmup_steps=0, label_dropout=0.3, ema_decay=0.9)
+    base = {"optim.batch_size": 16, "diffusion.num_timesteps": 100, "optim.lr": 1e-2, "optim.warmup_steps": 0}
+    base.update({"data.label_dropout": 0.3, "optim.ema_decay": 0.9})
     base.update(kw)
     return apply_overrides(get_preset("digits"), base.items())
 
@@ -80,7 +81,7 @@ def test_eight_devices_equal_one_device():
 
 
 def test_step_rng_and_metrics():
-    config = _config(lr=1e-3, warmup_steps=10)
+    config = _config(**{"optim.lr": 1e-3, "optim.warmup_steps": 10})
     model = TinyNet()
     tx = make_optimizer(config.optim)
     state = jax.jit(functools.partial(init_train_state, model, tx, (8, 8, 1), 0))()
@@ -107,7 +108,7 @@ def test_step_rng_and_metrics():
 
 
 def test_bfloat16_compute_keeps_float32_params():
-    config = _config(dtype="bfloat16")
+    config = _config(**{"model.dtype": "bfloat16"})
     model = TinyNet(dtype=jnp.bfloat16)
     tx = make_optimizer(config.optim)
     state = jax.jit(functools.partial(init_train_state, model, tx, (8, 8, 1), 0))()

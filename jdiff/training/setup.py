@@ -111,7 +111,7 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
     the init and step functions compile on first use. Raises ConfigError / ValueError for bad settings."""
     mesh = make_mesh(devices, config.run.mesh)
     try:
-        check_batch_size(config.optim.batch_size, mesh, grad_accum=config.optim.grad_accum)
+        check_batch_size(config.optim.batch_size, mesh, flag="--optim.batch_size", grad_accum=config.optim.grad_accum)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     rep = replicated(mesh)
