@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import with_changes
 
-from jdiff.run import Checkpointer, CheckpointError, build_model, load_for_inference, make_mesh, replicated
+from jdiff.run import Checkpointer, CheckpointError, RunError, build_model, load_for_inference, make_mesh, replicated
 from jdiff.training import init_train_state, make_optimizer, train
 
 QUIET = dict(progress=False, log=lambda s: None)
@@ -126,8 +126,9 @@ def _one_line_error(excinfo, *fragments):
 
 
 def test_missing_checkpoints_give_clear_errors(tmp_path, trained_run):
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(RunError) as e:
         load_for_inference(str(tmp_path / "nope"))
+    assert not isinstance(e.value, CheckpointError)  # no run at all: not a checkpoint problem
     _one_line_error(e, "config.json")
     with pytest.raises(CheckpointError) as e:
         Checkpointer(str(tmp_path / "nope"), create=False)
@@ -141,6 +142,19 @@ def test_missing_checkpoints_give_clear_errors(tmp_path, trained_run):
     with pytest.raises(CheckpointError) as e:
         load_for_inference(trained_run.run.workdir, step=3)
     _one_line_error(e, "step 3", "available: [2, 4]")
+
+
+def test_checkpoint_without_its_checksums_is_refused(tmp_path, trained_run):
+    """The checksums are written before the checkpoint: a checkpoint without them is damaged, not unchecked."""
+    wd = tmp_path / "run"
+    shutil.copytree(trained_run.run.workdir, wd)
+    os.remove(wd / "checksums" / "4.json")
+    config = with_changes(trained_run, **{"run.workdir": str(wd)})
+    for load in (lambda: _restore(config, 4, jax.devices()[:1]), lambda: load_for_inference(str(wd))):
+        with pytest.raises(CheckpointError) as e:
+            load()
+        _one_line_error(e, "checkpoint", "checksums", "missing or unreadable", "resume from checkpoint 2")
+    _restore(config, 2, jax.devices()[:1])  # the older one is intact
 
 
 # After a failed read, tensorstore callbacks can fire on orbax's closed event loop ("Event loop is closed").

@@ -187,9 +187,9 @@ def main(argv: Optional[Sequence[str]] = None, early_signals: Sequence[int] = ()
     exits at once with status 130."""
     import signal
 
-    from jdiff.signals import StopFlag, catch_signals
+    from jdiff.signals import SignalCatcher, StopFlag
 
-    with catch_signals(StopFlag(), on_second=_abort) as flag:
+    with SignalCatcher(StopFlag(), on_second=_abort) as flag:
         for signum in early_signals:
             if flag.requested and signum == signal.SIGINT:
                 _abort()
@@ -206,7 +206,7 @@ def _main(argv: Sequence[str], flag) -> int:
     if ns.print_config:
         print(json.dumps(to_dict(config), indent=2, sort_keys=True))
         return 0
-    from jdiff.run import Checkpointer, CheckpointError, maybe_initialize_distributed
+    from jdiff.run import Checkpointer, CheckpointError, RunError, maybe_initialize_distributed
 
     try:
         maybe_initialize_distributed(ns.coordinator_address, ns.num_processes, ns.process_id)
@@ -224,7 +224,7 @@ def _main(argv: Sequence[str], flag) -> int:
             fail(PROG, e, 1)
     try:
         train(config, progress=not ns.no_progress, stop=flag)
-    except (NonFiniteLossError, CheckpointError, DataError) as e:  # run-time failures
+    except (NonFiniteLossError, RunError, DataError) as e:  # run-time failures (RunError: checkpoints too)
         fail(PROG, e, 1)
     except OSError as e:  # the workdir is a file, read-only, the disk is full...
         fail(PROG, f"cannot write the run in {config.run.workdir}: {e.strerror or e} ({e.filename or ''})", 1)

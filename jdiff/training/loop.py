@@ -32,7 +32,7 @@ from jdiff.run import (
     save_run_config,
     workdir_lock,
 )
-from jdiff.signals import StopFlag, catch_signals
+from jdiff.signals import SignalCatcher, StopFlag
 from jdiff.training.evaluate import evaluate_bpd
 from jdiff.training.metrics_log import MetricsWriter
 from jdiff.training.setup import Setup, setup
@@ -258,7 +258,7 @@ def train(
     primary = jax.process_index() == 0
     workdir = config.run.workdir
     with contextlib.ExitStack() as stack:  # closed in reverse: metrics, checkpoints (waits for saves), lock
-        stop = stop if stop is not None else stack.enter_context(catch_signals(StopFlag()))
+        stop = stop if stop is not None else stack.enter_context(SignalCatcher(StopFlag()))
         if primary:
             stack.enter_context(workdir_lock(workdir))
             save_run_config(workdir, config, s.derived())
