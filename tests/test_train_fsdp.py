@@ -20,6 +20,7 @@ from jdiff.run import Checkpointer, batch_sharding, local_copy, replicated
 from jdiff.run.mesh import FSDP_AXIS, check_batch_size, fsdp_sharding, make_mesh, per_device_bytes
 from jdiff.training import setup, train
 from jdiff.training.optim import make_optimizer
+from jdiff.training.setup import train_step_args
 from jdiff.training.state import init_train_state
 from jdiff.training.step import init_accumulator, make_step_fn, train_step
 
@@ -66,7 +67,7 @@ def _train(config, mesh, model, num_steps=3, min_size=0):
     init = functools.partial(init_train_state, model, tx, (8, 8, 1), 0)
     sharding = fsdp_sharding(jax.eval_shape(init), mesh, min_size=min_size)
     state = jax.jit(init, out_shardings=sharding)()
-    step = make_step_fn(model, config, mesh, sharding)
+    step = make_step_fn(functools.partial(train_step, model=model, **train_step_args(config)), mesh, sharding)
     rep = replicated(mesh)
     schedule = jax.device_put(jdiff.get_schedule("linear", config.diffusion.num_timesteps), rep)
     acc = jax.device_put(init_accumulator(), rep)
@@ -199,7 +200,7 @@ def test_remat_changes_no_numbers(name):
     out = []
     for model in models:
         state = jax.jit(functools.partial(init_train_state, model, make_optimizer(config.optim), (8, 8, 1), 0))()
-        step = jax.jit(functools.partial(train_step, model=model, config=config))
+        step = jax.jit(functools.partial(train_step, model=model, **train_step_args(config)))
         s, m = step(state, batch, schedule=schedule)
         out.append((jax.device_get(s), jax.device_get(m)))
     (s0, m0), (s1, m1) = out

@@ -44,7 +44,7 @@ def make_bpd_fn(
     (`jdiff.likelihood.ode_bpd` with `ode_options`). Labels condition a class-conditional model."""
     levels = config.data.pixel_levels()
     prediction = config.diffusion.prediction
-    conditional = getattr(model, "num_classes", None) is not None
+    conditional = model.num_classes is not None
 
     def bpd(params, images, labels, rng):
         def model_fn(x, t, y=None):

@@ -19,6 +19,7 @@ from jdiff.schedules import Schedule
 
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
+LossFn = Callable[..., tuple[Array, dict]]  # (model_fn, schedule, x0, rng, t_probs) -> (loss, aux)
 
 
 def simple_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array):
@@ -65,3 +66,13 @@ def training_loss(
     if d.prediction in EDM_PREDICTIONS:
         return edm_loss(d, model_fn, schedule, x0, rng)
     return simple_loss(d, model_fn, schedule, x0, rng)
+
+
+def make_loss(d: DiffusionConfig, levels: int = 256) -> LossFn:
+    """The loss function `train_step` takes for a run with diffusion settings `d` and data of `levels` values
+    per pixel: (model_fn, schedule, x0, rng, t_probs) -> (loss, aux) (`training_loss`)."""
+
+    def loss_fn(model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array, t_probs=None):
+        return training_loss(d, model_fn, schedule, x0, rng, levels=levels, t_probs=t_probs)
+
+    return loss_fn

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff.config import TrainConfig
 from jdiff.models import drop_labels
 from jdiff.schedules import Schedule
-from jdiff.training.loss import training_loss
-from jdiff.training.optim import ema_update, lr_schedule, make_optimizer
+from jdiff.training.loss import LossFn
+from jdiff.training.optim import ema_update
 from jdiff.training.state import TrainState
 
 
@@ -23,59 +22,65 @@ def train_step(
     *,
     model: nn.Module,
     schedule: Schedule,
-    config: TrainConfig,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    lr_schedule: Optional[Callable[[jax.Array], jax.Array]] = None,
+    ema_decay: float,
+    ema_warmup: bool = True,
+    label_dropout: float = 0.0,
+    grad_accum: int = 1,
     param_sharding: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on a global batch.
 
     Args:
-      state: the current state (step s).
+      state: the current state (step s); its `loss_history`, when present, gives the importance-sampling
+        probabilities of t and records this step's losses.
       batch: {"image": float32 (B, H, W, C) in [-1, 1], "label": int32 (B,)}.
-      model: Flax module called as model.apply({"params": p}, x, t, y, train=True, rngs={"dropout": k}).
+      model: a registered model (`jdiff.models.registry`), called as model.apply({"params": p}, x, t, y,
+        train=True, rngs={"dropout": k}); labels are used when model.num_classes is not None.
       schedule: noise schedule (traced data).
-      config: static settings (prediction, weighting, label dropout, optimizer, EMA, grad_accum).
+      loss_fn: (model_fn, schedule, x0, rng, t_probs) -> (loss, aux with "mse"; with t_probs also "t" and
+        "per_example"), e.g. `jdiff.training.loss.make_loss(config.diffusion, levels)`.
+      tx: the optimizer; `state.opt_state` is its state.
+      lr_schedule: the learning rate `tx` follows, reported as the "lr" metric (None: reported as NaN).
+      ema_decay, ema_warmup: the parameter EMA (`jdiff.training.optim.ema_update`).
+      label_dropout: probability of replacing a label by the null label (classifier-free guidance).
+      grad_accum: K micro-batches per update (`loss_and_grads`).
       param_sharding: shardings of the parameters (a pytree like state.params; None: unconstrained); the
         gradients (and their sum over micro-batches) are kept in them.
 
     The randomness of update s is fold_in(state.rng, s), split into the diffusion draw (t, noise), the
     dropout key and the label-dropout key, so no key is reused across steps and the draws over the global
-    batch do not depend on how it is sharded. With optim.grad_accum = K the batch runs as K micro-batches
-    (`loss_and_grads`) with the same draws, so the update equals the K = 1 update up to float reassociation.
+    batch do not depend on how it is sharded. With grad_accum = K the batch runs as K micro-batches with the
+    same draws, so the update equals the K = 1 update up to float reassociation.
 
     Returns:
       (state at step s + 1, metrics {"loss", "mse", "grad_norm" (before clipping), "lr"} float32 scalars).
     """
-    tx = make_optimizer(config.optim)
     key = jax.random.fold_in(state.rng, state.step)
     diff_key, dropout_key, label_key = jax.random.split(key, 3)
     x0 = batch["image"].astype(jnp.float32)
-    num_classes = getattr(model, "num_classes", None)
     labels = None
-    if num_classes is not None:
-        labels = drop_labels(label_key, batch["label"].astype(jnp.int32), config.data.label_dropout, num_classes)
+    if model.num_classes is not None:
+        labels = drop_labels(label_key, batch["label"].astype(jnp.int32), label_dropout, model.num_classes)
+    history = state.loss_history  # importance-sampled t, or None
+    t_probs = None if history is None else history.probs()
 
     def batch_loss(model_fn):
-        return training_loss(config.diffusion, model_fn, schedule, x0, diff_key, **vlb_inputs)
+        return loss_fn(model_fn, schedule, x0, diff_key, t_probs)
 
     def apply(params, x_t, t, y, rng):
         return model.apply({"params": params}, x_t, t, y, train=True, rngs={"dropout": rng})
 
-    history = getattr(state, "loss_history", None)  # importance-sampled t (ImportanceTrainState)
-    vlb_inputs = {}
-    if config.diffusion.loss != "simple":
-        vlb_inputs = dict(levels=config.data.pixel_levels(), t_probs=None if history is None else history.probs())
     (loss, aux), grads = loss_and_grads(
-        batch_loss, apply, state.params, labels, dropout_key, config.optim.grad_accum, param_sharding
+        batch_loss, apply, state.params, labels, dropout_key, grad_accum, param_sharding
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, state.step, config.optim.ema_decay, config.optim.ema_warmup)
-    metrics = {
-        "loss": loss,
-        "mse": aux["mse"],
-        "grad_norm": optax.tree.norm(grads),
-        "lr": jnp.asarray(lr_schedule(config.optim)(state.step), jnp.float32),
-    }
+    ema = ema_update(state.ema_params, params, state.step, ema_decay, ema_warmup)
+    lr = jnp.nan if lr_schedule is None else lr_schedule(state.step)
+    metrics = {"loss": loss, "mse": aux["mse"], "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(lr, jnp.float32)}
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     if history is not None:
         new_state = new_state.replace(loss_history=history.record(aux["t"], aux["per_example"]))
@@ -166,20 +171,20 @@ def accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
     }
 
 
-def make_step_fn(model: nn.Module, config: TrainConfig, mesh: Any, state_sharding: Any = None) -> Any:
-    """jit of (state, batch, schedule, acc) -> (state, acc): batch sharded over all mesh axes, the state in
-    `state_sharding` (a pytree of shardings like the state, e.g. `jdiff.run.mesh.fsdp_sharding`; None:
-    replicated), schedule and acc replicated; state and acc are donated. XLA inserts the collectives."""
+def make_step_fn(step: Callable, mesh: Any, state_sharding: Any = None) -> Any:
+    """jit of (state, batch, schedule, acc) -> (state, acc) running `step(state, batch, schedule=...,
+    param_sharding=...) -> (state, metrics)` (`train_step` with its pieces bound, e.g. by functools.partial):
+    batch sharded over all mesh axes, the state in `state_sharding` (a pytree of shardings like the state,
+    e.g. `jdiff.run.mesh.fsdp_sharding`; None: replicated), schedule and acc replicated; state and acc are
+    donated. XLA inserts the collectives."""
     from jdiff.run.mesh import batch_sharding, replicated
 
     rep = replicated(mesh)
     state_sharding = rep if state_sharding is None else state_sharding
-    param_sharding = getattr(state_sharding, "params", None)
+    param_sharding = state_sharding.params if isinstance(state_sharding, TrainState) else None
 
     def fn(state, batch, schedule, acc):
-        new_state, metrics = train_step(
-            state, batch, model=model, schedule=schedule, config=config, param_sharding=param_sharding
-        )
+        new_state, metrics = step(state, batch, schedule=schedule, param_sharding=param_sharding)
         return new_state, accumulate(acc, metrics, state.step)
 
     return jax.jit(
