@@ -25,7 +25,6 @@ LAYERS = {
     "run": 7,
     "pretrained": 7,  # diffusers-format checkpoints in/out (training and cli use it)
     "training": 8,
-    "quality": 8,
     "cli": 9,
 }
 TOP = {"__init__"}  # jdiff/__init__.py re-exports the core API

@@ -139,17 +139,9 @@ class Loop:
                 guidance=c.sampling.guidance_scale,
             )
             devices = jax.local_devices()
-            self._generator = Generator(
-                s.model,
-                local_copy(s.schedule),
-                settings,
-                image_shape=s.image_shape,
-                num_classes=s.num_classes,
-                prediction=c.diffusion.prediction,
-                batch=auto_batch(c.sampling.num_samples, len(devices)),
-                devices=devices,
-                decode=None if s.vae is None else s.vae.decode_latents,  # latent runs (data.vae) show images
-                decode_params=None if s.vae is None else s.vae.params,
+            batch = auto_batch(c.sampling.num_samples, len(devices))
+            self._generator = Generator.from_run(  # latent runs (data.vae) decode through the run's VAE
+                s.run_info(), settings, batch=batch, devices=devices, model=s.model, vae=s.vae
             )
         labels = labels_for(c.sampling.num_samples, s.num_classes)
         seed = c.run.seed + PREVIEW_SEED_SALT

@@ -15,6 +15,7 @@ from jdiff.config import ConfigError, TrainConfig
 from jdiff.run import (
     Checkpointer,
     CheckpointError,
+    RunInfo,
     batch_sharding,
     build_model,
     build_schedule,
@@ -89,6 +90,10 @@ class Setup:
             **({"decoded_shape": list(self.source.image_shape)} if self.vae is not None else {}),
             "jdiff_version": jdiff.__version__,
         }
+
+    def run_info(self) -> RunInfo:
+        """What the run's config.json records (`jdiff.run.open_run` of its workdir reads the same)."""
+        return RunInfo(self.config.run.workdir, self.config, self.image_shape, self.num_classes, self.derived())
 
     def restore_or_init(self, ckpt: Checkpointer, log=lambda s: None) -> TrainState:
         """The latest checkpoint's state in `ckpt`, or the initial state when there is none."""
