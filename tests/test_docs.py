@@ -88,6 +88,8 @@ def _check_train(args):
     from jdiff.config import apply_overrides, get_preset
 
     ns, overrides = parse_args(args)
+    flat = [k for k, _ in overrides if "." not in k]
+    assert not flat, f"the docs spell config keys as --SECTION.FIELD, not --{flat[0]}"
     apply_overrides(get_preset(ns.preset or "digits"), overrides)  # every value parsed and range-checked
 
 
