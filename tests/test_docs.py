@@ -8,6 +8,7 @@ every flag shown.
 """
 
 import ast
+import fnmatch
 import re
 import shlex
 from pathlib import Path
@@ -207,6 +208,21 @@ def test_relative_links_resolve(page):
             if anchor not in slugs:
                 bad.append(f"{target}: no heading with anchor #{anchor} in {_rel(dest)}")
     assert not bad, f"{_rel(page)}: " + "; ".join(bad)
+
+
+def test_the_tests_named_in_the_docs_exist():
+    tests = REPO / "tests"
+    files = [p.name for p in tests.glob("*.py")]
+    names = [n for p in tests.glob("*.py") for n in re.findall(r"^def (test_\w+)", p.read_text(), re.M)]
+    missing = []
+    for page in PAGES:
+        for ref in re.findall(r"\btest_[\w*]+(?:\.py)?(?:::test_[\w*]+)?", page.read_text()):
+            if re.search(r"[A-Z]", ref):  # a template, e.g. test_models_NAME.py
+                continue
+            for part in ref.split("::"):  # a file, a test, or file::test; * as in a shell pattern
+                if not fnmatch.filter(files if part.endswith(".py") else names, part):
+                    missing.append(f"{_rel(page)}: {ref}")
+    assert not missing, "tests named in the docs that do not exist: " + "; ".join(missing)
 
 
 def test_readme_is_short():
