@@ -41,7 +41,14 @@ def _commands():
     at && ; |, leading VAR=value assignments removed."""
     out = []
     for page, first, text in _blocks("bash"):
-        for i, line in enumerate(text.replace("\\\n", " \n").split("\n")):
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            if i and lines[i - 1].endswith("\\"):
+                continue  # a continuation, joined below to the line it continues
+            j = i
+            while lines[j].endswith("\\"):
+                j += 1
+                line = line[:-1] + " " + lines[j]
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
