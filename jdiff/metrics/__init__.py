@@ -86,9 +86,9 @@ __all__ = [
 
 
 def __getattr__(name):  # the Inception network imports jax and flax: only when asked for
-    from jdiff.metrics import features, inception_weights
+    import importlib
 
-    for mod in (features, inception_weights):
+    for mod in map(importlib.import_module, ("jdiff.metrics.features", "jdiff.metrics.inception_weights")):
         if hasattr(mod, name):
             return getattr(mod, name)
     raise AttributeError(f"module 'jdiff.metrics' has no attribute {name!r}")

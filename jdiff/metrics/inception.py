@@ -269,11 +269,13 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) float32 matrix of torch ``F.interpolate(mode='bilinear', align_corners=False)``
     along one axis, without antialiasing (so for up- and downsampling alike): output pixel i samples the input
     at s = (i + 0.5) * in/out - 0.5, clamped below at 0, between floor(s) and the next pixel (the last pixel
-    repeats), with weights computed in float32 as torch's CPU kernel does."""
+    repeats), with weights in float32 as torch's CPU kernel computes them: s = fma(in/out, i + 0.5, -0.5), one
+    rounding (its vectorised loop fuses the multiply and subtract; two roundings move some weights by 1e-6)."""
     if in_size == out_size:
         return np.eye(out_size, dtype=np.float32)
     scale = np.float32(in_size) / np.float32(out_size)
-    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    half = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+    src = (half.astype(np.float64) * np.float64(scale) - 0.5).astype(np.float32)  # exact product: one rounding
     src = np.maximum(src, np.float32(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     lam1 = np.clip(src - i0.astype(np.float32), np.float32(0.0), np.float32(1.0))

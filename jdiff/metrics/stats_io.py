@@ -64,6 +64,13 @@ def _rgb(x: np.ndarray, what: str) -> np.ndarray:
     return np.repeat(x, 3, -1) if x.shape[-1] == 1 else x
 
 
+def _read_header(fh):
+    """(shape, fortran_order, dtype) of the .npy stream ``fh``, leaving it at the first data byte."""
+    major, _ = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read(fh)
+
+
 def npz_images(path: str) -> tuple[str, tuple[int, ...], np.dtype]:
     """(member, shape, dtype) of the images of an ADM reference batch (``arr_0``) or a sample.py .npz
     (``images``), read from the .npy header only."""
@@ -72,8 +79,7 @@ def npz_images(path: str) -> tuple[str, tuple[int, ...], np.dtype]:
         if key is None:
             raise ValueError(f"{path} has no images (arr_0 or images; it holds {sorted(f.files)})")
     with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as fh:
-        version = np.lib.format.read_magic(fh)
-        shape, fortran, dtype = np.lib.format._read_array_header(fh, version)
+        shape, fortran, dtype = _read_header(fh)
     if fortran or dtype.hasobject:
         raise ValueError(f"{path}: {key} is not a plain C-order array")
     if len(shape) != 4 or shape[-1] not in (1, 3):
@@ -88,8 +94,7 @@ def iter_npz_images(path: str, batch: int, limit: int | None = None):
     n = shape[0] if limit is None else min(shape[0], limit)
     row = int(np.prod(shape[1:])) * dtype.itemsize
     with zipfile.ZipFile(path) as zf, zf.open(member) as fh:
-        version = np.lib.format.read_magic(fh)
-        np.lib.format._read_array_header(fh, version)
+        _read_header(fh)
         for lo in range(0, n, batch):
             k = min(batch, n - lo)
             raw = fh.read(k * row)
