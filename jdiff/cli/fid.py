@@ -11,7 +11,7 @@ the images of a sample.py .npz or of an ADM reference batch (``arr_0``), ``--ima
 folder (png, jpg, ...; as pytorch-fid's loader, converted to RGB). Samples in [-1, 1] are quantised to 8 bits
 as the PNGs sample.py writes. Features come from pytorch-fid's FID Inception network
 (`jdiff.metrics.inception`) with the weights of ``--inception`` (a .safetensors; see
-`jdiff.metrics.convert_inception`), batch by batch over all devices, memory flat in N.
+`jdiff.cli.convert_inception`), batch by batch over all devices, memory flat in N.
 
 ``--ref`` is a statistics .npz (pytorch-fid's ``mu``/``sigma``, or an ADM reference batch); ``--kid`` and
 ``--precision-recall`` also need the reference's images (``--ref`` an ADM batch or a sample .npz),

@@ -3,7 +3,7 @@
 pytorch-fid publishes its weights as a pickled torch state dict, ``pt_inception-2015-12-05-6726825d.pth``
 (``FID_WEIGHTS_URL`` in ``pytorch_fid/inception.py``, a release asset of github.com/mseitzer/pytorch-fid).
 jdiff downloads nothing and never unpickles: convert that file once, on a machine with torch
-(``pip install -e .[bench]``), with ``python -m jdiff.metrics.convert_inception PTH OUT.safetensors``, and
+(``pip install -e .[bench]``), with ``python -m jdiff.cli.convert_inception PTH OUT.safetensors``, and
 pass the .safetensors file. Keys are the torchvision ``Inception3`` names (``Conv2d_1a_3x3.conv.weight``,
 ``Mixed_7c.branch_pool.bn.running_var``, ``fc.weight``, ...); ``*.num_batches_tracked`` counters are ignored.
 """
@@ -99,16 +99,20 @@ def params_from_state_dict(tensors: dict[str, np.ndarray], what: str = "inceptio
 
 def read_inception_params(path: str | Path) -> dict:
     """The Flax variables of the FID Inception network from a .safetensors file (see module doc)."""
-    from jdiff.pretrained.files import PretrainedError, read_safetensors
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
 
     p = Path(path)
     if p.suffix in PICKLE_SUFFIXES:
         raise InceptionWeightsError(
             f"inception weights {p} is a pickled torch file; jdiff never unpickles. Convert it on a machine with "
-            f"torch: python -m jdiff.metrics.convert_inception {p} {p.with_suffix('.safetensors')}"
+            f"torch: python -m jdiff.cli.convert_inception {p} {p.with_suffix('.safetensors')}"
         )
+    if not p.is_file():
+        raise InceptionWeightsError(f"inception weights file {p} not found")
     try:
-        tensors = read_safetensors(p)
-    except PretrainedError as e:
-        raise InceptionWeightsError(f"inception {e}") from None
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:
+        msg = " ".join(str(e).split())
+        raise InceptionWeightsError(f"inception weights file {p} is corrupted or truncated ({msg})") from None
     return params_from_state_dict(tensors, what=f"inception weights {p}")

@@ -1,7 +1,7 @@
 """Converts pytorch-fid's published FID Inception weights (.pth) to the .safetensors file jdiff reads.
 
     pip install -e .[bench]          # torch
-    python -m jdiff.metrics.convert_inception pt_inception-2015-12-05-6726825d.pth inception.safetensors
+    python -m jdiff.cli.convert_inception pt_inception-2015-12-05-6726825d.pth inception.safetensors
 
 The .pth is pytorch-fid's release asset ``FID_WEIGHTS_URL`` in ``pytorch_fid/inception.py``
 (github.com/mseitzer/pytorch-fid, release ``fid_weights``, file ``pt_inception-2015-12-05-6726825d.pth``, the
