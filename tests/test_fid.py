@@ -278,3 +278,19 @@ def test_stats_round_trip_and_adm_reference_batch(tmp_path):
     with pytest.raises(ValueError, match="not a readable .npz"):
         stats_io.load_stats(str(tmp_path / "text.npz"))
     assert frechet.frechet_distance_from_stats(*metrics.load_stats(path), mu, sigma) < 1e-12
+
+
+def test_kid_is_and_precision_recall_equal_torch_fidelity(ref):
+    a, b = ref["score_a"], ref["score_b"]  # torch-fidelity: KID 10 subsets of 50 (rng_seed 2020), IS unshuffled
+    mean, std = metrics.kernel_inception_distance(a, b, subsets=10, subset_size=50)
+    assert (mean, std) == (
+        pytest.approx(float(ref["kid_mean"]), rel=1e-5),
+        pytest.approx(float(ref["kid_std"]), rel=1e-4),
+    )
+    mean, std = metrics.inception_score(ref["score_logits"])
+    assert (mean, std) == (
+        pytest.approx(float(ref["isc_mean"]), rel=1e-9),
+        pytest.approx(float(ref["isc_std"]), rel=1e-7),
+    )
+    precision, recall = metrics.precision_recall(a, b)  # real a, generated b
+    assert (precision, recall) == (pytest.approx(float(ref["prc_precision"])), pytest.approx(float(ref["prc_recall"])))
