@@ -4,7 +4,7 @@ shape and remat setting, without allocating any weights.
 For each model (default: the DDPM CIFAR-10 U-Net `unet_ddpm_cifar10` on 32x32x3, `dit_b2` and `dit_xl2` on
 32x32x4 latents with 1000 classes) at a global batch of 256, on 8 (fake CPU) devices, each mesh shape DxF
 (data x fsdp, default 8x1, 4x2, 1x8): the same state shardings and jitted step as train.py
-(`jdiff.training.setup.sharded_init`, `make_step_fn`), lowered from `jax.eval_shape` abstract arguments and
+(`jdiff.training.Setup`), lowered from `jax.eval_shape` abstract arguments and
 compiled ahead of time (`Setup.compile_step`); the figures are XLA's memory analysis of the compiled,
 partitioned step (`MemoryReport`): per device, the state (parameters + EMA + AdamW moments, float32), the
 step's arguments, outputs, temporaries and peak. Float32 compute (model.dtype float32), AdamW, EMA.
@@ -29,7 +29,6 @@ dit_xl2 takes many minutes per mesh.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -84,10 +83,7 @@ def measure(name: str, mesh_text: str, remat: bool, batch: int, devices) -> dict
     from jdiff.models import get_model, model_input_shape, tree_size
     from jdiff.run import build_schedule, replicated
     from jdiff.run.mesh import make_mesh
-    from jdiff.training.optim import make_optimizer
-    from jdiff.training.setup import Setup, sharded_init, with_remat
-    from jdiff.training.state import init_train_state
-    from jdiff.training.step import make_step_fn
+    from jdiff.training.setup import Setup, train_step_args, with_remat
 
     preset, over = MODELS[name]
     d, f = (int(v) for v in mesh_text.split("x"))
@@ -99,22 +95,16 @@ def measure(name: str, mesh_text: str, remat: bool, batch: int, devices) -> dict
     num_classes = 1000 if name.startswith("dit") else None
     model = with_remat(get_model(name, num_classes=num_classes), config)
     mesh = make_mesh(devices, config.run.mesh)
-    tx = make_optimizer(config.optim)
-    init = functools.partial(init_train_state, model, tx, hwc, 0)
-    shapes = jax.eval_shape(init)
-    init_fn, abstract, sharding = sharded_init(init, shapes, model, mesh, config.run.fsdp_min_size)
-    s = Setup(
+    pieces = {k: v for k, v in train_step_args(config).items() if k in ("tx", "loss_fn", "lr_schedule")}
+    s = Setup(  # derives the sharded init and step functions (nothing is allocated: compile_step lowers abstractly)
         config=config,
         mesh=mesh,
         source=None,
         model=model,
         schedule=jax.device_put(build_schedule(config), replicated(mesh)),
-        tx=tx,
+        **pieces,
         num_classes=num_classes,
         image_shape=hwc,
-        init_fn=init_fn,
-        abstract_state=abstract,
-        step_fn=make_step_fn(model, config, mesh, sharding),
     )
     t0 = time.perf_counter()
     _, rep = s.compile_step()
@@ -124,7 +114,7 @@ def measure(name: str, mesh_text: str, remat: bool, batch: int, devices) -> dict
         "remat": remat,
         "batch": batch,
         "devices": len(devices),
-        "params_M": round(tree_size(shapes.params) / 1e6, 2),
+        "params_M": round(tree_size(s.abstract_state.params) / 1e6, 2),
         "state_bytes": rep.state,
         "argument_bytes": rep.arguments,
         "output_bytes": rep.outputs,

@@ -60,7 +60,7 @@ def check_preconditioning(preconditioning: str) -> None:
 
 
 def preconditioning_of(prediction: str) -> str:
-    """The preconditioning of an EDM prediction / objective name: "edm" -> "edm", "edm_vp" -> "vp",
+    """The preconditioning of an EDM prediction name: "edm" -> "edm", "edm_vp" -> "vp",
     "edm_ve" -> "ve" (`jdiff.forward.EDM_PREDICTIONS`)."""
     if prediction not in EDM_PREDICTIONS:
         raise ValueError(f"Unknown EDM prediction {prediction!r}; allowed values: {list(EDM_PREDICTIONS)}.")

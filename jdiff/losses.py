@@ -26,12 +26,12 @@ VARIANCES = ("posterior", "beta", "learned")  # of p(x_{t-1} | x_t), as the ddpm
 HISTORY_PER_T = 10  # improved DDPM sec. 3.3: the last 10 values of L_t per t
 
 
-def snr_weight(snr: Array, *, objective: str, weighting: str, min_snr_gamma: float = 5.0) -> Array:
-    """Per-example loss weight on the MSE of the given objective.
+def snr_weight(snr: Array, *, prediction: str, weighting: str, min_snr_gamma: float = 5.0) -> Array:
+    """Per-example loss weight on the MSE of the given prediction.
 
     "simple": 1 (DDPM eq. 14 for eps; the plain MSE for x0 and v).
     "min_snr": Min-SNR-gamma (Hang et al. 2023, eq. 10 and sec. 3.4): the x0-space weight
-    min(SNR, gamma) expressed for the objective's MSE: x0 -> min(SNR, gamma), eps -> min(SNR, gamma)/SNR,
+    min(SNR, gamma) expressed for the prediction's MSE: x0 -> min(SNR, gamma), eps -> min(SNR, gamma)/SNR,
     v -> min(SNR, gamma)/(SNR + 1).
     """
     if weighting == "simple":
@@ -39,9 +39,9 @@ def snr_weight(snr: Array, *, objective: str, weighting: str, min_snr_gamma: flo
     if weighting != "min_snr":
         raise ValueError(f"Unknown weighting {weighting!r}; allowed values: {list(WEIGHTINGS)}.")
     clipped = jnp.minimum(snr, min_snr_gamma)
-    if objective == "x0":
+    if prediction == "x0":
         return clipped
-    if objective == "eps":
+    if prediction == "eps":
         # min(SNR, gamma)/SNR -> 1 as SNR -> 0 (zero-terminal-SNR step).
         return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
     return clipped / (snr + 1.0)
@@ -53,7 +53,7 @@ def diffusion_loss(
     x0: Array,
     rng: Array,
     *,
-    objective: str = "eps",
+    prediction: str = "eps",
     weighting: str = "simple",
     min_snr_gamma: float = 5.0,
     weights: Optional[Array] = None,
@@ -68,14 +68,14 @@ def diffusion_loss(
       schedule: the noise schedule.
       x0: clean data (B, ...), float.
       rng: PRNG key; split here into the timestep and noise draws.
-      objective: what the model predicts: "eps", "x0" or "v" (Salimans & Ho 2022).
+      prediction: what the model predicts: "eps", "x0" or "v" (Salimans & Ho 2022).
       weighting: "simple" or "min_snr" (see `snr_weight`).
       weights: optional (B,) per-example weights or 0/1 mask; the loss is sum(w l) / sum(w).
 
     Returns:
       (loss scalar float32, metrics dict with "mse" (unweighted, same averaging)).
     """
-    check_prediction(objective, "objective", allowed=PREDICTIONS)  # EDM objectives: jdiff.edm.edm_loss
+    check_prediction(prediction, allowed=PREDICTIONS)  # EDM predictions: jdiff.edm.edm_loss
     if weighting not in WEIGHTINGS:
         raise ValueError(f"Unknown weighting {weighting!r}; allowed values: {list(WEIGHTINGS)}.")
     batch = x0.shape[0]
@@ -92,12 +92,12 @@ def diffusion_loss(
         out = out[..., : x0.shape[-1]]
     if out.shape != x0.shape:
         raise ValueError(f"model_fn returned shape {out.shape}; expected {x0.shape} (or 2x channels).")
-    target = target_from_x0_eps(objective, x0, noise, alpha, sigma)
+    target = target_from_x0_eps(prediction, x0, noise, alpha, sigma)
     per_example = jnp.mean(
         jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)), axis=tuple(range(1, x0.ndim))
     )
     snr = schedule.alphas_cumprod[t] / (1.0 - schedule.alphas_cumprod[t])
-    w_t = snr_weight(snr, objective=objective, weighting=weighting, min_snr_gamma=min_snr_gamma)
+    w_t = snr_weight(snr, prediction=prediction, weighting=weighting, min_snr_gamma=min_snr_gamma)
     ex_w = jnp.ones((batch,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     denom = jnp.maximum(jnp.sum(ex_w), 1e-12)
     loss = jnp.sum(ex_w * w_t * per_example) / denom
@@ -277,7 +277,7 @@ def vlb_loss(
     x0: Array,
     rng: Array,
     *,
-    objective: str = "eps",
+    prediction: str = "eps",
     loss: str = "hybrid",
     vlb_weight: float = 1e-3,
     levels: Optional[int] = 256,
@@ -298,7 +298,7 @@ def vlb_loss(
     Returns (loss scalar, metrics {"mse": unweighted MSE, "vlb": mean L_t (bits/dim), "t": (B,) timesteps,
     "per_example": (B,) loss before the importance weights (what the importance history records)}).
     """
-    check_prediction(objective, "objective", allowed=PREDICTIONS)
+    check_prediction(prediction, allowed=PREDICTIONS)
     if loss not in ("hybrid", "vlb"):
         raise ValueError(f"Unknown loss {loss!r} for vlb_loss; allowed values: ['hybrid', 'vlb'].")
     if weighting not in WEIGHTINGS:
@@ -316,16 +316,16 @@ def vlb_loss(
     pred, v = split_output(out, channels)
     if loss == "hybrid" and v is None:
         raise ValueError('loss "hybrid" needs a learned-variance model (output with 2x the data channels).')
-    target = target_from_x0_eps(objective, x0, noise, alpha, sigma)
+    target = target_from_x0_eps(prediction, x0, noise, alpha, sigma)
     mse = mean_flat(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
     if loss == "hybrid":
         frozen = jnp.concatenate([jax.lax.stop_gradient(pred), v], axis=-1)
-        l_t = vlb_term(schedule, x0, x_t, t, frozen, prediction=objective, levels=levels)
+        l_t = vlb_term(schedule, x0, x_t, t, frozen, prediction=prediction, levels=levels)
         snr = schedule.alphas_cumprod[t] / (1.0 - schedule.alphas_cumprod[t])
-        w_t = snr_weight(snr, objective=objective, weighting=weighting, min_snr_gamma=min_snr_gamma)
+        w_t = snr_weight(snr, prediction=prediction, weighting=weighting, min_snr_gamma=min_snr_gamma)
         per_example = w_t * mse + vlb_weight * T * l_t
     else:
-        l_t = vlb_term(schedule, x0, x_t, t, out, prediction=objective, levels=levels)
+        l_t = vlb_term(schedule, x0, x_t, t, out, prediction=prediction, levels=levels)
         per_example = T * l_t
     metrics = {"mse": jnp.mean(mse), "vlb": jnp.mean(l_t), "t": t, "per_example": per_example}
     return jnp.mean(w * per_example), metrics

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 
 class StopFlag:
-    """Set by the signal handlers of `catch_signals`; read by the loop between steps."""
+    """Set by the signal handlers of `SignalCatcher`; read by the loop between steps."""
 
     def __init__(self):
         self.reason: Optional[str] = None
@@ -21,7 +21,7 @@ class StopFlag:
         return self.reason is not None
 
 
-class catch_signals:
+class SignalCatcher:
     """Context manager: SIGTERM/SIGINT set `flag` instead of killing the process; a second SIGINT calls
     `on_second()` (default: raise KeyboardInterrupt). Handlers are only installed in the main thread and
     restored on exit.

@@ -44,7 +44,7 @@ TINY_FLAGS = [
 
 def make_tiny_config(workdir, **overrides):
     """The digits TrainConfig with the tiny U-Net: 4 steps of batch 8, T=100, checkpoints every 2. Overrides
-    are config keys (dotted, or their flat aliases such as steps=6)."""
+    are dotted config keys: make_tiny_config(wd, **{"optim.steps": 6})."""
     from jdiff.config import apply_overrides, get_preset
 
     base = {
@@ -66,7 +66,7 @@ def make_tiny_config(workdir, **overrides):
 
 
 def with_changes(config, **overrides):
-    """`config` with config keys changed (dotted or flat aliases)."""
+    """`config` with dotted config keys changed: with_changes(config, **{"optim.steps": 6})."""
     from jdiff.config import apply_overrides
 
     return apply_overrides(config, overrides.items())

@@ -1,11 +1,10 @@
-"""jdiff.config: declared fields, one override syntax with flat aliases, JSON round trip, resume rules."""
+"""jdiff.config: declared fields, one dotted key per field, JSON round trip, resume rules."""
 
 import json
 
 import pytest
 
 from jdiff.config import (
-    ALIASES,
     KEYS,
     PRESETS,
     ConfigError,
@@ -15,6 +14,7 @@ from jdiff.config import (
     from_dict,
     get_preset,
     resolve,
+    suggest,
     to_dict,
 )
 
@@ -24,17 +24,21 @@ def test_every_field_is_declared_with_help_and_a_valid_default():
         assert key.spec.help, key.path
         if key.spec.kind is not dict:
             key.spec.check(key.path, key.spec.default)
-    assert len(ALIASES) == len(KEYS)
     TrainConfig()  # the defaults form a valid config
 
 
-def test_keys_resolve_dotted_flat_and_registry_entries():
-    assert resolve("optim.lr") == resolve("lr") == "optim.lr"
-    assert resolve("sample_steps") == "sampling.steps" and resolve("steps") == "optim.steps"
-    assert resolve("model") == "model.name" and resolve("model_overrides") == "model.fields"
+def test_keys_resolve_dotted_and_registry_entries_only():
+    assert resolve("optim.lr") == "optim.lr" and resolve("sampling.steps") == "sampling.steps"
     assert resolve("model.ch") == "model.fields.ch" and resolve("sampling.eta") == "sampling.options.eta"
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean optim.lr\?\)"):
         resolve("optim.lrr")
+    for bare, dotted in [("lr", "optim.lr"), ("steps", "optim.steps"), ("workdir", "run.workdir")]:
+        with pytest.raises(ConfigError, match=rf"unknown config key '{bare}' \(did you mean {dotted}\?\)"):
+            resolve(bare)
+        assert suggest(bare) == dotted
+    for gone in ("sample_steps", "model_overrides", "model"):  # no second spelling of any key
+        with pytest.raises(ConfigError, match="unknown config key"):
+            resolve(gone)
 
 
 def test_overrides_parse_text_with_each_fields_type():
@@ -83,9 +87,9 @@ def test_bad_values_are_one_line_errors_naming_the_key(key, value, words):
 def test_cross_section_rules():
     with pytest.raises(ConfigError, match=r"sampling.steps \(200\) must be <= diffusion.num_timesteps \(100\)"):
         apply_overrides(get_preset("digits"), {"diffusion.num_timesteps": 100, "sampling.steps": 200})
-    with pytest.raises(ConfigError, match="zero_terminal_snr needs objective v or x0"):
+    with pytest.raises(ConfigError, match="zero_terminal_snr needs prediction v or x0"):
         apply_overrides(get_preset("digits"), {"diffusion.zero_terminal_snr": True})
-    ok = apply_overrides(get_preset("digits"), {"diffusion.objective": "v", "diffusion.zero_terminal_snr": True})
+    ok = apply_overrides(get_preset("digits"), {"diffusion.prediction": "v", "diffusion.zero_terminal_snr": True})
     assert ok.diffusion.zero_terminal_snr
 
 
@@ -95,36 +99,25 @@ def test_presets_round_trip_through_json(name):
     assert from_dict(json.loads(json.dumps(to_dict(c)))) == c
 
 
-def test_pre_0_2_flat_config_json_still_loads():
-    flat = {
-        "dataset": "digits",
-        "model": "unet_small",
-        "model_overrides": {"ch": 8, "ch_mult": [1]},
-        "batch_size": 8,
-        "steps": 4,
-        "sample_steps": 2,
-        "num_timesteps": 100,
-        "sampler": "ddim",
-        "workdir": "runs/x",
-        "guidance_scale": None,
-    }
-    c = from_dict(flat)
-    assert c.model.fields == {"ch": 8, "ch_mult": (1,)} and c.optim.batch_size == 8 and c.sampling.steps == 2
-    assert c.run.workdir == "runs/x" and c.diffusion.num_timesteps == 100
-    with pytest.raises(ConfigError, match="unknown config key 'no_such_field'"):
-        from_dict({**flat, "no_such_field": 1})
+def test_only_the_sectioned_config_loads():
+    c = from_dict({"model": {"name": "unet_small", "fields": {"ch": 8, "ch_mult": [1]}}, "optim": {"batch_size": 8}})
+    assert c.model.fields == {"ch": 8, "ch_mult": (1,)} and c.optim.batch_size == 8
+    with pytest.raises(ConfigError, match=r"not a jdiff 0.1 config: unknown section\(s\) \['dataset', 'steps'\]"):
+        from_dict({"dataset": "digits", "steps": 4})
+    with pytest.raises(ConfigError, match="unknown config key 'optim.no_such_field'"):
+        from_dict({"optim": {"no_such_field": 1}})
 
 
 def test_fixed_fields_are_the_ones_that_change_the_model_or_data():
     base = get_preset("digits")
     changed = apply_overrides(base, {"optim.lr": 1e-4, "run.log_every": 5, "sampling.steps": 10})
     assert fixed_conflicts(base, changed) == []
-    changed = apply_overrides(base, {"model.ch": 16, "diffusion.objective": "v"})
-    assert fixed_conflicts(base, changed) == ["model.fields: {} -> {'ch': 16}", "diffusion.objective: 'eps' -> 'v'"]
+    changed = apply_overrides(base, {"model.ch": 16, "diffusion.prediction": "v"})
+    assert fixed_conflicts(base, changed) == ["model.fields: {} -> {'ch': 16}", "diffusion.prediction: 'eps' -> 'v'"]
 
 
 def test_overrides_apply_in_order_and_configs_are_immutable():
-    c = apply_overrides(get_preset("digits"), [("lr", "1e-3"), ("optim.lr", "2e-3")])
+    c = apply_overrides(get_preset("digits"), [("optim.lr", "1e-3"), ("optim.lr", "2e-3")])
     assert c.optim.lr == 2e-3
     with pytest.raises(AttributeError):
         c.optim.lr = 1.0

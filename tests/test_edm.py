@@ -275,7 +275,7 @@ def test_tiny_edm_run_trains_resumes_exactly_and_samples(tiny_config, tmp_path):
     from jdiff.run import load_for_inference
     from jdiff.training import train
 
-    over = {"diffusion.objective": "edm", "diffusion.schedule": "edm", "steps": 4, "checkpoint_every": 2}
+    over = {"diffusion.prediction": "edm", "diffusion.schedule": "edm", "optim.steps": 4, "run.checkpoint_every": 2}
     dev = jax.devices()[:1]
     c = tiny_config(workdir=tmp_path / "c", **over)
     assert train(c, devices=dev, **QUIET).step == 4  # uninterrupted, checkpoints 2 and 4
@@ -293,7 +293,7 @@ def test_tiny_edm_run_trains_resumes_exactly_and_samples(tiny_config, tmp_path):
         losses = [json.loads(line)["loss"] for line in f]
     assert losses and all(np.isfinite(losses))
     config, model, schedule, ema = load_for_inference(c.run.workdir)
-    assert config.diffusion.objective == "edm"
+    assert config.diffusion.prediction == "edm"
     x = jdiff.sample(
         model.apply,
         schedule,
@@ -302,7 +302,7 @@ def test_tiny_edm_run_trains_resumes_exactly_and_samples(tiny_config, tmp_path):
         params={"params": ema},
         labels=np.array([1, 2], np.int32),
         num_steps=3,
-        prediction=config.diffusion.objective,
+        prediction=config.diffusion.prediction,
         clip_x0=(-1, 1),
     )
     assert x.shape == (2, 8, 8, 1) and np.isfinite(np.asarray(x)).all()
@@ -312,23 +312,23 @@ def test_presets_and_config_rules():
     from jdiff.config import ConfigError, apply_overrides, get_preset
 
     p = get_preset("digits_edm")
-    assert (p.diffusion.objective, p.diffusion.schedule, p.model.name) == ("edm", "edm", "unet_small")
+    assert (p.diffusion.prediction, p.diffusion.schedule, p.model.name) == ("edm", "edm", "unet_small")
     c = get_preset("cifar10_edm")
-    assert (c.diffusion.objective, c.optim.batch_size, c.optim.lr) == ("edm", 512, 1e-3)
+    assert (c.diffusion.prediction, c.optim.batch_size, c.optim.lr) == ("edm", 512, 1e-3)
     cases = [
-        ({"diffusion.weighting": "min_snr"}, "does not apply to objective edm"),
-        ({"diffusion.zero_terminal_snr": True}, "zero_terminal_snr does not apply to objective edm"),
+        ({"diffusion.weighting": "min_snr"}, "does not apply to prediction edm"),
+        ({"diffusion.zero_terminal_snr": True}, "zero_terminal_snr does not apply to prediction edm"),
     ]
     for over, msg in cases:
         with pytest.raises(ConfigError, match=msg) as e:
             apply_overrides(p, over.items())
         _one_line(e)
-    with pytest.raises(ConfigError, match="apply to objective edm only") as e:
+    with pytest.raises(ConfigError, match="apply to prediction edm only") as e:
         apply_overrides(get_preset("digits"), {"diffusion.edm_p_mean": 0.0}.items())
     _one_line(e)
     ok = apply_overrides(p, {"diffusion.edm_p_mean": -1.0, "diffusion.edm_p_std": 1.0}.items())
     assert (ok.diffusion.edm_p_mean, ok.diffusion.edm_p_std) == (-1.0, 1.0)
-    assert apply_overrides(get_preset("digits"), {"diffusion.objective": "edm_ve"}.items()).diffusion.objective
+    assert apply_overrides(get_preset("digits"), {"diffusion.prediction": "edm_ve"}.items()).diffusion.prediction
 
 
 def test_errors_are_one_line():
@@ -336,7 +336,7 @@ def test_errors_are_one_line():
     net = lambda x, t: x
     sch = jdiff.get_schedule("linear", 100)
     for call, msg in [
-        (lambda: jdiff.diffusion_loss(net, sch, x, jax.random.PRNGKey(0), objective="edm"), "allowed values"),
+        (lambda: jdiff.diffusion_loss(net, sch, x, jax.random.PRNGKey(0), prediction="edm"), "allowed values"),
         (lambda: jdiff.to_x0_eps("edm", x, x, 1.0, 0.0), "jdiff.edm.edm_loss"),
         (lambda: edm.edm_loss(net, x, jax.random.PRNGKey(0), preconditioning="ddpm"), "allowed values"),
         (lambda: edm.edm_loss(net, x, jax.random.PRNGKey(0), sigma_data=0.0), "sigma_data"),
@@ -349,4 +349,4 @@ def test_errors_are_one_line():
             call()
         _one_line(e)
     with pytest.raises(ValueError, match=r"allowed values: \['eps', 'x0', 'v'\]"):
-        jdiff.diffusion_loss(net, sch, x, jax.random.PRNGKey(0), objective="edm")
+        jdiff.diffusion_loss(net, sch, x, jax.random.PRNGKey(0), prediction="edm")

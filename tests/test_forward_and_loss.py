@@ -83,26 +83,26 @@ def test_prediction_conversions_round_trip_and_definitions():
 # ---------------------------------------------------------------------------------------------------- loss
 
 
-def _oracle(sch, x0_true, objective):
-    """For single-point data the exact predictor of every objective is known from x_t."""
+def _oracle(sch, x0_true, prediction):
+    """For single-point data the exact predictor of every parameterisation is known from x_t."""
 
     def model_fn(x_t, t):
         ti = t.astype(jnp.int32)
         a = sch.sqrt_alphas_cumprod[ti].reshape(-1, 1, 1, 1)
         s = sch.sqrt_one_minus_alphas_cumprod[ti].reshape(-1, 1, 1, 1)
         eps = (x_t - a * x0_true) / s
-        return {"eps": eps, "x0": jnp.broadcast_to(x0_true, x_t.shape), "v": a * eps - s * x0_true}[objective]
+        return {"eps": eps, "x0": jnp.broadcast_to(x0_true, x_t.shape), "v": a * eps - s * x0_true}[prediction]
 
     return model_fn
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 @pytest.mark.parametrize("weighting", ["simple", "min_snr"])
-def test_loss_is_zero_for_the_exact_predictor(objective, weighting):
+def test_loss_is_zero_for_the_exact_predictor(prediction, weighting):
     sch = jdiff.get_schedule("linear", 1000)
     x0 = jnp.broadcast_to(X_IMAGE, (16, 4, 4, 1))
     loss, m = jdiff.diffusion_loss(
-        _oracle(sch, X_IMAGE, objective), sch, x0, jax.random.key(0), objective=objective, weighting=weighting
+        _oracle(sch, X_IMAGE, prediction), sch, x0, jax.random.key(0), prediction=prediction, weighting=weighting
     )
     assert float(loss) < 1e-6 and float(m["mse"]) < 1e-6
 
@@ -117,34 +117,34 @@ def test_loss_of_zero_model_is_target_second_moment():
 def test_min_snr_weights_closed_form():
     snr = jnp.array([0.5, 5.0, 20.0])
     g = 5.0
-    np.testing.assert_allclose(jdiff.snr_weight(snr, objective="x0", weighting="min_snr"), [0.5, 5, 5])
-    np.testing.assert_allclose(jdiff.snr_weight(snr, objective="eps", weighting="min_snr"), [1, 1, 0.25])
+    np.testing.assert_allclose(jdiff.snr_weight(snr, prediction="x0", weighting="min_snr"), [0.5, 5, 5])
+    np.testing.assert_allclose(jdiff.snr_weight(snr, prediction="eps", weighting="min_snr"), [1, 1, 0.25])
     np.testing.assert_allclose(
-        jdiff.snr_weight(snr, objective="v", weighting="min_snr"), [0.5 / 1.5, 5 / 6, 5 / 21], rtol=1e-6
+        jdiff.snr_weight(snr, prediction="v", weighting="min_snr"), [0.5 / 1.5, 5 / 6, 5 / 21], rtol=1e-6
     )
-    np.testing.assert_allclose(jdiff.snr_weight(jnp.array([0.0]), objective="eps", weighting="min_snr"), [1.0])
-    np.testing.assert_allclose(jdiff.snr_weight(snr, objective="v", weighting="simple"), [1, 1, 1])
+    np.testing.assert_allclose(jdiff.snr_weight(jnp.array([0.0]), prediction="eps", weighting="min_snr"), [1.0])
+    np.testing.assert_allclose(jdiff.snr_weight(snr, prediction="v", weighting="simple"), [1, 1, 1])
     assert g == 5.0
 
 
-def test_min_snr_loss_is_the_same_x0_space_loss_for_every_objective():
+def test_min_snr_loss_is_the_same_x0_space_loss_for_every_prediction():
     """Min-SNR weights make eps, x0 and v losses equal to min(SNR, gamma) ||x0_hat - x0||^2."""
     sch = jdiff.get_schedule("linear", 1000)
     x0 = jnp.broadcast_to(X_IMAGE, (32, 4, 4, 1))
     delta = 0.1 * jnp.arange(16.0).reshape(1, 4, 4, 1) / 16
 
-    def model_for(objective):
+    def model_for(prediction):
         def f(x_t, t):
             ti = t.astype(jnp.int32)
             a = sch.sqrt_alphas_cumprod[ti].reshape(-1, 1, 1, 1)
             s = sch.sqrt_one_minus_alphas_cumprod[ti].reshape(-1, 1, 1, 1)
             x0_hat = jnp.broadcast_to(X_IMAGE + delta, x_t.shape)
-            return convert_prediction(x0_hat, x_t, a, s, source="x0", target=objective)
+            return convert_prediction(x0_hat, x_t, a, s, source="x0", target=prediction)
 
         return f
 
     losses = [
-        float(jdiff.diffusion_loss(model_for(o), sch, x0, jax.random.key(7), objective=o, weighting="min_snr")[0])
+        float(jdiff.diffusion_loss(model_for(o), sch, x0, jax.random.key(7), prediction=o, weighting="min_snr")[0])
         for o in ("eps", "x0", "v")
     ]
     np.testing.assert_allclose(losses, losses[1], rtol=2e-3)
@@ -157,9 +157,9 @@ def test_per_example_weights_mask_out_examples():
     exact = _oracle(sch, X_IMAGE, "x0")
     bad = lambda x, t: exact(x, t) + jnp.array([0.0, 0.0, 100.0, 100.0]).reshape(4, 1, 1, 1)
     masked, _ = jdiff.diffusion_loss(
-        bad, sch, x0, jax.random.key(0), objective="x0", weights=jnp.array([1.0, 1.0, 0.0, 0.0])
+        bad, sch, x0, jax.random.key(0), prediction="x0", weights=jnp.array([1.0, 1.0, 0.0, 0.0])
     )
-    full, _ = jdiff.diffusion_loss(bad, sch, x0, jax.random.key(0), objective="x0")
+    full, _ = jdiff.diffusion_loss(bad, sch, x0, jax.random.key(0), prediction="x0")
     assert float(masked) < 1e-8 and abs(float(full) - 5000.0) < 1e-2
 
 
@@ -178,7 +178,7 @@ def test_loss_is_differentiable_and_uses_first_half_of_learned_variance_output()
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(objective="score"), "allowed values"),
+        (dict(prediction="score"), "allowed values"),
         (dict(weighting="p2"), "allowed values"),
         (dict(weights=jnp.ones(3)), "weights"),
     ],

@@ -23,9 +23,8 @@ LAYERS = {
     "metrics": 5,
     "config": 6,
     "run": 7,
-    "pretrained": 7,  # diffusers-format checkpoints in/out (training and cli use it)
+    "pretrained": 6,  # diffusers-format checkpoints in/out (run, training and cli use it)
     "training": 8,
-    "quality": 8,
     "cli": 9,
 }
 TOP = {"__init__"}  # jdiff/__init__.py re-exports the core API

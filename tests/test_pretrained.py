@@ -366,7 +366,7 @@ def test_export_cli_writes_a_trained_run(tmp_path):
     from jdiff.run import build_schedule, save_run_config
 
     workdir = str(tmp_path / "run")
-    over = {"workdir": workdir, "num_timesteps": "100", "model.ch": "8", "model.ch_mult": "(1, 2)"}
+    over = {"run.workdir": workdir, "diffusion.num_timesteps": "100", "model.ch": "8", "model.ch_mult": "(1, 2)"}
     over.update({"model.attention_resolutions": "(4,)", "model.num_heads": "1", "model.norm_groups": "2"})
     config = apply_overrides(get_preset("digits"), over)
     model, state = write_random_run(workdir, config)
@@ -374,7 +374,7 @@ def test_export_cli_writes_a_trained_run(tmp_path):
     pre = load(tmp_path / "out")
     jax.tree.map(np.testing.assert_array_equal, pre.params, state.ema_params)
     np.testing.assert_array_equal(np.asarray(pre.schedule.betas), np.asarray(build_schedule(config).betas))
-    assert pre.prediction == config.diffusion.objective and pre.sample_shape == (8, 8, 1)
+    assert pre.prediction == config.diffusion.prediction and pre.sample_shape == (8, 8, 1)
     drop_dtype = lambda m: {k: v for k, v in fields(m).items() if k != "dtype"}
     assert drop_dtype(pre.model) == drop_dtype(model)
     with pytest.raises(SystemExit) as e:  # the default norm_groups 32 gives 2 and 4 groups here: one line, status 2

@@ -21,10 +21,10 @@ def _make_run(workdir: str, class_conditional: bool) -> str:
     from jdiff.config import apply_overrides, get_preset
 
     over = {
-        "workdir": workdir,
-        "class_conditional": str(class_conditional),
-        "num_timesteps": str(T),
-        "sample_steps": "10",
+        "run.workdir": workdir,
+        "data.class_conditional": str(class_conditional),
+        "diffusion.num_timesteps": str(T),
+        "sampling.steps": "10",
         "model.ch": "8",
         "model.ch_mult": "(1,)",
         "model.attention_resolutions": "()",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import with_changes
 
-from jdiff.run import Checkpointer, CheckpointError, build_model, load_for_inference, make_mesh, replicated
+from jdiff.run import Checkpointer, CheckpointError, RunError, build_model, load_for_inference, make_mesh, replicated
 from jdiff.training import init_train_state, make_optimizer, train
 
 QUIET = dict(progress=False, log=lambda s: None)
@@ -50,7 +50,12 @@ def trained_run(tmp_path_factory):
 
 def test_resume_is_exact(tiny_config, tmp_path):
     """2N steps in one call == N steps, stop, resume for N (params, EMA, opt state, step, rng: bitwise)."""
-    over = {"steps": 6, "checkpoint_every": 4, "label_dropout": 0.3, "model.dropout": 0.1}  # the tiny U-Net + dropout
+    over = {
+        "optim.steps": 6,
+        "run.checkpoint_every": 4,
+        "data.label_dropout": 0.3,
+        "model.dropout": 0.1,
+    }  # the tiny U-Net + dropout
     a = tiny_config(workdir=tmp_path / "a", **over)
     b = tiny_config(workdir=tmp_path / "b", **over)
     dev = jax.devices()[:1]
@@ -74,7 +79,7 @@ def test_resume_is_exact(tiny_config, tmp_path):
 
 
 def test_restore_onto_other_device_counts(tiny_config, tmp_path):
-    config = tiny_config(workdir=tmp_path / "x", steps=4, checkpoint_every=2)
+    config = tiny_config(workdir=tmp_path / "x", **{"optim.steps": 4, "run.checkpoint_every": 2})
     eight, one = jax.devices()[:8], jax.devices()[:1]
     r = train(config, devices=eight, stop_after=2, **QUIET)  # written from an 8-device mesh
     assert r.last_checkpoint == 2
@@ -121,8 +126,9 @@ def _one_line_error(excinfo, *fragments):
 
 
 def test_missing_checkpoints_give_clear_errors(tmp_path, trained_run):
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(RunError) as e:
         load_for_inference(str(tmp_path / "nope"))
+    assert not isinstance(e.value, CheckpointError)  # no run at all: not a checkpoint problem
     _one_line_error(e, "config.json")
     with pytest.raises(CheckpointError) as e:
         Checkpointer(str(tmp_path / "nope"), create=False)
@@ -138,6 +144,19 @@ def test_missing_checkpoints_give_clear_errors(tmp_path, trained_run):
     _one_line_error(e, "step 3", "available: [2, 4]")
 
 
+def test_checkpoint_without_its_checksums_is_refused(tmp_path, trained_run):
+    """The checksums are written before the checkpoint: a checkpoint without them is damaged, not unchecked."""
+    wd = tmp_path / "run"
+    shutil.copytree(trained_run.run.workdir, wd)
+    os.remove(wd / "checksums" / "4.json")
+    config = with_changes(trained_run, **{"run.workdir": str(wd)})
+    for load in (lambda: _restore(config, 4, jax.devices()[:1]), lambda: load_for_inference(str(wd))):
+        with pytest.raises(CheckpointError) as e:
+            load()
+        _one_line_error(e, "checkpoint", "checksums", "missing or unreadable", "resume from checkpoint 2")
+    _restore(config, 2, jax.devices()[:1])  # the older one is intact
+
+
 # After a failed read, tensorstore callbacks can fire on orbax's closed event loop ("Event loop is closed").
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["delete_data", "garbage_metadata"])
@@ -150,7 +169,7 @@ def test_corrupted_checkpoint_gives_clear_error(tmp_path, trained_run, damage):
         shutil.rmtree(step_dir / "ocdbt.process_0")
     else:
         (step_dir / "_METADATA").write_text("{not json")
-    config = with_changes(trained_run, workdir=str(wd))
+    config = with_changes(trained_run, **{"run.workdir": str(wd)})
     with pytest.raises(CheckpointError) as e:
         load_for_inference(str(wd))
     _one_line_error(e, "corrupted")
@@ -158,7 +177,7 @@ def test_corrupted_checkpoint_gives_clear_error(tmp_path, trained_run, damage):
         _restore(config, 4, jax.devices()[:1])
     _one_line_error(e, "corrupted")
     with pytest.raises(CheckpointError) as e:  # training refuses to resume from it (and does not overwrite it)
-        train(with_changes(config, steps=6), devices=jax.devices()[:1], **QUIET)
+        train(with_changes(config, **{"optim.steps": 6}), devices=jax.devices()[:1], **QUIET)
     _one_line_error(e, "corrupted")
     # The older checkpoint is still fine.
     _restore(config, 2, jax.devices()[:1])
@@ -180,7 +199,7 @@ def test_flipped_bits_in_checkpoint_data_never_restore_silently(tmp_path, traine
         raw = bytearray(target.read_bytes())
         raw[int(len(raw) * frac)] ^= 0x10
         target.write_bytes(bytes(raw))
-        config = with_changes(trained_run, workdir=str(wd))
+        config = with_changes(trained_run, **{"run.workdir": str(wd)})
         for load in (
             lambda: _restore(config, 4, jax.devices()[:1]),
             lambda: load_for_inference(str(wd), which="params")[3],

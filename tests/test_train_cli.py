@@ -51,9 +51,9 @@ def test_train_py_writes_config_metrics_checkpoints_and_grid(cli_run):
 @pytest.mark.subprocess
 def test_train_py_again_with_more_steps_resumes_and_keeps_the_last_k(cli_run, tmp_path):
     """Running again with a larger --optim.steps resumes from the saved checkpoint instead of starting over;
-    --run.keep_checkpoints 2 still holds (flat pre-0.2 flag spellings work too)."""
+    --run.keep_checkpoints 2 still holds."""
     wd = _copy_run(cli_run, tmp_path)
-    r = run_train_py(["--workdir", str(wd), "--steps", "6", "--no_progress"], cwd=tmp_path)
+    r = run_train_py(["--run.workdir", str(wd), "--optim.steps", "6", "--no_progress"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resumed from checkpoint step 4" in r.stderr
     assert [m["step"] for m in _read_metrics(wd)] == [2, 4, 6]
@@ -90,7 +90,17 @@ def test_a_config_json_of_another_model_is_one_line(cli_run, tmp_path, capsys):
 @pytest.mark.subprocess
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     wd = tmp_path / "run"
-    args = [*TINY_FLAGS, "--steps", "100000", "--checkpoint_every", "0", "--log_every", "1", "--workdir", str(wd)]
+    args = [
+        *TINY_FLAGS,
+        "--optim.steps",
+        "100000",
+        "--run.checkpoint_every",
+        "0",
+        "--run.log_every",
+        "1",
+        "--run.workdir",
+        str(wd),
+    ]
     proc = start_train_py(args, cwd=tmp_path)
     try:
         deadline = time.time() + 180
@@ -125,7 +135,8 @@ def test_signal_in_process_stops_at_a_checkpoint_on_an_image_folder(tmp_path, ti
         for i in range(5):
             Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
     config = tiny_config(
-        dataset=str(root), image_size=8, channels=3, steps=50, checkpoint_every=0, sample_every=0, num_samples=4
+        **{"data.dataset": str(root), "data.image_size": 8, "data.channels": 3, "optim.steps": 50},
+        **{"run.checkpoint_every": 0, "sampling.every": 0, "sampling.num_samples": 4},
     )
 
     def hook(step, batch):
@@ -152,16 +163,18 @@ def _fail(argv, capsys):
 
 
 BAD_FLAGS = {
-    "unknown_flag": (["--lrr", "1e-3"], "did you mean --lr"),
-    "bad_float": (["--lr", "fast"], "bad value 'fast' for optim.lr"),
+    "unknown_flag": (["--optim.lrr", "1e-3"], "did you mean --optim.lr"),
+    "bare_field_name": (["--lr", "1e-3"], "unrecognized argument '--lr' (did you mean --optim.lr?)"),
+    "no_set_flag": (["--set", "optim.lr=1"], "unrecognized argument '--set'"),
+    "bad_float": (["--optim.lr", "fast"], "bad value 'fast' for optim.lr"),
     "bad_float_dotted": (["--optim.lr=fast"], "bad value 'fast' for optim.lr"),
     "bad_choice": (
-        ["--sampler", "nope"],
+        ["--sampling.sampler", "nope"],
         "allowed: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, edm_sde, euler, euler_ancestral, heun, unipc",
     ),
-    "bad_range": (["--batch_size", "0"], "batch_size must be >= 1"),
+    "bad_range": (["--optim.batch_size", "0"], "batch_size must be >= 1"),
     "bad_preset": (["--preset", "imagenet"], "invalid choice"),
-    "unknown_model": (["--model", "resnet"], "bad value 'resnet' for model.name; allowed: dit_b2"),
+    "unknown_model": (["--model.name", "resnet"], "bad value 'resnet' for model.name; allowed: dit_b2"),
     "unknown_sampler_option": (["--sampling.etaa", "1"], "sampler 'ddim' has no option 'etaa' (its options: eta)"),
     "option_of_another_sampler": (
         ["--sampling.sampler", "euler", "--sampling.eta", "1"],
@@ -170,21 +183,20 @@ BAD_FLAGS = {
     "bad_sampler_option": (["--sampling.eta", "2"], "sampling.eta must be in [0, 1]"),
     "unknown_model_field": (["--model.chanels", "8"], "unknown model field(s) ['chanels']"),
     "model_flag_without_value": (["--model.ch"], "needs a value"),
-    "bad_set": (["--set", "lr"], "KEY=VALUE"),
     "model_field_breaks_the_model": (["--model.ch", "0"], "cannot be built for (8, 8, 1) images"),
     "seed_out_of_range": (
-        ["--seed", "1e30"],
+        ["--run.seed", "1e30"],
         "run.seed must be in [0, 4294967295], got 1000000000000000019884624838656",
     ),
-    "infinite_lr": (["--lr", "inf"], "optim.lr must be finite"),
-    "steps_above_T": (["--sample_steps", "2000"], "sampling.steps (2000) must be <= diffusion.num_timesteps"),
+    "infinite_lr": (["--optim.lr", "inf"], "optim.lr must be finite"),
+    "steps_above_T": (["--sampling.steps", "2000"], "sampling.steps (2000) must be <= diffusion.num_timesteps"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
 def test_bad_flags_exit_2_with_one_line(case, capsys, tmp_path):
     argv, words = BAD_FLAGS[case]
-    code, line = _fail([*argv, "--workdir", str(tmp_path / "w")], capsys)
+    code, line = _fail([*argv, "--run.workdir", str(tmp_path / "w")], capsys)
     assert code == 2 and words in line, line
     assert not (tmp_path / "w").exists()  # nothing is created for a rejected command
 
@@ -193,19 +205,28 @@ def test_run_time_errors_exit_with_one_line(tmp_path, capsys):
     """Errors found once the run starts: a missing dataset or an unprepared tfds one (no download), a batch that
     does not split over the devices, --resume without a checkpoint."""
     code, line = _fail(
-        ["--dataset", str(tmp_path / "no_such_dir"), "--workdir", str(tmp_path / "a"), "--image_size", "8"], capsys
+        [
+            "--data.dataset",
+            str(tmp_path / "no_such_dir"),
+            "--run.workdir",
+            str(tmp_path / "a"),
+            "--data.image_size",
+            "8",
+        ],
+        capsys,
     )
     assert code == 2 and "cannot open dataset" in line, line
     code, line = _fail(
-        ["--dataset", "mnist", "--data_dir", str(tmp_path / "tfds"), "--workdir", str(tmp_path / "a")], capsys
+        ["--data.dataset", "mnist", "--data.data_dir", str(tmp_path / "tfds"), "--run.workdir", str(tmp_path / "a")],
+        capsys,
     )
     assert code == 2 and "not prepared" in line and "tfds build mnist" in line, line
-    code, line = _fail([*TINY_FLAGS, "--batch_size", "12", "--workdir", str(tmp_path / "b")], capsys)
+    code, line = _fail([*TINY_FLAGS, "--optim.batch_size", "12", "--run.workdir", str(tmp_path / "b")], capsys)
     assert code == 2 and f"number of devices ({jax.device_count()})" in line, line
-    code, line = _fail(["--resume", "--workdir", str(tmp_path / "c")], capsys)
+    code, line = _fail(["--resume", "--run.workdir", str(tmp_path / "c")], capsys)
     assert code == 1 and "no checkpoint" in line, line
     (tmp_path / "a_file").write_text("")
-    code, line = _fail([*TINY_FLAGS, "--workdir", str(tmp_path / "a_file")], capsys)
+    code, line = _fail([*TINY_FLAGS, "--run.workdir", str(tmp_path / "a_file")], capsys)
     assert code == 1 and "cannot write the run in" in line, line
 
 
@@ -216,21 +237,21 @@ def test_resume_keeps_the_saved_model_and_data(tmp_path, capsys):
     from jdiff.run import save_run_config
 
     wd = str(tmp_path / "run")
-    saved = apply_overrides(get_preset("digits"), {"workdir": wd, "lr": "1e-3", "model.ch": "16"})
+    saved = apply_overrides(get_preset("digits"), {"run.workdir": wd, "optim.lr": "1e-3", "model.ch": "16"})
     save_run_config(wd, saved, {"num_classes": 10, "image_shape": [8, 8, 1]})
-    config, resumed = resolve_config(None, {"workdir": wd, "model.ch": "32"})
+    config, resumed = resolve_config(None, {"run.workdir": wd, "model.ch": "32"})
     assert not resumed and config.model.fields == {"ch": 32}  # no checkpoint yet: the config is replaceable
     os.makedirs(os.path.join(wd, "checkpoints", "10"))
-    config, resumed = resolve_config(None, {"workdir": wd, "steps": "50"})
+    config, resumed = resolve_config(None, {"run.workdir": wd, "optim.steps": "50"})
     assert resumed and config.optim.lr == 1e-3 and config.optim.steps == 50 and config.model.fields == {"ch": 16}
-    code, line = _fail(["--workdir", wd, "--model.ch", "32"], capsys)
+    code, line = _fail(["--run.workdir", wd, "--model.ch", "32"], capsys)
     assert code == 2 and "model.fields: {'ch': 16} -> {'ch': 32}" in line, line
-    code, line = _fail(["--workdir", wd, "--preset", "mnist"], capsys)
+    code, line = _fail(["--run.workdir", wd, "--preset", "mnist"], capsys)
     assert code == 2 and "data.dataset: 'digits' -> 'mnist'" in line, line
 
 
 def test_print_config(capsys):
-    assert cli.main(["--preset", "cifar10", "--lr", "1e-4", "--print_config"]) == 0
+    assert cli.main(["--preset", "cifar10", "--optim.lr", "1e-4", "--print_config"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["name"] == "unet_ddpm_cifar10" and out["optim"]["lr"] == 1e-4
     assert out["data"]["random_flip"] is True
@@ -247,25 +268,25 @@ def _free_port():
 def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config, mesh):
     """Two train.py processes (2 CPU devices each) joined by jax.distributed train the same model as one
     process on 4 devices: same global batch, same noise, gradients all-reduced across processes; with
-    --mesh data=2,fsdp=2 the parameters, EMA and Adam moments are also split over fsdp (every leaf)."""
+    --run.mesh data=2,fsdp=2 the parameters, EMA and Adam moments are also split over fsdp (every leaf)."""
     wd = tmp_path / "mp"
     flags = [
         *TINY_FLAGS,
-        "--steps",
+        "--optim.steps",
         "3",
-        "--checkpoint_every",
+        "--run.checkpoint_every",
         "0",
-        "--num_samples",
+        "--sampling.num_samples",
         "0",
-        "--lr",
+        "--optim.lr",
         "1e-3",
-        "--workdir",
+        "--run.workdir",
         str(wd),
         "--coordinator_address",
         f"localhost:{_free_port()}",
         "--num_processes",
         "2",
-        *(["--mesh", mesh, "--run.fsdp_min_size", "0"] if mesh else []),
+        *(["--run.mesh", mesh, "--run.fsdp_min_size", "0"] if mesh else []),
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [
@@ -286,7 +307,10 @@ def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config, mes
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], errs
     assert "4 device(s)" in errs[0]
-    ref = tiny_config(workdir=tmp_path / "one", steps=3, checkpoint_every=0, num_samples=0, log_every=2)
+    ref = tiny_config(
+        workdir=tmp_path / "one",
+        **{"optim.steps": 3, "run.checkpoint_every": 0, "sampling.num_samples": 0, "run.log_every": 2},
+    )
     train(ref, devices=jax.devices()[:4], **QUIET)
     _, _, _, p_mp = load_for_inference(str(wd), which="params")
     _, _, _, p_one = load_for_inference(ref.run.workdir, which="params")
@@ -349,13 +373,24 @@ def test_unreadable_images_are_skipped_with_one_warning_or_refused(tmp_path, cap
     for i in range(5):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
     (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    config = apply_overrides(get_preset("digits"), {"dataset": str(root), "image_size": 8, "workdir": str(tmp_path)})
+    config = apply_overrides(
+        get_preset("digits"), {"data.dataset": str(root), "data.image_size": 8, "run.workdir": str(tmp_path)}
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         source = build_source(config)
     assert len(source) == 5 and len(caught) == 1 and "bad.png" in str(caught[0].message)
     code, line = _fail(
-        ["--dataset", str(root), "--image_size", "8", "--data.on_bad_image", "error", "--workdir", str(tmp_path / "w")],
+        [
+            "--data.dataset",
+            str(root),
+            "--data.image_size",
+            "8",
+            "--data.on_bad_image",
+            "error",
+            "--run.workdir",
+            str(tmp_path / "w"),
+        ],
         capsys,
     )
     assert code == 2 and "bad.png" in line, line

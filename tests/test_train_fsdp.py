@@ -20,6 +20,7 @@ from jdiff.run import Checkpointer, batch_sharding, local_copy, replicated
 from jdiff.run.mesh import FSDP_AXIS, check_batch_size, fsdp_sharding, make_mesh, per_device_bytes
 from jdiff.training import setup, train
 from jdiff.training.optim import make_optimizer
+from jdiff.training.setup import train_step_args
 from jdiff.training.state import init_train_state
 from jdiff.training.step import init_accumulator, make_step_fn, train_step
 
@@ -66,7 +67,7 @@ def _train(config, mesh, model, num_steps=3, min_size=0):
     init = functools.partial(init_train_state, model, tx, (8, 8, 1), 0)
     sharding = fsdp_sharding(jax.eval_shape(init), mesh, min_size=min_size)
     state = jax.jit(init, out_shardings=sharding)()
-    step = make_step_fn(model, config, mesh, sharding)
+    step = make_step_fn(functools.partial(train_step, model=model, **train_step_args(config)), mesh, sharding)
     rep = replicated(mesh)
     schedule = jax.device_put(jdiff.get_schedule("linear", config.diffusion.num_timesteps), rep)
     acc = jax.device_put(init_accumulator(), rep)
@@ -142,7 +143,7 @@ def test_grad_accum_equals_one_step_on_the_whole_batch():
     update of one step on the 16 examples: the same draws of t and noise (drawn for the global batch, split
     by micro-batch), loss = mean over the 16 (with per-example min-SNR weights). Without dropout the two agree
     to float reassociation (loss, grad norm rtol 1e-5; parameters, Adam moments rtol 2e-5)."""
-    diffusion = {"diffusion.objective": "v", "diffusion.weighting": "min_snr"}
+    diffusion = {"diffusion.prediction": "v", "diffusion.weighting": "min_snr"}
     mesh = make_mesh(jax.devices()[:4], "data=2,fsdp=2")
     c1 = _config(**diffusion)
     c4 = _config(**diffusion, **{"optim.grad_accum": 4})
@@ -168,14 +169,14 @@ def test_grad_accum_micro_batches_see_their_own_rows():
     rows = jnp.arange(12.0)[:, None]
     w = jnp.linspace(1.0, 2.0, 12)[:, None]
 
-    def objective(model_fn):  # a per-example loss like the diffusion loss: sum_i w_i (f(x_i) - i)^2 / n
+    def batch_loss(model_fn):  # a per-example loss like the diffusion loss: sum_i w_i (f(x_i) - i)^2 / n
         out = model_fn(rows, jnp.zeros(12))
         return jnp.mean(w * (out - rows) ** 2), {"out": out}
 
     apply = lambda p, x, t, y, rng: p["a"] * x + p["b"]  # noqa: E731
     params = {"a": jnp.float32(0.5), "b": jnp.float32(0.1)}
-    (l1, aux1), g1 = loss_and_grads(objective, apply, params, None, jax.random.PRNGKey(0), 1)
-    (l3, aux3), g3 = loss_and_grads(objective, apply, params, None, jax.random.PRNGKey(0), 3)
+    (l1, aux1), g1 = loss_and_grads(batch_loss, apply, params, None, jax.random.PRNGKey(0), 1)
+    (l3, aux3), g3 = loss_and_grads(batch_loss, apply, params, None, jax.random.PRNGKey(0), 3)
     np.testing.assert_allclose(l3, l1, rtol=1e-6)
     np.testing.assert_allclose(aux3["out"], aux1["out"], rtol=1e-6)
     _assert_close(g3, g1, 1e-6, 1e-7)
@@ -199,7 +200,7 @@ def test_remat_changes_no_numbers(name):
     out = []
     for model in models:
         state = jax.jit(functools.partial(init_train_state, model, make_optimizer(config.optim), (8, 8, 1), 0))()
-        step = jax.jit(functools.partial(train_step, model=model, config=config))
+        step = jax.jit(functools.partial(train_step, model=model, **train_step_args(config)))
         s, m = step(state, batch, schedule=schedule)
         out.append((jax.device_get(s), jax.device_get(m)))
     (s0, m0), (s1, m1) = out
@@ -212,11 +213,11 @@ def test_remat_changes_no_numbers(name):
 
 def test_bad_mesh_and_batch_are_one_line_errors(tiny_config):
     with pytest.raises(ConfigError, match=r"data=2,fsdp=2 has 4 devices, not the 8 devices") as e:
-        setup(tiny_config(mesh="data=2,fsdp=2"), devices=jax.devices()[:8])
+        setup(tiny_config(**{"run.mesh": "data=2,fsdp=2"}), devices=jax.devices()[:8])
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="bad run.mesh"):
-        tiny_config(mesh="data=2,tensor=4")
-    with pytest.raises(ValueError, match=r"multiple of grad_accum x devices \(4 x 8\); e.g. use --batch_size 32"):
+        tiny_config(**{"run.mesh": "data=2,tensor=4"})
+    with pytest.raises(ValueError, match=r"multiple of grad_accum x devices \(4 x 8\); e.g. use --optim.batch_size 32"):
         check_batch_size(48, 8, grad_accum=4)
     with pytest.raises(ConfigError, match="grad_accum x devices"):
         setup(tiny_config(**{"optim.grad_accum": 3}), devices=jax.devices()[:8])
@@ -232,7 +233,7 @@ def test_checkpoints_move_between_meshes_and_resume_exactly(tiny_config, tmp_pat
     """A run on mesh 2x4 (state split over fsdp=4): its checkpoint restores on 1x8, 8x1 and one device with the
     same values, each leaf in the new mesh's sharding; stopping at step 2 and resuming on 2x4 ends bitwise
     equal to 4 uninterrupted steps. metrics.jsonl reports the input-wait share in [0, 1]."""
-    over = {"mesh": "data=2,fsdp=4", "fsdp_min_size": 64}
+    over = {"run.mesh": "data=2,fsdp=4", "run.fsdp_min_size": 64}
     a = tiny_config(workdir=tmp_path / "a", **over)
     b = tiny_config(workdir=tmp_path / "b", **over)
     eight = jax.devices()[:8]

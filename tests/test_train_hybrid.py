@@ -13,7 +13,7 @@ from jdiff.run import Checkpointer, build_model, build_schedule, load_for_infere
 from jdiff.training import train
 from jdiff.training.evaluate import heldout_batch, make_bpd_fn
 from jdiff.training.optim import make_optimizer
-from jdiff.training.state import ImportanceTrainState, LossHistory, TrainState, init_train_state
+from jdiff.training.state import LossHistory, TrainState, init_train_state
 
 QUIET = dict(progress=False, log=lambda s: None)
 IMPORTANCE = {"diffusion.loss": "vlb", "diffusion.t_sampling": "importance", "model.learn_sigma": True}
@@ -34,27 +34,28 @@ def _restore(config, step):
 def test_importance_sampling_state_resumes_exactly(tiny_config, tmp_path):
     """6 steps in one call == 3 steps, stop, resume for 3: every leaf bitwise, the loss history included; the
     history holds the 48 recorded losses (fewer than T * 10: sampling is still uniform)."""
-    over = {"steps": 6, "checkpoint_every": 6, **IMPORTANCE}
+    over = {"optim.steps": 6, "run.checkpoint_every": 6, **IMPORTANCE}
     a, b = tiny_config(workdir=tmp_path / "a", **over), tiny_config(workdir=tmp_path / "b", **over)
     dev = jax.devices()[:1]
     assert train(a, devices=dev, **QUIET).step == 6
     assert train(b, devices=dev, stop_after=3, **QUIET).last_checkpoint == 3
     assert train(b, devices=dev, **QUIET).step == 6
     sa, sb = _restore(a, 6), _restore(b, 6)
-    assert isinstance(sa, ImportanceTrainState) and isinstance(sa.loss_history, LossHistory)
+    assert isinstance(sa, TrainState) and isinstance(sa.loss_history, LossHistory)
     assert int(np.asarray(sa.loss_history.count).sum()) == 6 * 8
     assert np.asarray(sa.loss_history.values).any()
     for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_runs_without_importance_sampling_keep_the_plain_state(tiny_config):
-    """The state of simple and hybrid runs is the plain TrainState (old checkpoints restore unchanged); the
-    history exists only with t_sampling importance."""
-    for over, cls in [({}, TrainState), ({"diffusion.loss": "hybrid", "model.learn_sigma": True}, TrainState)]:
+def test_runs_without_importance_sampling_have_no_loss_history(tiny_config):
+    """The loss history is an optional field of the one TrainState: None (no leaves) for simple and hybrid runs,
+    a LossHistory only with t_sampling importance."""
+    for over in [{}, {"diffusion.loss": "hybrid", "model.learn_sigma": True}]:
         c = tiny_config(**over)
         s = jax.eval_shape(lambda: init_train_state(build_model(c, 10), make_optimizer(c.optim), (8, 8, 1), 0))
-        assert type(s) is cls and not hasattr(s, "loss_history")
+        assert type(s) is TrainState and s.loss_history is None
+        assert len(jax.tree.leaves(s)) == len(jax.tree.leaves((s.step, s.params, s.ema_params, s.opt_state, s.rng)))
     p = LossHistory.empty(100).probs()
     np.testing.assert_allclose(np.asarray(p), np.full(100, 0.01))
 
@@ -87,11 +88,11 @@ def test_hybrid_gets_lower_heldout_vlb_than_simple(tiny_config, tmp_path):
     leaves it at its zero initialisation (the geometric mean of beta and beta-tilde), so the hybrid run's
     held-out VLB (64 test digits) is lower."""
     over = {
-        "steps": 300,
+        "optim.steps": 300,
         "optim.batch_size": 64,
         "optim.lr": 3e-3,
-        "checkpoint_every": 0,
-        "log_every": 100,
+        "run.checkpoint_every": 0,
+        "run.log_every": 100,
         "model.learn_sigma": True,
     }
     bpd = {}
@@ -100,6 +101,8 @@ def test_hybrid_gets_lower_heldout_vlb_than_simple(tiny_config, tmp_path):
         train(c, devices=jax.devices()[:1], **QUIET)
         config, model, schedule, ema = load_for_inference(c.run.workdir)
         batch = heldout_batch(config, 64)
-        fn = make_bpd_fn(model, build_schedule(config), config, method="vlb")
+        fn = make_bpd_fn(
+            model, build_schedule(config), prediction=config.diffusion.prediction, levels=config.data.pixel_levels()
+        )
         bpd[loss] = float(np.mean(fn(ema, batch["image"], batch["label"], jax.random.key(0))))
     assert bpd["hybrid"] < bpd["simple"] - 0.1, bpd

@@ -12,7 +12,8 @@ from jdiff.training.state import tree_all_finite
 
 @pytest.mark.parametrize("log_every", [1, 100])
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, log_every):
-    config = tiny_config(workdir=tmp_path / "nan", steps=20, checkpoint_every=2, log_every=log_every, num_samples=4)
+    over = {"optim.steps": 20, "run.checkpoint_every": 2, "run.log_every": log_every, "sampling.num_samples": 4}
+    config = tiny_config(workdir=tmp_path / "nan", **over)
 
     def poison(step, batch):
         if step == 5:
@@ -105,12 +106,8 @@ def test_a_data_error_during_training_saves_the_steps_taken_first(tiny_config, t
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"{i}.png")
     config = tiny_config(
         workdir=tmp_path / "run",
-        dataset=str(root),
-        image_size=8,
-        channels=3,
-        steps=40,
-        checkpoint_every=0,
-        class_conditional=False,
+        **{"data.dataset": str(root), "data.image_size": 8, "data.channels": 3, "optim.steps": 40},
+        **{"run.checkpoint_every": 0, "data.class_conditional": False},
     )
 
     def break_files(step, batch):

@@ -213,9 +213,9 @@ def test_train_vae_previews_decode_resumes_and_sample_py_decodes(tmp_path):
     from jdiff.training import train
     from jdiff.training.setup import VAE_SEED_SALT, setup
 
-    _, overrides = parse_args(["--vae", VAE_DIR, "--data.channels", "3"])  # the train.py flag
+    _, overrides = parse_args(["--data.vae", VAE_DIR, "--data.channels", "3"])  # the train.py flag
     wd = str(tmp_path / "run")
-    config = apply_overrides(make_tiny_config(wd, steps=1, **{"sampling.num_samples": 4}), overrides)
+    config = apply_overrides(make_tiny_config(wd, **{"optim.steps": 1, "sampling.num_samples": 4}), overrides)
     assert config.data.vae == VAE_DIR
     devices = jax.devices()[:1]
     done = train(config, devices=devices, progress=False, log=lambda s: None)

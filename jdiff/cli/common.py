@@ -3,7 +3,7 @@
 import argparse
 import difflib
 import sys
-from typing import NoReturn, Sequence
+from typing import NoReturn, Optional, Sequence
 
 
 def run_script(main) -> NoReturn:
@@ -34,10 +34,11 @@ def both(flag: str) -> tuple[str, ...]:
     return (hyphen,) if hyphen == under else (hyphen, under)
 
 
-def unknown_flag(prog: str, token: str, known: Sequence[str]) -> NoReturn:
-    """Exits 2 with `unrecognized argument 'TOKEN' (did you mean --X?)`."""
-    hint = ""
-    if token.startswith("--"):
+def unknown_flag(prog: str, token: str, known: Sequence[str], hint: Optional[str] = None) -> NoReturn:
+    """Exits 2 with `unrecognized argument 'TOKEN' (did you mean --X?)`: X is `hint`, else the closest of
+    `known`."""
+    if token.startswith("--") and not hint:
         close = difflib.get_close_matches(token.split("=")[0], list(known), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = close[0] if close else None
+    hint = f" (did you mean {hint}?)" if hint else ""
     fail(prog, f"unrecognized argument {token!r}{hint}; see --help", 2)

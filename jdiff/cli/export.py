@@ -4,7 +4,7 @@
 
 The directory (model_index.json, unet/ or transformer/, scheduler/, and vae/ for a latent run) loads in
 diffusers with `from_pretrained` and in jdiff with `jdiff.pretrained.load` / `sample.py --pretrained`. The
-run's schedule is written by name (beta_schedule), its objective as prediction_type. A model diffusers cannot
+run's schedule is written by name (beta_schedule), its prediction as prediction_type. A model diffusers cannot
 express (e.g. a norm_groups that jdiff lowers for narrow layers) exits 2 with one line; a missing or
 unreadable run 1.
 """
@@ -40,8 +40,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fail(PROG, e, 1)
     config = run.config
     d = config.diffusion
-    if d.objective not in ("eps", "v", "x0"):
-        fail(PROG, f"objective {d.objective!r} has no diffusers prediction_type (supported: eps, v, x0)", 2)
+    if d.prediction not in ("eps", "v", "x0"):
+        fail(PROG, f"prediction {d.prediction!r} has no diffusers prediction_type (supported: eps, v, x0)", 2)
     try:
         model = jrun.build_model(config, run.num_classes)
         schedule = named_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
@@ -58,10 +58,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fail(PROG, e, 1)
     vae = getattr(config.data, "vae", None) or None
     try:
-        out = save(args.out, model, params, sample_shape=shape, schedule=schedule, prediction=d.objective, vae_dir=vae)
+        out = save(args.out, model, params, sample_shape=shape, schedule=schedule, prediction=d.prediction, vae_dir=vae)
     except PretrainedError as e:
         fail(PROG, e, 2)
-    print(f"wrote {out} ({type(model).__name__}, {'x'.join(map(str, shape))}, prediction {d.objective})")
+    print(f"wrote {out} ({type(model).__name__}, {'x'.join(map(str, shape))}, prediction {d.prediction})")
     return 0
 
 

@@ -179,8 +179,8 @@ def _main(argv: Sequence[str]) -> int:
         settings, options, drawn = _settings(args, args.guidance)
         y = jrun.labels_for(args.num, run.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
-        model, schedule = jrun.build_model(config, run.num_classes), jrun.build_schedule(config)
-        prediction = config.diffusion.objective
+        model = jrun.build_model(config, run.num_classes)
+        prediction = config.diffusion.prediction
         print(
             f"{config.model.name} ({args.params} params) from {args.workdir}: {args.num} samples "
             f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({args.spacing}"
@@ -188,19 +188,7 @@ def _main(argv: Sequence[str]) -> int:
             + f", prediction {prediction}), {len(devices)} device(s), batch {batch}",
             flush=True,
         )
-        vae = _run_vae(config)
-        gen = jrun.Generator(
-            model,
-            schedule,
-            settings,
-            image_shape=run.image_shape,
-            num_classes=run.num_classes,
-            prediction=prediction,
-            batch=batch,
-            devices=devices,
-            decode=None if vae is None else vae.decode_latents,
-            decode_params=None if vae is None else vae.params,
-        )
+        gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=_run_vae(config))
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
         stats = gen.compile(abstract)  # validates the request before any weights are read
     except ValueError as e:
@@ -326,18 +314,7 @@ def _sample_pretrained(args) -> int:
         settings, options, drawn = _settings(args, guidance)
         y = jrun.labels_for(args.num, pre.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
-        gen = jrun.Generator(
-            pre.model,
-            pre.schedule,
-            settings,
-            image_shape=pre.sample_shape,
-            num_classes=pre.num_classes,
-            prediction=pre.prediction,
-            batch=batch,
-            devices=devices,
-            decode=None if pre.vae is None else pre.vae.decode_latents,
-            decode_params=None if pre.vae is None else pre.vae.params,
-        )
+        gen = jrun.Generator.from_run(pre, settings, batch=batch, devices=devices)
         _check_out(args, out_dir, gen.output_shape)
         print(
             f"{type(pre.model).__name__} from {args.pretrained}: {args.num} samples "

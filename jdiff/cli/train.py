@@ -1,9 +1,8 @@
 """train.py: `python train.py [--preset NAME] [--KEY VALUE ...]`.
 
 Every config field is a flag `--SECTION.FIELD VALUE` (or `--SECTION.FIELD=VALUE`), e.g. `--optim.lr 1e-4`;
-`--model.FIELD` sets a field of the model and `--sampling.OPTION` an option of the preview sampler. The
-flat pre-0.2 spellings (`--lr`, `--batch_size`, `--sample_steps`, `--set KEY=VALUE`) are aliases kept for
-this release. Flags apply in order, after the preset (or, when resuming, after the saved config).
+`--model.FIELD` sets a field of the model and `--sampling.OPTION` an option of the preview sampler. Flags
+apply in order, after the preset (or, when resuming, after the saved config).
 
 Errors in flags or values print one line on stderr and exit with status 2; training errors (non-finite
 loss, unreadable checkpoint) print one line and exit with status 1; a SIGTERM/SIGINT stop exits 0 (a second
@@ -17,7 +16,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 from jdiff.cli.common import Parser, both, fail, unknown_flag
 from jdiff.config import (
-    ALIASES,
     KEYS,
     PRESETS,
     ConfigError,
@@ -26,6 +24,7 @@ from jdiff.config import (
     fixed_conflicts,
     get_preset,
     resolve,
+    suggest,
     to_dict,
 )
 
@@ -42,8 +41,7 @@ def _key_help() -> str:
         if s != section:
             lines.append(f"[{s}]")
             section = s
-        alias = f" (alias --{k.alias})" if k.alias != k.path.split(".")[1] else ""
-        lines.append(f"  --{k.path}{alias}: {k.spec.summary()}")
+        lines.append(f"  --{k.path}: {k.spec.summary()}")
         if k.path == "model.fields":
             own = ("dtype", "remat", "remat_policy")  # keys of their own: --model.dtype, --model.remat, ...
             fields = ", ".join(f for f in model_config("unet_small") if f not in own)
@@ -72,7 +70,6 @@ config keys:
 
 FLAGS = (
     "--preset",
-    "--set",
     "--resume",
     "--print_config",
     "--no_progress",
@@ -103,13 +100,6 @@ def build_parser() -> Parser:
     p.add_argument("-h", "--help", action=Help, nargs=0, help="show this help, with every config key, and exit")
     p.add_argument("--preset", choices=list(PRESETS), help="named base config (default: digits)")
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="deprecated (removed in 0.3): same as --KEY VALUE",
-    )
-    p.add_argument(
         *both("--resume"),
         action="store_true",
         help="require an existing checkpoint in the workdir (error if there is none)",
@@ -136,7 +126,8 @@ def parse_args(argv: Sequence[str]):
         except ConfigError:
             path = None
         if path is None:
-            unknown_flag(PROG, tok, [*FLAGS, *(f"--{k}" for k in (*KEYS, *ALIASES))])
+            close = suggest(key) if tok.startswith("--") and key else None
+            unknown_flag(PROG, tok, [*FLAGS, *(f"--{k}" for k in KEYS)], hint=close and f"--{close}")
         if not eq:
             is_bool = path in KEYS and KEYS[path].spec.kind is bool
             if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
@@ -147,11 +138,6 @@ def parse_args(argv: Sequence[str]):
                 parser.error(f"{tok} needs a value")
         overrides.append((key, value))
         i += 1
-    for item in ns.set:
-        if "=" not in item:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides.append((k.strip(), v))
     return ns, overrides
 
 
@@ -201,9 +187,9 @@ def main(argv: Optional[Sequence[str]] = None, early_signals: Sequence[int] = ()
     exits at once with status 130."""
     import signal
 
-    from jdiff.signals import StopFlag, catch_signals
+    from jdiff.signals import SignalCatcher, StopFlag
 
-    with catch_signals(StopFlag(), on_second=_abort) as flag:
+    with SignalCatcher(StopFlag(), on_second=_abort) as flag:
         for signum in early_signals:
             if flag.requested and signum == signal.SIGINT:
                 _abort()
@@ -220,7 +206,7 @@ def _main(argv: Sequence[str], flag) -> int:
     if ns.print_config:
         print(json.dumps(to_dict(config), indent=2, sort_keys=True))
         return 0
-    from jdiff.run import Checkpointer, CheckpointError, maybe_initialize_distributed
+    from jdiff.run import Checkpointer, CheckpointError, RunError, maybe_initialize_distributed
 
     try:
         maybe_initialize_distributed(ns.coordinator_address, ns.num_processes, ns.process_id)
@@ -238,7 +224,7 @@ def _main(argv: Sequence[str], flag) -> int:
             fail(PROG, e, 1)
     try:
         train(config, progress=not ns.no_progress, stop=flag)
-    except (NonFiniteLossError, CheckpointError, DataError) as e:  # run-time failures
+    except (NonFiniteLossError, RunError, DataError) as e:  # run-time failures (RunError: checkpoints too)
         fail(PROG, e, 1)
     except OSError as e:  # the workdir is a file, read-only, the disk is full...
         fail(PROG, f"cannot write the run in {config.run.workdir}: {e.strerror or e} ({e.filename or ''})", 1)

@@ -1,7 +1,7 @@
 """Typed training configuration: sections with declared fields (`schema`), keys and overrides (`keys`),
 named presets (`presets`)."""
 
-from jdiff.config.keys import ALIASES, KEYS, apply_overrides, fixed_conflicts, from_dict, resolve, to_dict
+from jdiff.config.keys import KEYS, apply_overrides, fixed_conflicts, from_dict, resolve, suggest, to_dict
 from jdiff.config.presets import PRESETS, get_preset
 from jdiff.config.schema import (
     SECTIONS,
@@ -26,8 +26,8 @@ __all__ = [
     "SECTIONS",
     "ConfigError",
     "KEYS",
-    "ALIASES",
     "resolve",
+    "suggest",
     "apply_overrides",
     "to_dict",
     "from_dict",

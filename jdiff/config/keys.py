@@ -1,14 +1,13 @@
-"""Config keys and overrides: every field has a dotted key (`optim.lr`, `sampling.steps`) and a flat alias
-(`lr`, `sample_steps`: the pre-0.2 flag names, kept for one release); `model.FIELD` sets a field of the
-model and `sampling.OPTION` an option of the preview sampler. `apply_overrides(config, [(key, value)])`
-parses values with each field's Spec and builds a new (checked) config; `to_dict` / `from_dict` are the
-JSON form of config.json.
+"""Config keys and overrides: every field has one key, its dotted path (`optim.lr`, `sampling.steps`);
+`model.FIELD` sets a field of the model and `sampling.OPTION` an option of the preview sampler.
+`apply_overrides(config, [(key, value)])` parses values with each field's Spec and builds a new (checked)
+config; `to_dict` / `from_dict` are the JSON form of config.json.
 """
 
 import dataclasses
 import difflib
 import json
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 from jdiff.config.schema import SECTIONS, ConfigError, TrainConfig, field_spec
 from jdiff.spec import Spec, literal
@@ -17,10 +16,9 @@ MODEL_FIELDS, SAMPLER_OPTIONS = "model.fields", "sampling.options"  # keys whose
 
 
 class Key(NamedTuple):
-    """A declared config field: its dotted path, flat alias, Spec, and whether resume must keep it."""
+    """A declared config field: its dotted path, Spec, and whether resume must keep it."""
 
     path: str
-    alias: str
     spec: Spec
     fixed: bool
 
@@ -30,27 +28,32 @@ def _declared() -> dict[str, Key]:
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             path = f"{section}.{f.name}"
-            keys[path] = Key(path, f.metadata["alias"] or f.name, field_spec(f), f.metadata["fixed"])
+            keys[path] = Key(path, field_spec(f), f.metadata["fixed"])
     return keys
 
 
 KEYS = _declared()
-ALIASES = {k.alias: k.path for k in KEYS.values()}
-assert len(ALIASES) == len(KEYS), "flat aliases of config fields must be unique"
 
 
 def resolve(key: str) -> str:
-    """The dotted path of `key` (a path, an alias, model.FIELD or sampling.OPTION); ConfigError if unknown."""
+    """The dotted path of `key` (a declared path, model.FIELD or sampling.OPTION); ConfigError if unknown."""
     if key in KEYS:
         return key
-    if key in ALIASES:
-        return ALIASES[key]
     head, _, rest = key.partition(".")
     if head in ("model", "sampling") and rest.isidentifier():
         return f"{MODEL_FIELDS if head == 'model' else SAMPLER_OPTIONS}.{rest}"
-    close = difflib.get_close_matches(key, [*KEYS, *ALIASES], n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    close = suggest(key)
+    hint = f" (did you mean {close}?)" if close else ""
     raise ConfigError(f"unknown config key {key!r}{hint}; see --help for the list")
+
+
+def suggest(key: str) -> Optional[str]:
+    """The declared key closest to an unknown `key`: a close spelling, or the dotted key of a bare field name
+    (lr -> optim.lr); None if there is none."""
+    close = difflib.get_close_matches(key, list(KEYS), n=1)
+    if close:
+        return close[0]
+    return next((k for k in KEYS if k.split(".")[1] == key), None)
 
 
 def _parse(path: str, value: Any) -> Any:
@@ -78,10 +81,10 @@ def to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
 
 
 def from_dict(d: Mapping[str, Any]) -> TrainConfig:
-    """Inverse of `to_dict`. A flat dict of pre-0.2 names (old config.json files) is read through the
-    aliases. Unknown keys are a ConfigError."""
-    if any(k not in SECTIONS for k in d):  # flat, pre-0.2
-        return apply_overrides(TrainConfig(), d.items())
+    """Inverse of `to_dict`: {section: {field: value}}. Unknown sections or keys are a ConfigError."""
+    unknown = [k for k in d if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"not a jdiff 0.1 config: unknown section(s) {unknown[:3]} (expected {', '.join(SECTIONS)})")
     items = []
     for section, fields in d.items():
         if not isinstance(fields, Mapping):

@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # sigma, lambda weighting), the "edm" schedule (sigma 0.002..80, rho 7) as the sampling grid, so the default
     # linspace spacing is EDM's time grid; preview grids with EDM's Heun sampler (Alg. 1).
     "digits_edm": {
-        "diffusion.objective": "edm",
+        "diffusion.prediction": "edm",
         "diffusion.schedule": "edm",
         "run.workdir": "runs/digits_edm",
         "sampling.sampler": "heun",
@@ -77,7 +77,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "data.class_conditional": False,
         "data.label_dropout": 0.0,
         "data.random_flip": True,
-        "diffusion.objective": "edm",
+        "diffusion.prediction": "edm",
         "diffusion.schedule": "edm",
         "optim.batch_size": 512,
         "optim.steps": 390_625,
@@ -128,7 +128,7 @@ PRESETS: dict[str, dict[str, object]] = {
     },
     # DiT-XL/2 in the latent space of the Stable Diffusion VAE (Peebles & Xie 2023, Sec. 4 / 5): ImageNet
     # 256x256 (tfds imagenet2012, prepared beforehand; or --data.dataset IMAGE_FOLDER) encoded per batch by
-    # stabilityai/sd-vae-ft-ema (download it to ./sd-vae-ft-ema, or --vae PATH) to 32x32x4 latents x 0.18215;
+    # stabilityai/sd-vae-ft-ema (download it to ./sd-vae-ft-ema, or --data.vae PATH) to 32x32x4 latents x 0.18215;
     # AdamW lr 1e-4 constant, no weight decay, no warm-up, no gradient clipping, batch 256, EMA 0.9999,
     # horizontal flips, CFG label dropout 0.1; previews with guidance 4.0 (DiTPipeline's default); learned sigma
     # with the hybrid loss L_simple + 0.001 L_vlb, as the paper.

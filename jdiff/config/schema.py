@@ -22,14 +22,13 @@ class ConfigError(ValueError):
     """A bad config key or value; the message is one readable line."""
 
 
-def setting(default: Any, help: str, *, alias: Optional[str] = None, fixed: bool = False, **spec: Any) -> Any:
+def setting(default: Any, help: str, *, fixed: bool = False, **spec: Any) -> Any:
     """A config field: default, help, allowed values (`jdiff.spec.Spec` keywords: choices, ge, gt, le, lt).
 
-    alias: the flat pre-0.2 name when it differs from the field name (e.g. sample_steps for sampling.steps).
     fixed: the field fixes the parameters' shapes or the meaning of the model output, so a resumed run
     cannot change it.
     """
-    meta = {"help": help, "alias": alias, "fixed": fixed, "spec": spec}
+    meta = {"help": help, "fixed": fixed, "spec": spec}
     if isinstance(default, dict):
         return dataclasses.field(default_factory=dict, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -98,7 +97,6 @@ class RunConfig(_Section):
         None,
         'device mesh "data=D,fsdp=F" (D*F = all devices; batch over both axes, parameters, EMA and optimizer '
         "state sharded over fsdp; none: all devices on data, state replicated)",
-        alias="mesh",
     )
     fsdp_min_size: int = setting(
         2**14, "parameters with fewer elements stay replicated on a fsdp mesh (0: shard every divisible one)", ge=0
@@ -165,9 +163,7 @@ def _remat_policies() -> tuple:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Section):
     section = "model"
-    name: str = setting(
-        "unet_small", "registered model (jdiff.models.list_models())", alias="model", fixed=True, choices=_model_names
-    )
+    name: str = setting("unet_small", "registered model (jdiff.models.list_models())", fixed=True, choices=_model_names)
     dtype: str = setting("float32", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16"))
     remat: bool = setting(
         False, "rematerialise each res/attention block (U-Net) or transformer block (DiT) in the backward pass"
@@ -175,9 +171,7 @@ class ModelConfig(_Section):
     remat_policy: str = setting(
         "nothing_saveable", "what a rematerialised block keeps (jax.checkpoint_policies)", choices=_remat_policies
     )
-    fields: dict = setting(
-        {}, "module field overrides of the model, set one with --model.FIELD VALUE", alias="model_overrides", fixed=True
-    )
+    fields: dict = setting({}, "module field overrides of the model, set one with --model.FIELD VALUE", fixed=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -210,9 +204,9 @@ class DiffusionConfig(_Section):
     schedule: str = setting("linear", "beta schedule", fixed=True, choices=tuple(BETA_SCHEDULES))
     num_timesteps: int = setting(1000, "T, number of diffusion steps", fixed=True, ge=1)
     zero_terminal_snr: bool = setting(
-        False, "rescale the schedule to zero terminal SNR (use with objective v)", fixed=True
+        False, "rescale the schedule to zero terminal SNR (use with prediction v)", fixed=True
     )
-    objective: str = setting(
+    prediction: str = setting(
         "eps",
         "what the model predicts (edm, edm_vp, edm_ve: an EDM-preconditioned network, Karras et al. 2022)",
         fixed=True,
@@ -233,26 +227,26 @@ class DiffusionConfig(_Section):
         fixed=True,
         choices=("uniform", "importance"),
     )
-    edm_p_mean: float = setting(P_MEAN, "objective edm: mean of the log-normal training ln(sigma) (EDM P_mean)")
-    edm_p_std: float = setting(P_STD, "objective edm: std of the log-normal training ln(sigma) (EDM P_std)", gt=0.0)
+    edm_p_mean: float = setting(P_MEAN, "prediction edm: mean of the log-normal training ln(sigma) (EDM P_mean)")
+    edm_p_std: float = setting(P_STD, "prediction edm: std of the log-normal training ln(sigma) (EDM P_std)", gt=0.0)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.zero_terminal_snr and self.objective == "eps":
-            raise ConfigError("diffusion.zero_terminal_snr needs objective v or x0 (eps cannot be sampled at SNR 0)")
-        if self.objective in EDM_PREDICTIONS:
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ConfigError("diffusion.zero_terminal_snr needs prediction v or x0 (eps cannot be sampled at SNR 0)")
+        if self.prediction in EDM_PREDICTIONS:
             if self.weighting != "simple":
                 raise ConfigError(
-                    f"diffusion.weighting {self.weighting} does not apply to objective {self.objective} (EDM weights "
+                    f"diffusion.weighting {self.weighting} does not apply to prediction {self.prediction} (EDM weights "
                     "its loss by lambda(sigma)); use weighting simple"
                 )
             if self.zero_terminal_snr:
-                raise ConfigError(f"diffusion.zero_terminal_snr does not apply to objective {self.objective}")
+                raise ConfigError(f"diffusion.zero_terminal_snr does not apply to prediction {self.prediction}")
         edm_defaults = (self.edm_p_mean, self.edm_p_std) == (P_MEAN, P_STD)
-        if self.objective != "edm" and not edm_defaults:
-            raise ConfigError(f"diffusion.edm_p_mean / edm_p_std apply to objective edm only, not {self.objective}")
-        if self.loss != "simple" and self.objective not in PREDICTIONS:
-            raise ConfigError(f"diffusion.loss {self.loss} needs objective eps, x0 or v, not {self.objective}")
+        if self.prediction != "edm" and not edm_defaults:
+            raise ConfigError(f"diffusion.edm_p_mean / edm_p_std apply to prediction edm only, not {self.prediction}")
+        if self.loss != "simple" and self.prediction not in PREDICTIONS:
+            raise ConfigError(f"diffusion.loss {self.loss} needs prediction eps, x0 or v, not {self.prediction}")
         if self.t_sampling == "importance" and self.loss == "simple":
             raise ConfigError("diffusion.t_sampling importance needs diffusion.loss vlb or hybrid")
 
@@ -299,16 +293,16 @@ class SamplingConfig(_Section):
     """The preview grids written during training (the EMA parameters, `jdiff.run.generate`)."""
 
     section = "sampling"
-    every: int = setting(0, "write a sample grid every M steps (0: only at the end)", alias="sample_every", ge=0)
+    every: int = setting(0, "write a sample grid every M steps (0: only at the end)", ge=0)
     num_samples: int = setting(100, "images in a sample grid (0: no sample grids)", ge=0)
-    columns: int = setting(10, "columns of the sample grid", alias="sample_columns", ge=1)
+    columns: int = setting(10, "columns of the sample grid", ge=1)
     sampler: str = setting("ddim", "sampler of the grid", choices=_sampler_names)
-    steps: int = setting(100, "sampling steps of the grid", alias="sample_steps", ge=1)
+    steps: int = setting(100, "sampling steps of the grid", ge=1)
     spacing: str = setting("linspace", "timestep spacing of the grid", choices=_spacings)
     guidance_scale: Optional[float] = setting(
         None, "classifier-free guidance scale for the grid (none: plain conditional)"
     )
-    upscale: int = setting(4, "nearest-neighbour upscaling of the grid PNG", alias="sample_upscale", ge=1)
+    upscale: int = setting(4, "nearest-neighbour upscaling of the grid PNG", ge=1)
     options: dict = setting({}, "options of the sampler, set one with --sampling.OPTION VALUE (e.g. eta)")
 
     def __post_init__(self):
@@ -357,4 +351,4 @@ class TrainConfig:
         """Whether the model outputs a variance (learn_sigma: 2x channels, [prediction | v])."""
         from jdiff.models import model_config
 
-        return bool({**model_config(self.model.name), **self.model.fields}.get("learn_sigma", False))
+        return bool({**model_config(self.model.name), **self.model.fields}["learn_sigma"])  # a protocol field

@@ -17,13 +17,14 @@ import jax
 import numpy as np
 
 from jdiff._logs import one_line, quiet_absl
-from jdiff.run.integrity import mismatches, read_checksums, tree_checksums, write_checksums
+from jdiff.run.integrity import checksum_path, mismatches, read_checksums, tree_checksums, write_checksums
 from jdiff.run.rundir import RunError, RunInfo, open_run
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-CheckpointError = RunError  # missing, corrupted or incompatible checkpoint; the message is one readable line
+class CheckpointError(RunError):
+    """A missing, corrupted or incompatible checkpoint of a run; the message is one readable line."""
 
 
 def _ocp():
@@ -129,7 +130,10 @@ class Checkpointer:
     def verify(self, tree: Any, step: int, prefix: str = "") -> Any:
         """`tree` (restored from checkpoint `step`; `prefix`: its path in the saved state, e.g. ".ema_params")
         if its arrays match their saved checksums and are finite, else CheckpointError."""
-        bad = mismatches(tree, read_checksums(self.workdir, step), prefix)
+        sums = read_checksums(self.workdir, step)
+        if sums is None:
+            raise self._corrupted(step, f"its checksums {checksum_path(self.workdir, step)} are missing or unreadable")
+        bad = mismatches(tree, sums, prefix)
         if bad:
             more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
             raise self._corrupted(step, f"checksum mismatch in {bad[0]}{more}")
@@ -198,7 +202,7 @@ def load_params(
         model is not traced a second time.
 
     Sample with `jdiff.sample(model.apply, schedule, shape, rng, params={"params": params},
-    prediction=run.config.diffusion.objective, ...)` or `jdiff.run.Generator`.
+    prediction=run.config.diffusion.prediction, ...)` or `jdiff.run.Generator`.
     Raises CheckpointError (one line) for a missing/corrupted checkpoint.
     """
     from jdiff.models import abstract_params

@@ -189,6 +189,53 @@ class Generator:
         self._fn = jax.jit(run, out_shardings=(self._rows, self._rep))
         self._compiled = None
 
+    @classmethod
+    def from_run(
+        cls,
+        run: Any,
+        settings: Settings,
+        *,
+        batch: int,
+        devices: Optional[Sequence[Any]] = None,
+        model: Any = None,
+        vae: Any = None,
+    ) -> "Generator":
+        """The Generator of a trained model: `run` is a training run (`jdiff.run.RunInfo`, see `open_run`) or a
+        diffusers checkpoint (`jdiff.pretrained.Pretrained`, see `jdiff.pretrained.load`), whose model,
+        schedule, sample shape, label count, prediction and VAE (latent models: samples are decoded) it uses.
+        For a RunInfo, `model` (default: `build_model` of its config) and `vae` (default: the autoencoder of
+        its config's data.vae, loaded) may be passed when the caller holds them already."""
+        from jdiff.pretrained.pipeline import Pretrained
+        from jdiff.run.build import build_model, build_schedule
+        from jdiff.run.rundir import RunInfo
+
+        if isinstance(run, RunInfo):
+            c = run.config
+            if vae is None and c.data.vae:
+                from jdiff.pretrained.autoencoder import load_autoencoder_dir
+
+                vae = load_autoencoder_dir(c.data.vae)
+            model = build_model(c, run.num_classes) if model is None else model
+            schedule, shape, num_classes = build_schedule(c), run.image_shape, run.num_classes
+            prediction = c.diffusion.prediction
+        elif isinstance(run, Pretrained):
+            model, schedule, shape, vae = run.model, run.schedule, run.sample_shape, run.vae
+            num_classes, prediction = run.num_classes, run.prediction
+        else:
+            raise TypeError(f"run must be a jdiff.run.RunInfo or a jdiff.pretrained.Pretrained, got {type(run)}")
+        return cls(
+            model,
+            schedule,
+            settings,
+            image_shape=shape,
+            num_classes=num_classes,
+            prediction=prediction,
+            batch=batch,
+            devices=devices,
+            decode=None if vae is None else vae.decode_latents,
+            decode_params=None if vae is None else vae.params,
+        )
+
     def _args(self, params: Any, seed: int, index: int, labels: Optional[np.ndarray]):
         rep = lambda x: jax.device_put(x, self._rep)
         return (

@@ -3,8 +3,8 @@ restore, so that a flipped bit on disk is an error rather than a silently differ
 
 The checksum of an array is the sum, modulo 2^32, of its bytes read as unsigned 32-bit (or narrower)
 integers: one pass on the device, no host copy, and any single flipped bit changes it. Checksums live in
-WORKDIR/checksums/STEP.json as {leaf path: checksum}; checkpoints written before 0.2 have none and are only
-checked for finiteness.
+WORKDIR/checksums/STEP.json as {leaf path: checksum}, written before the checkpoint itself; a checkpoint
+without them is damaged.
 """
 
 import json
@@ -66,7 +66,7 @@ def write_checksums(workdir: str, step: int, sums: dict[str, int], keep_steps: O
 
 
 def read_checksums(workdir: str, step: int) -> Optional[dict[str, int]]:
-    """The checksums of checkpoint `step`, or None when it has none (written before 0.2) or they are unreadable."""
+    """The checksums of checkpoint `step`, or None when they are missing or unreadable."""
     try:
         with open(checksum_path(workdir, step)) as f:
             data = json.load(f)
@@ -75,13 +75,12 @@ def read_checksums(workdir: str, step: int) -> Optional[dict[str, int]]:
         return None
 
 
-def mismatches(tree: Any, expected: Optional[dict[str, int]], prefix: str = "") -> list[str]:
+def mismatches(tree: Any, expected: dict[str, int], prefix: str = "") -> list[str]:
     """Leaf paths of `tree` (each prefixed by `prefix`, e.g. ".ema_params" for a restored subtree) whose
-    checksum differs from `expected`, plus those that are not finite. Empty means intact."""
+    checksum differs from `expected` or is missing there, plus those that are not finite. Empty means intact."""
     bad = []
     for path, (s, finite) in _tree_stats(tree).items():
-        want = None if expected is None else expected.get(prefix + path)
-        if want is not None and want != s:
+        if expected.get(prefix + path) != s:
             bad.append(prefix + path)
         elif not finite:
             bad.append(prefix + path + " (not finite)")

@@ -49,7 +49,7 @@ def mesh_shape(spec: "str | Mapping[str, int] | None", num_devices: int) -> tupl
         got = "does not divide" if min(d, f) < 1 else f"has {d * f} devices, not"
         raise ConfigError(
             f"run.mesh {text} {got} the {num_devices} devices of this run; data*fsdp must equal {num_devices} "
-            f"(e.g. --mesh data={num_devices},fsdp=1 or --mesh data=1,fsdp={num_devices})"
+            f"(e.g. --run.mesh data={num_devices},fsdp=1 or --run.mesh data=1,fsdp={num_devices})"
         )
     return d, f
 

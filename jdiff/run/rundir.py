@@ -16,7 +16,8 @@ LOCK_FILE = ".lock"
 
 
 class RunError(ValueError):
-    """A missing or unreadable run directory or checkpoint; the message is one readable line."""
+    """A run directory that is missing, unreadable or in use (its checkpoints: `CheckpointError`, a subclass);
+    the message is one readable line."""
 
 
 def config_path(workdir: str) -> str:

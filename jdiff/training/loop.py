@@ -32,7 +32,7 @@ from jdiff.run import (
     save_run_config,
     workdir_lock,
 )
-from jdiff.signals import StopFlag, catch_signals
+from jdiff.signals import SignalCatcher, StopFlag
 from jdiff.training.evaluate import evaluate_bpd
 from jdiff.training.fid import evaluate_fid
 from jdiff.training.metrics_log import MetricsWriter
@@ -140,17 +140,9 @@ class Loop:
                 guidance=c.sampling.guidance_scale,
             )
             devices = jax.local_devices()
-            self._generator = Generator(
-                s.model,
-                local_copy(s.schedule),
-                settings,
-                image_shape=s.image_shape,
-                num_classes=s.num_classes,
-                prediction=c.diffusion.objective,
-                batch=auto_batch(c.sampling.num_samples, len(devices)),
-                devices=devices,
-                decode=None if s.vae is None else s.vae.decode_latents,  # latent runs (data.vae) show images
-                decode_params=None if s.vae is None else s.vae.params,
+            batch = auto_batch(c.sampling.num_samples, len(devices))
+            self._generator = Generator.from_run(  # latent runs (data.vae) decode through the run's VAE
+                s.run_info(), settings, batch=batch, devices=devices, model=s.model, vae=s.vae
             )
         labels = labels_for(c.sampling.num_samples, s.num_classes)
         seed = c.run.seed + PREVIEW_SEED_SALT
@@ -259,7 +251,7 @@ def train(
     primary = jax.process_index() == 0
     workdir = config.run.workdir
     with contextlib.ExitStack() as stack:  # closed in reverse: metrics, checkpoints (waits for saves), lock
-        stop = stop if stop is not None else stack.enter_context(catch_signals(StopFlag()))
+        stop = stop if stop is not None else stack.enter_context(SignalCatcher(StopFlag()))
         if primary:
             stack.enter_context(workdir_lock(workdir))
             save_run_config(workdir, config, s.derived())

@@ -7,6 +7,7 @@ import functools
 from typing import Any, Optional, Sequence
 
 import jax
+import optax
 
 import jdiff
 from jdiff._logs import one_line
@@ -14,6 +15,7 @@ from jdiff.config import ConfigError, TrainConfig
 from jdiff.run import (
     Checkpointer,
     CheckpointError,
+    RunInfo,
     batch_sharding,
     build_model,
     build_schedule,
@@ -24,31 +26,60 @@ from jdiff.run import (
     replicated,
 )
 from jdiff.run.mesh import FSDP_RULES, fsdp_sharding, per_device_bytes
-from jdiff.training.optim import make_optimizer
+from jdiff.training.loss import LossFn, make_loss
+from jdiff.training.optim import lr_schedule, make_optimizer
 from jdiff.training.state import TrainState, init_train_state
-from jdiff.training.step import init_accumulator, make_step_fn
+from jdiff.training.step import init_accumulator, make_step_fn, train_step
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Setup:
-    """The parts of a run. `schedule` is replicated over `mesh`; `abstract_state` holds the state's shapes,
-    dtypes and shardings (the restore target: parameters, EMA and optimizer state sharded over the mesh's
-    "fsdp" axis, `jdiff.run.mesh.fsdp_sharding`); `step_fn(state, batch, schedule, acc) -> (state, acc)` is the
-    jitted, sharded train step (`compile_step` compiles it ahead of time and reports its memory)."""
+    """The parts of a run, each used as it is: `tx` is the optimizer that runs (its state is initialised by
+    `init_fn` and updated by `step_fn`), `loss_fn` the loss it minimises (`jdiff.training.loss.make_loss`),
+    `lr_schedule` the learning rate `tx` follows (the logged "lr"). `schedule` is replicated over `mesh`.
+    To change a part, build a new Setup: `dataclasses.replace(s, tx=optax.sgd(1e-2))` (the derived parts
+    below are rebuilt from it).
+
+    Derived when it is built: `abstract_state`, the state's shapes, dtypes and shardings (the restore target:
+    parameters, EMA and optimizer state sharded over the mesh's "fsdp" axis, `jdiff.run.mesh.fsdp_sharding`);
+    `init_fn()`, the jitted initial state; `step_fn(state, batch, schedule, acc) -> (state, acc)`, the jitted,
+    sharded `train_step` (`compile_step` compiles it ahead of time and reports its memory)."""
 
     config: TrainConfig
     mesh: Any
     source: Any
     model: Any
     schedule: Any
-    tx: Any
+    tx: optax.GradientTransformation
+    loss_fn: LossFn
+    lr_schedule: Optional[optax.Schedule]
     num_classes: Optional[int]
     image_shape: tuple[int, int, int]
-    init_fn: Any
-    abstract_state: Any
-    step_fn: Any
     vae: Any = None  # a `jdiff.pretrained.autoencoder.Autoencoder` when training on its latents (data.vae)
     encode: Any = None  # (step, device batch) -> the batch with images replaced by latents (data.vae)
+    init_fn: Any = dataclasses.field(init=False, repr=False)
+    abstract_state: Any = dataclasses.field(init=False, repr=False)
+    step_fn: Any = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        c = self.config
+        history = c.diffusion.num_timesteps if c.diffusion.t_sampling == "importance" else 0
+        init = functools.partial(
+            init_train_state, self.model, self.tx, self.image_shape, c.run.seed, history_steps=history
+        )
+        try:  # traces the model once: its own constraints on its fields and the image shape are checked here
+            shapes = jax.eval_shape(init)
+        except (ValueError, TypeError, ZeroDivisionError, IndexError) as e:
+            raise ConfigError(
+                f"model {c.model.name!r} with fields {dict(c.model.fields)} cannot be built for "
+                f"{self.image_shape} images: {one_line(e, 300)}"
+            ) from None
+        init_fn, abstract, state_sharding = sharded_init(init, shapes, self.model, self.mesh, c.run.fsdp_min_size)
+        parts = {"model": self.model, "loss_fn": self.loss_fn, "tx": self.tx, "lr_schedule": self.lr_schedule}
+        step = functools.partial(train_step, **{**train_step_args(c), **parts})  # this Setup's parts, as they are
+        object.__setattr__(self, "init_fn", init_fn)
+        object.__setattr__(self, "abstract_state", abstract)
+        object.__setattr__(self, "step_fn", make_step_fn(step, self.mesh, state_sharding))
 
     def derived(self) -> dict[str, Any]:
         """Facts config.json records beside the config."""
@@ -59,6 +90,10 @@ class Setup:
             **({"decoded_shape": list(self.source.image_shape)} if self.vae is not None else {}),
             "jdiff_version": jdiff.__version__,
         }
+
+    def run_info(self) -> RunInfo:
+        """What the run's config.json records (`jdiff.run.open_run` of its workdir reads the same)."""
+        return RunInfo(self.config.run.workdir, self.config, self.image_shape, self.num_classes, self.derived())
 
     def restore_or_init(self, ckpt: Checkpointer, log=lambda s: None) -> TrainState:
         """The latest checkpoint's state in `ckpt`, or the initial state when there is none."""
@@ -107,11 +142,12 @@ class Setup:
 
 
 def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup:
-    """Builds the parts of the run `config` describes on `devices` (default: all). Nothing is computed yet:
-    the init and step functions compile on first use. Raises ConfigError / ValueError for bad settings."""
+    """Builds the parts of the run `config` describes on `devices` (default: all): the optimizer
+    (`make_optimizer`), loss (`make_loss`) and the rest from the config. Nothing is computed yet: the init and
+    step functions compile on first use. Raises ConfigError / ValueError for bad settings."""
     mesh = make_mesh(devices, config.run.mesh)
     try:
-        check_batch_size(config.optim.batch_size, mesh, grad_accum=config.optim.grad_accum)
+        check_batch_size(config.optim.batch_size, mesh, flag="--optim.batch_size", grad_accum=config.optim.grad_accum)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     rep = replicated(mesh)
@@ -122,31 +158,33 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
     if config.data.vae:
         vae, image_shape, encode = latent_space(config, image_shape, mesh)
     model = with_remat(build_model(config, num_classes), config)
-    tx = make_optimizer(config.optim)
-    history = config.diffusion.num_timesteps if config.diffusion.t_sampling == "importance" else 0
-    init = functools.partial(init_train_state, model, tx, image_shape, config.run.seed, history_steps=history)
-    try:  # traces the model once: its own constraints on its fields and the image shape are checked here
-        shapes = jax.eval_shape(init)
-    except (ValueError, TypeError, ZeroDivisionError, IndexError) as e:
-        raise ConfigError(
-            f"model {config.model.name!r} with fields {dict(config.model.fields)} cannot be built for "
-            f"{image_shape} images: {one_line(e, 300)}"
-        ) from None
-    init_fn, abstract, state_sharding = sharded_init(init, shapes, model, mesh, config.run.fsdp_min_size)
     return Setup(
         config,
         mesh,
         source,
         model,
         jax.device_put(build_schedule(config), rep),
-        tx,
-        num_classes,
-        image_shape,
-        init_fn,
-        abstract,
-        make_step_fn(model, config, mesh, state_sharding),
-        vae,
-        encode,
+        **{k: v for k, v in train_step_args(config).items() if k in ("tx", "loss_fn", "lr_schedule")},
+        num_classes=num_classes,
+        image_shape=image_shape,
+        vae=vae,
+        encode=encode,
+    )
+
+
+def train_step_args(config: TrainConfig) -> dict[str, Any]:
+    """The keyword arguments of `train_step` that `config` determines: loss_fn (`make_loss`), tx
+    (`make_optimizer`), lr_schedule, ema_decay, ema_warmup, label_dropout, grad_accum. `setup` builds a
+    Setup's tx, loss_fn and lr_schedule with it; `functools.partial(train_step, model=m, **train_step_args(c))`
+    is the step of a config without a Setup."""
+    return dict(
+        loss_fn=make_loss(config.diffusion, config.data.pixel_levels()),
+        tx=make_optimizer(config.optim),
+        lr_schedule=lr_schedule(config.optim),
+        ema_decay=config.optim.ema_decay,
+        ema_warmup=config.optim.ema_warmup,
+        label_dropout=config.data.label_dropout,
+        grad_accum=config.optim.grad_accum,
     )
 
 
@@ -199,8 +237,6 @@ def with_remat(model: Any, config: TrainConfig) -> Any:
     """`model` with its blocks rematerialised (`jdiff.models.remat`) when config.model.remat is set."""
     if not config.model.remat:
         return model
-    if not hasattr(model, "remat"):
-        raise ConfigError(f"model {config.model.name!r} does not support model.remat")
     return model.clone(remat=True, remat_policy=config.model.remat_policy)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from jdiff.losses import HISTORY_PER_T, importance_probs, update_loss_history
 
 
 class TrainState(struct.PyTreeNode):
-    """Training state; the optimizer (optax GradientTransformation) is rebuilt from the config, not stored.
+    """Training state; the optimizer (optax GradientTransformation, `Setup.tx`) is not stored, its state is.
 
     Attributes:
       step: int32 scalar, number of updates applied so far.
@@ -20,6 +20,8 @@ class TrainState(struct.PyTreeNode):
       ema_params: exponential moving average of `params` (same structure).
       opt_state: optax state of the optimizer.
       rng: uint32 (2,) PRNG key; the key of update `step` is fold_in(rng, step).
+      loss_history: the `LossHistory` of a run with importance-sampled timesteps (diffusion.t_sampling
+        importance), checkpointed with the rest; None (an empty subtree) otherwise.
     """
 
     step: jax.Array
@@ -27,6 +29,7 @@ class TrainState(struct.PyTreeNode):
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+    loss_history: Optional["LossHistory"] = None
 
 
 class LossHistory(struct.PyTreeNode):
@@ -53,27 +56,17 @@ class LossHistory(struct.PyTreeNode):
         return LossHistory(*update_loss_history(self.values, self.count, t, losses))
 
 
-class ImportanceTrainState(TrainState):
-    """The train state of a run with importance-sampled timesteps (diffusion.t_sampling importance): the
-    `TrainState` fields plus `loss_history` (`LossHistory`), checkpointed with the rest. Other runs keep the
-    plain `TrainState`, so their checkpoints have the same structure as before."""
-
-    loss_history: LossHistory
-
-
 def create_state(params: Any, tx: Any, rng: jax.Array, *, history_steps: int = 0) -> TrainState:
     """Step-0 state: EMA = params, fresh optimizer state. `rng` is a raw uint32 (2,) key. history_steps: T of
-    an `ImportanceTrainState` with an empty loss history (0: a plain `TrainState`)."""
-    fields = dict(
+    an empty loss history (importance-sampled timesteps; 0: none)."""
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=tx.init(params),
         rng=rng,
+        loss_history=LossHistory.empty(history_steps) if history_steps else None,
     )
-    if history_steps:
-        return ImportanceTrainState(**fields, loss_history=LossHistory.empty(history_steps))
-    return TrainState(**fields)
 
 
 def tree_all_finite(tree: Any) -> jax.Array:
@@ -89,11 +82,11 @@ def init_train_state(
 ) -> TrainState:
     """Initial state for NHWC images of `image_shape` (H, W, C): params from model.init on a dummy batch of 1
     with key split(PRNGKey(seed))[0]; the training key is split(...)[1]. Pure: jit it with out_shardings.
-    history_steps: T for importance-sampled timesteps (an `ImportanceTrainState`), else 0."""
+    history_steps: T for importance-sampled timesteps (a state with a `LossHistory`), else 0."""
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
     p_key, d_key = jax.random.split(init_key)
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32) if getattr(model, "num_classes", None) is not None else None
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes is not None else None
     params = model.init({"params": p_key, "dropout": d_key}, x, t, y)["params"]
     return create_state(params, tx, train_key, history_steps=history_steps)

@@ -1,7 +1,7 @@
 """The loss a training run minimises, chosen by the config's diffusion section.
 
-`training_loss` is the one place train_step asks for its loss; each objective is a function
-(diffusion config, model_fn, schedule, x0, rng) -> (loss scalar, metrics {"mse": ...}). Adding an objective
+`training_loss` is the one place train_step's loss comes from; each kind of loss is a function
+(diffusion config, model_fn, schedule, x0, rng) -> (loss scalar, metrics {"mse": ...}). Adding a loss
 is one function here (its math lives in the math layer: `jdiff.losses` and siblings) and one config choice.
 """
 
@@ -19,21 +19,22 @@ from jdiff.schedules import Schedule
 
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
+LossFn = Callable[..., tuple[Array, dict]]  # (model_fn, schedule, x0, rng, t_probs) -> (loss, aux)
 
 
 def simple_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array):
     """The weighted denoising MSE of `jdiff.diffusion_loss` (DDPM eq. 14, min-SNR weighting)."""
     return jdiff.diffusion_loss(
-        model_fn, schedule, x0, rng, objective=d.objective, weighting=d.weighting, min_snr_gamma=d.min_snr_gamma
+        model_fn, schedule, x0, rng, prediction=d.prediction, weighting=d.weighting, min_snr_gamma=d.min_snr_gamma
     )
 
 
 def edm_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array):
-    """EDM's loss (Karras et al. 2022, eq. 2 / Sec. 5, `jdiff.edm.edm_loss`) for objectives edm, edm_vp, edm_ve:
+    """EDM's loss (Karras et al. 2022, eq. 2 / Sec. 5, `jdiff.edm.edm_loss`) for predictions edm, edm_vp, edm_ve:
     continuous sigma from the preconditioning's training distribution; the schedule is not used (it only sets
     the sampling grid). model_fn is the network F, called as F(c_in x, c_noise)."""
     return edm.edm_loss(
-        model_fn, x0, rng, preconditioning=edm.preconditioning_of(d.objective), p_mean=d.edm_p_mean, p_std=d.edm_p_std
+        model_fn, x0, rng, preconditioning=edm.preconditioning_of(d.prediction), p_mean=d.edm_p_mean, p_std=d.edm_p_std
     )
 
 
@@ -45,7 +46,7 @@ def improved_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0:
         schedule,
         x0,
         rng,
-        objective=d.objective,
+        prediction=d.prediction,
         loss=d.loss,
         vlb_weight=d.vlb_weight,
         weighting=d.weighting,
@@ -62,6 +63,16 @@ def training_loss(
     probabilities of t (diffusion.t_sampling importance) or None."""
     if d.loss in ("hybrid", "vlb"):
         return improved_loss(d, model_fn, schedule, x0, rng, levels=levels, t_probs=t_probs)
-    if d.objective in EDM_PREDICTIONS:
+    if d.prediction in EDM_PREDICTIONS:
         return edm_loss(d, model_fn, schedule, x0, rng)
     return simple_loss(d, model_fn, schedule, x0, rng)
+
+
+def make_loss(d: DiffusionConfig, levels: int = 256) -> LossFn:
+    """The loss function `train_step` takes for a run with diffusion settings `d` and data of `levels` values
+    per pixel: (model_fn, schedule, x0, rng, t_probs) -> (loss, aux) (`training_loss`)."""
+
+    def loss_fn(model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array, t_probs=None):
+        return training_loss(d, model_fn, schedule, x0, rng, levels=levels, t_probs=t_probs)
+
+    return loss_fn
