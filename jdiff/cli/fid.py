@@ -222,18 +222,14 @@ def _run_samples(args, batch: int) -> Iterator[np.ndarray]:
     devices = jax.devices()
     vae = _run_vae(cfg)
     try:
-        model, schedule = jrun.build_model(cfg, run.num_classes), jrun.build_schedule(cfg)
-        gen = jrun.Generator(
-            model,
-            schedule,
+        model = jrun.build_model(cfg, run.num_classes)
+        gen = jrun.Generator.from_run(
+            run,
             settings,
-            image_shape=run.image_shape,
-            num_classes=run.num_classes,
-            prediction=cfg.diffusion.objective,
             batch=jrun.auto_batch(args.num, len(devices), args.batch_size),
             devices=devices,
-            decode=None if vae is None else vae.decode_latents,
-            decode_params=None if vae is None else vae.params,
+            model=model,
+            vae=vae,
         )
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
         gen.compile(abstract)

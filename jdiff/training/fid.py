@@ -16,7 +16,7 @@ FID_SEED_SALT = 0xF1D  # the samples' noise: run.seed + this, the same at every 
 def _prepare(loop) -> dict:
     """The generator, the Inception network and the reference statistics (built once, kept in loop.cache)."""
     from jdiff import metrics
-    from jdiff.run import Generator, Settings, auto_batch, labels_for, local_copy
+    from jdiff.run import Generator, Settings, auto_batch, labels_for
 
     c, s = loop.config, loop.setup
     devices = [d for d in s.mesh.devices.flat if d.process_index == jax.process_index()]  # the run's, this host's
@@ -27,17 +27,8 @@ def _prepare(loop) -> dict:
         options=dict(c.sampling.options),
         guidance=c.sampling.guidance_scale,
     )
-    gen = Generator(
-        s.model,
-        local_copy(s.schedule),
-        settings,
-        image_shape=s.image_shape,
-        num_classes=s.num_classes,
-        prediction=c.diffusion.objective,
-        batch=auto_batch(c.run.fid_num, len(devices)),
-        devices=devices,
-        decode=None if s.vae is None else s.vae.decode_latents,
-        decode_params=None if s.vae is None else s.vae.params,
+    gen = Generator.from_run(  # latent runs (data.vae) decode through the run's VAE
+        s.run_info(), settings, batch=auto_batch(c.run.fid_num, len(devices)), devices=devices, model=s.model, vae=s.vae
     )
     return {
         "gen": gen,
