@@ -87,6 +87,12 @@ class RunConfig(_Section):
     )
     eval_num: int = setting(64, "examples in the held-out bits/dim batch (the first N of data.eval_split)", ge=1)
     eval_ode: bool = setting(False, "the held-out evaluation also computes the probability-flow ODE bits/dim")
+    fid_every: int = setting(
+        0, "every N steps, FID of run.fid_num EMA samples (the sampling.* settings) against run.fid_ref (0: off)", ge=0
+    )
+    fid_num: int = setting(1000, "samples of the periodic FID (run.fid_every)", ge=2)
+    fid_inception: Optional[str] = setting(None, "FID Inception weights .safetensors (see docs/fid.md)")
+    fid_ref: Optional[str] = setting(None, "reference statistics .npz (mu, sigma) of the periodic FID")
     mesh: Optional[str] = setting(
         None,
         'device mesh "data=D,fsdp=F" (D*F = all devices; batch over both axes, parameters, EMA and optimizer '
@@ -100,6 +106,8 @@ class RunConfig(_Section):
         super().__post_init__()
         if not self.workdir:
             raise ConfigError("run.workdir must not be empty")
+        if self.fid_every and not (self.fid_inception and self.fid_ref):
+            raise ConfigError("run.fid_every needs run.fid_inception (weights) and run.fid_ref (statistics .npz)")
         if self.mesh is not None:
             parse_mesh(self.mesh)
 

@@ -34,6 +34,7 @@ from jdiff.run import (
 )
 from jdiff.signals import SignalCatcher, StopFlag
 from jdiff.training.evaluate import evaluate_bpd
+from jdiff.training.fid import evaluate_fid
 from jdiff.training.metrics_log import MetricsWriter
 from jdiff.training.setup import Setup, setup
 from jdiff.training.state import TrainState, tree_all_finite
@@ -200,7 +201,7 @@ def write_preview(loop: Loop) -> None:
         loop.preview()
 
 
-ACTIONS: tuple[Callable[[Loop], None], ...] = (log_metrics, save_checkpoint, write_preview, evaluate_bpd)
+ACTIONS: tuple[Callable[[Loop], None], ...] = (log_metrics, save_checkpoint, write_preview, evaluate_bpd, evaluate_fid)
 
 
 def _progress(total: int, initial: int, enabled: bool):
