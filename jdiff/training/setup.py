@@ -24,6 +24,7 @@ from jdiff.run import (
     replicated,
 )
 from jdiff.run.mesh import FSDP_RULES, fsdp_sharding, per_device_bytes
+from jdiff.training.evaluate import check_evaluation
 from jdiff.training.optim import make_optimizer
 from jdiff.training.state import TrainState, init_train_state
 from jdiff.training.step import init_accumulator, make_step_fn
@@ -116,6 +117,7 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
         raise ConfigError(str(e)) from None
     rep = replicated(mesh)
     source = build_source(config)
+    check_evaluation(config)  # run.eval_every's settings, before anything compiles
     num_classes = model_num_classes(config, getattr(source, "num_classes", None))
     image_shape = tuple(int(d) for d in source.image_shape)
     vae, encode = None, None
