@@ -108,8 +108,36 @@ def test_schedules_match_diffusers_betas():
         atol = 3e-6 if "zero_snr" in name else 1e-9
         np.testing.assert_allclose(np.asarray(sched.betas), betas[name], rtol=2e-6, atol=atol, err_msg=name)
         assert pred == "eps"
-    v = schedule_from_config({"prediction_type": "v_prediction", "trained_betas": [0.1, 0.2, 0.3]})
+    v = schedule_from_config(
+        {"prediction_type": "v_prediction", "trained_betas": [0.1, 0.2, 0.3], "num_train_timesteps": 3}
+    )
     assert v[1] == "v" and np.allclose(v[0].betas, [0.1, 0.2, 0.3])
+
+
+def test_scheduler_class_and_keys_are_checked():
+    """_class_name and every key are validated (issue 24, defect 7): the discrete beta schedulers map to the
+    same training schedule with their own defaults; EDM, flow-matching and unknown classes, unknown keys, flow
+    sigmas, continuous timesteps and trained_betas of another length than num_train_timesteps are one line."""
+    base = {"num_train_timesteps": 10, "beta_schedule": "linear"}
+    ddpm, _ = schedule_from_config({"_class_name": "DDPMScheduler", **base})
+    euler, _ = schedule_from_config({"_class_name": "EulerDiscreteScheduler", **base, "use_karras_sigmas": True})
+    np.testing.assert_array_equal(np.asarray(euler.betas), np.asarray(ddpm.betas))
+    np.testing.assert_allclose(np.asarray(ddpm.betas), np.linspace(1e-4, 0.02, 10))
+    # diffusers' HeunDiscreteScheduler defaults to beta 0.00085..0.012 (not DDPM's 1e-4..0.02)
+    heun, _ = schedule_from_config({"_class_name": "HeunDiscreteScheduler", **base})
+    np.testing.assert_allclose(np.asarray(heun.betas), np.linspace(0.00085, 0.012, 10))
+    for config, words in [
+        ({"_class_name": "EDMEulerScheduler", **base}, ("_class_name 'EDMEulerScheduler' is not supported",)),
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, ("FlowMatchEulerDiscreteScheduler", "not supported yet")),
+        ({"_class_name": "DDPMScheduler", **base, "sigma_max": 80.0}, ("['sigma_max']", "DDPMScheduler")),
+        ({"_class_name": "DDIMScheduler", **base, "mystery": 1}, ("['mystery']",)),
+        ({"_class_name": "UniPCMultistepScheduler", **base, "use_flow_sigmas": True}, ("use_flow_sigmas",)),
+        ({"_class_name": "EulerDiscreteScheduler", **base, "timestep_type": "continuous"}, ("timestep_type",)),
+        ({"trained_betas": [0.1, 0.2], "num_train_timesteps": 1000}, ("num_train_timesteps=1000", "got 2 values")),
+        ({"num_train_timesteps": 100_000_000}, ("num_train_timesteps=100000000", "[1, 100000]")),
+        ({"num_train_timesteps": 1e3}, ("num_train_timesteps=1000.0",)),
+    ]:
+        one_line_error(lambda: schedule_from_config(config), *words)
 
 
 def test_timestep_embedding_frequency_shift_is_diffusers_formula():
@@ -214,6 +242,22 @@ def test_pickle_only_is_refused_with_the_conversion_command(unet_dir):
     one_line_error(lambda: load(unet_dir.parent / "nope"), "not found")
 
 
+def test_load_reads_only_the_components_model_index_names(tmp_path):
+    """A stale vae/ or unet/ beside transformer/ (a directory exported over an older one) is not read: the
+    components are those model_index.json names (issue 24, defect 3)."""
+    d = tmp_path / "pipe"
+    shutil.copytree(FIX / "dit_pipeline", d)
+    index = json.loads((d / "model_index.json").read_text())
+    index["vae"] = [None, None]
+    (d / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(FIX / "ddpm_unet" / "unet", d / "unet")  # stale
+    pre = load(d)
+    assert pre.vae is None and pre.kind == "dit"
+    index.pop("transformer")
+    (d / "model_index.json").write_text(json.dumps(index))
+    one_line_error(lambda: load(d), "exactly one of unet or transformer")
+
+
 def test_sharded_checkpoint_reads_like_a_single_file(unet_dir):
     from safetensors.numpy import save_file
 
@@ -262,6 +306,7 @@ UNET = UNet(
 DIT = DiT(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4, learn_sigma=True)
 
 
+@pytest.mark.filterwarnings("ignore::jdiff.pretrained.PretrainedWarning")
 @pytest.mark.parametrize("model,shape", [(UNET, (8, 8, 3)), (DIT, (4, 4, 4))], ids=["unet", "dit"])
 def test_export_then_load_is_exact(tmp_path, model, shape):
     params = random_params(model, shape)
@@ -296,6 +341,52 @@ def test_export_refuses_what_diffusers_cannot_express(tmp_path):
     ]:
         shape = (8, 8, 3) if isinstance(model, UNet) else (4, 4, 4)
         one_line_error(lambda: save(tmp_path, model, None, sample_shape=shape, schedule=sch), *words)
+
+
+@pytest.mark.filterwarnings("ignore::jdiff.pretrained.PretrainedWarning")
+def test_export_is_atomic_and_refuses_a_non_empty_target(tmp_path, monkeypatch):
+    """save() writes a temporary sibling renamed into place (issue 24, defects 3 and 9): a non-empty target is
+    refused unless overwrite, which replaces it as a whole (no stale vae/ or unet/ beside transformer/); an
+    interrupted export leaves nothing; a temporary left by a killed process is removed by the next export."""
+    import warnings
+
+    from jdiff.pretrained import pipeline
+
+    sch, shape, out = jdiff.get_schedule("linear", 10), (4, 4, 4), tmp_path / "out"
+    model = DIT.clone(freq_shift=1.0)
+    params = random_params(model, shape)
+    save(out, UNET, random_params(UNET, (8, 8, 3)), sample_shape=(8, 8, 3), schedule=sch)
+    shutil.copytree(FIX / "dit_pipeline" / "vae", out / "vae")  # a stale part
+    one_line_error(lambda: save(out, model, params, sample_shape=shape, schedule=sch), "not empty", "overwrite")
+    stale = tmp_path / f".out{pipeline.TMP_TAG}999999999"  # a kill -9's temporary (no such pid)
+    (stale / "transformer").mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # freq_shift 1: no warning
+        save(out, model, params, sample_shape=shape, schedule=sch, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "scheduler", "transformer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the stale temporary is gone too
+    assert load(out).vae is None
+    calls = []
+    stop = lambda: calls.append(1) or len(calls) > 1  # interrupted at the second file boundary
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path / "new", model, params, sample_shape=shape, schedule=sch, stop=stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "a_file").write_text("")
+    one_line_error(
+        lambda: save(tmp_path / "a_file", model, params, sample_shape=shape, schedule=sch), "not a directory"
+    )
+
+
+def test_export_warns_where_diffusers_computes_otherwise(tmp_path):
+    """A reference-convention DiT (diffusers embeds t with shift 1) and a class-conditional UNet (DDPMPipeline
+    passes no labels) are exported with a PretrainedWarning naming the difference (issue 24, defect 8)."""
+    from jdiff.pretrained import PretrainedWarning
+
+    sch = jdiff.get_schedule("linear", 10)
+    with pytest.warns(PretrainedWarning, match="downscale_freq_shift 1"):
+        save(tmp_path / "dit", DIT, random_params(DIT, (4, 4, 4)), sample_shape=(4, 4, 4), schedule=sch)
+    with pytest.warns(PretrainedWarning, match="class_labels"):
+        save(tmp_path / "unet", UNET, random_params(UNET, (8, 8, 3)), sample_shape=(8, 8, 3), schedule=sch)
 
 
 def test_export_loads_in_diffusers_with_equal_outputs(tmp_path):
