@@ -100,3 +100,72 @@ def test_image_folder_without_held_out_split_fails_before_the_first_step(tmp_pat
     )
     with pytest.raises(ConfigError, match="data.eval_split 'test' cannot be read.*image folder"):
         setup(config, jax.devices()[:1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defect 5: a workdir holding another run's config.json (even without a checkpoint) is resumed or refused.
+
+
+def test_config_of_a_run_without_checkpoint_is_resumed_or_refused(tmp_path):
+    from jdiff.cli.train import resolve_config
+    from jdiff.run import RunError, load_run_config, save_run_config
+    from jdiff.training import train
+
+    wd = str(tmp_path / "run")
+    saved = make_tiny_config(wd, **{"optim.lr": 3e-3})
+    save_run_config(wd, saved, {"num_classes": 10, "image_shape": [8, 8, 1]})  # killed before its first save
+    before = open(os.path.join(wd, "config.json")).read()
+    config, resumed = resolve_config(None, [("run.workdir", wd)])  # plain train.py --run.workdir R
+    assert resumed and config.model.fields == saved.model.fields and config.optim.lr == 3e-3
+    other = make_tiny_config(wd, **{"model.fields": {**saved.model.fields, "ch": 16}})
+    with pytest.raises(RunError, match=r"holds another run's config.json \(model.fields:"):
+        train(other, devices=jax.devices()[:1], progress=False, log=_quiet)
+    assert open(os.path.join(wd, "config.json")).read() == before
+    assert load_run_config(os.path.join(wd, "config.json"))[0] == saved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defect 6: the VAE's identity is recorded and checked.
+
+
+def test_vae_fingerprint_is_recorded_and_a_different_vae_is_refused(tmp_path):
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from jdiff.pretrained import PretrainedError, read_model_dir
+    from jdiff.pretrained.autoencoder import fingerprint, load_autoencoder_dir
+    from jdiff.run import RunError, check_same_run, save_run_config
+
+    config, tensors = read_model_dir(VAE_DIR)
+    vae = load_autoencoder_dir(VAE_DIR)
+    assert vae.fingerprint == fingerprint(config, tensors) and vae.fingerprint.startswith("sha256:")
+    assert fingerprint({**config, "_diffusers_version": "9"}, dict(reversed(tensors.items()))) == vae.fingerprint
+    name = sorted(tensors)[0]
+    changed = {**tensors, name: tensors[name] + np.float32(1e-3)}
+    assert fingerprint(config, changed) != vae.fingerprint
+    assert fingerprint({**config, "scaling_factor": 0.13}, tensors) != vae.fingerprint
+
+    swapped = tmp_path / "vae"  # the run's VAE directory, its contents replaced
+    shutil.copytree(VAE_DIR, swapped)
+    wd = str(tmp_path / "run")
+    run = make_tiny_config(wd, **{"data.vae": str(swapped), "data.channels": 3})
+    derived = {"num_classes": 10, "image_shape": [4, 4, 4], "vae_fingerprint": vae.fingerprint}
+    save_run_config(wd, run, derived)
+    os.makedirs(os.path.join(wd, "checkpoints", "2"))
+    check_same_run(wd, run, derived)  # the same VAE: fine
+    save_file(changed, str(swapped / "diffusion_pytorch_model.safetensors"))
+    new = load_autoencoder_dir(str(swapped))
+    with pytest.raises(RunError, match="holds another VAE than the one this run was trained with"):
+        check_same_run(wd, run, {**derived, "vae_fingerprint": new.fingerprint})
+    with pytest.raises(PretrainedError, match="holds another VAE"):
+        load_autoencoder_dir(str(swapped), vae.fingerprint)  # what sample.py does with the run's record
+
+
+def test_latent_setup_records_the_vae_fingerprint(tmp_path):
+    from jdiff.pretrained.autoencoder import load_autoencoder_dir
+    from jdiff.training.setup import setup
+
+    config = make_tiny_config(tmp_path / "run", **{"data.vae": VAE_DIR, "data.channels": 3})
+    s = setup(config, jax.devices()[:1])
+    assert s.derived()["vae_fingerprint"] == load_autoencoder_dir(VAE_DIR).fingerprint

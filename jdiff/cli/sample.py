@@ -188,7 +188,7 @@ def _main(argv: Sequence[str]) -> int:
             + f", prediction {prediction}), {len(devices)} device(s), batch {batch}",
             flush=True,
         )
-        vae = _run_vae(config)
+        vae = _run_vae(config, run.derived.get("vae_fingerprint"))
         gen = jrun.Generator(
             model,
             schedule,
@@ -359,15 +359,16 @@ def _sample_pretrained(args) -> int:
     return _write_samples(args, gen, pre.params, y, labels, pre.num_classes, out_dir, meta, pre.prediction, options)
 
 
-def _run_vae(config):
-    """The AutoencoderKL a latent run (data.vae) decodes through, or None; a missing or unreadable one exits 1."""
+def _run_vae(config, fingerprint):
+    """The AutoencoderKL a latent run (data.vae) decodes through, or None; a missing or unreadable one, or one
+    whose fingerprint is not the run's recorded one, exits 1."""
     if not config.data.vae:
         return None
     from jdiff.pretrained.autoencoder import load_autoencoder_dir
     from jdiff.pretrained.files import PretrainedError
 
     try:
-        return load_autoencoder_dir(config.data.vae)
+        return load_autoencoder_dir(config.data.vae, fingerprint)
     except PretrainedError as e:
         fail(PROG, f"the run's VAE (data.vae): {e}", 1)
 

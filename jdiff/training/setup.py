@@ -58,6 +58,7 @@ class Setup:
             "image_shape": list(self.image_shape),
             "dataset_size": len(self.source),
             **({"decoded_shape": list(self.source.image_shape)} if self.vae is not None else {}),
+            **({"vae_fingerprint": self.vae.fingerprint} if self.vae is not None else {}),
             "jdiff_version": jdiff.__version__,
         }
 
