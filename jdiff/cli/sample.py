@@ -93,7 +93,7 @@ def build_parser() -> Parser:
         default=None,
         help="global batch, a multiple of the device count (default: up to 256, chosen to fit)",
     )
-    p.add_argument("--params", choices=("ema", "raw"), default="ema", help="EMA (default) or raw parameters (runs)")
+    p.add_argument("--params", choices=("ema", "raw"), default=None, help="EMA (default) or raw parameters (runs)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (runs; default: latest)")
     p.add_argument("--out", default=None, help="output directory (default: WORKDIR/samples or PATH/samples)")
     p.add_argument("--trajectory", action="store_true", help="also write the denoising steps (PNG strip + GIF)")
@@ -151,8 +151,11 @@ def _main(argv: Sequence[str]) -> int:
     if args.trajectory_every is not None and args.trajectory_every < 1:
         fail(PROG, f"--trajectory-every must be >= 1, got {args.trajectory_every}", 2)
 
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        fail(PROG, f"--guidance must be a finite number, got {args.guidance}", 2)
     if args.pretrained is not None:
         return _sample_pretrained(args)
+    args.params = args.params or "ema"
     if args.timestep_convention is not None:
         fail(PROG, "--timestep-convention applies to --pretrained DiT checkpoints only", 2)
 
@@ -305,13 +308,16 @@ def _write_samples(args, gen, params, y, labels, num_classes, out_dir, meta, pre
 def _sample_pretrained(args) -> int:
     """sample.py --pretrained PATH: a diffusers-format checkpoint (jdiff.pretrained.load); a latent model's
     samples are decoded by its vae/. A bad directory exits 1 with one line, a request that does not fit 2."""
-    if args.step is not None:
-        fail(PROG, "--step applies to --workdir runs only", 2)
+    for flag, value in (("--step", args.step), ("--params", args.params)):
+        if value is not None:
+            fail(PROG, f"{flag} applies to --workdir runs only", 2)
     from jdiff import run as jrun
-    from jdiff.pretrained import PretrainedError, load
+    from jdiff.pretrained import PretrainedError, PretrainedUsageError, load
 
     try:
         pre = load(args.pretrained, timestep_convention=args.timestep_convention)
+    except PretrainedUsageError as e:  # an argument that does not apply to this checkpoint
+        fail(PROG, f"--pretrained {args.pretrained}: {e}", 2)
     except PretrainedError as e:
         fail(PROG, f"--pretrained {args.pretrained}: {e}", 1)
     out_dir = args.out or os.path.join(args.pretrained, "samples")

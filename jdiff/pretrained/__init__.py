@@ -7,8 +7,17 @@ tensors). Errors are `PretrainedError` (a ValueError) with one line naming the c
 differently from jdiff is a `PretrainedWarning` naming the difference.
 """
 
-from jdiff.pretrained.files import PretrainedError, read_model_dir
+from jdiff.pretrained.files import PretrainedError, PretrainedUsageError, read_model_dir
 from jdiff.pretrained.pipeline import Pretrained, PretrainedWarning, load, save
 from jdiff.pretrained.scheduler import named_schedule
 
-__all__ = ["PretrainedError", "PretrainedWarning", "Pretrained", "load", "named_schedule", "read_model_dir", "save"]
+__all__ = [
+    "PretrainedError",
+    "PretrainedUsageError",
+    "PretrainedWarning",
+    "Pretrained",
+    "load",
+    "named_schedule",
+    "read_model_dir",
+    "save",
+]

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from jdiff.pretrained.files import PretrainedError, read_json, read_model_dir
+from jdiff.pretrained.files import PretrainedError, PretrainedUsageError, read_json, read_model_dir
 from jdiff.pretrained.scheduler import LEARNED, config_from_schedule, schedule_from_config
 from jdiff.pretrained.transformer import CLASSES as DIT_CLASSES
 from jdiff.pretrained.transformer import CONVENTION_KEY, config_from_dit, dit_from_config, dit_params, dit_tensors
@@ -83,7 +83,7 @@ def _model_from(config: dict, tensors: dict, convention: Optional[str]):
     cls = config.get("_class_name")
     if cls == UNET_CLASS:
         if convention is not None:
-            raise PretrainedError("timestep_convention applies to DiT checkpoints only (this is a UNet2DModel)")
+            raise PretrainedUsageError("timestep_convention applies to DiT checkpoints only (this is a UNet2DModel)")
         model, shape = unet_from_config(config)
         return "unet", model, shape, unet_params(model, shape, tensors)
     if cls in DIT_CLASSES:

@@ -115,6 +115,10 @@ def check_scheduler_config(config: dict) -> str:
         raise PretrainedError(
             f"scheduler num_train_timesteps={t!r} is not supported; supported: an int in [1, {MAX_TIMESTEPS}]"
         )
+    for key in ("beta_start", "beta_end"):
+        v = config.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1):
+            raise PretrainedError(f"scheduler {key}={v!r} is not supported; supported: a number in (0, 1)")
     betas = config.get("trained_betas")
     if betas is not None and (not isinstance(betas, list) or len(betas) != t):
         got = f"{len(betas)} values" if isinstance(betas, list) else repr(type(betas).__name__)
