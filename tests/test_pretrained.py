@@ -473,3 +473,74 @@ def test_export_cli_writes_a_trained_run(tmp_path):
         save_run_config(workdir, config32, {"num_classes": None, "image_shape": [8, 8, 1]})
         main(["--workdir", workdir, "--out", str(tmp_path / "out32")])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Malformed checkpoints (issue 24, defects 10 and 11): one line naming the cause, before anything large is built
+
+
+def test_weights_file_replaced_by_something_else_is_named(unet_dir):
+    w = unet_dir / WEIGHTS
+    w.unlink()
+    w.symlink_to(unet_dir / "nowhere.safetensors")
+    one_line_error(lambda: load(unet_dir), "is a dangling symlink")
+    w.unlink()
+    w.symlink_to(w)
+    one_line_error(lambda: load(unet_dir), "is a symlink loop")
+    w.unlink()
+    w.mkdir()
+    one_line_error(lambda: load(unet_dir), "is a directory, not a file")
+    w.rmdir()
+    os.mkfifo(w)  # never opened (it would block)
+    one_line_error(lambda: load(unet_dir), "is a FIFO, not a file")
+
+
+def test_non_finite_weights_and_norm_eps_are_refused_at_load(unet_dir, tmp_path):
+    rewrite(unet_dir, lambda t: t["conv_in.weight"].__setitem__((0, 0, 0, 0), np.inf))
+    one_line_error(lambda: load(unet_dir), "tensor 'conv_in.weight' has 1 non-finite value(s)")
+    shutil.copy(FIX / "ddpm_unet" / "unet" / WEIGHTS, unet_dir / WEIGHTS)
+    cfg = json.loads((unet_dir / "config.json").read_text())
+    for eps in (float("nan"), 0.0):
+        (unet_dir / "config.json").write_text(json.dumps({**cfg, "norm_eps": eps}))
+        one_line_error(lambda: load(unet_dir), "norm_eps")
+    dit = tmp_path / "dit"
+    shutil.copytree(FIX / "dit_pipeline" / "transformer", dit)
+    cfg = json.loads((dit / "config.json").read_text())
+    (dit / "config.json").write_text(json.dumps({**cfg, "norm_eps": float("nan")}))
+    one_line_error(lambda: load(dit), "norm_eps=nan", "positive finite")
+
+
+def test_configs_are_checked_against_the_weights_before_building(unet_dir, tmp_path):
+    """A DiT config asking for 20,000 layers of 2-layer weights fails at once (it used to build the model for
+    minutes); so do U-Net levels / layers_per_block the weights do not hold, and a non-string shard name."""
+    dit = tmp_path / "dit"
+    shutil.copytree(FIX / "dit_pipeline" / "transformer", dit)
+    cfg = json.loads((dit / "config.json").read_text())
+    (dit / "config.json").write_text(json.dumps({**cfg, "num_layers": 20_000}))
+    one_line_error(lambda: load(dit), "num_layers=20000 but the weights hold 2 such block(s)")
+    cfg_u = json.loads((unet_dir / "config.json").read_text())
+    (unet_dir / "config.json").write_text(json.dumps({**cfg_u, "layers_per_block": 500}))
+    one_line_error(lambda: load(unet_dir), "layers_per_block=500 but the weights hold")
+    (unet_dir / "config.json").write_text(json.dumps(cfg_u))
+    _, tensors = read_model_dir(unet_dir)
+    (unet_dir / WEIGHTS).unlink()
+    (unet_dir / (WEIGHTS + ".index.json")).write_text(json.dumps({"weight_map": {k: 3 for k in tensors}}))
+    one_line_error(lambda: load(unet_dir), "weight_map values must be shard file names, got 3")
+
+
+def test_sample_py_usage_errors_exit_2_before_work(tmp_path, capsys):
+    """--guidance nan, --params with --pretrained and --timestep-convention on a U-Net are usage errors: one
+    line, status 2, nothing sampled (issue 24, defect 11)."""
+    from jdiff.cli import sample as sample_cli
+
+    out = str(tmp_path / "out")
+    for argv, words in [
+        (["--pretrained", str(FIX / "ddpm_unet"), "--guidance", "nan"], "--guidance must be a finite number"),
+        (["--pretrained", str(FIX / "ddpm_unet"), "--params", "raw"], "--params applies to --workdir runs only"),
+        (["--pretrained", str(FIX / "ddpm_unet"), "--timestep-convention", "diffusers"], "DiT checkpoints only"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            sample_cli.main([*argv, "--num", "1", "--steps", "1", "--out", out, "--no-cache", "--no-progress"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and err.count("\n") == 1, err
+    assert not os.path.exists(out)
