@@ -544,3 +544,40 @@ def test_sample_py_usage_errors_exit_2_before_work(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and words in err and err.count("\n") == 1, err
     assert not os.path.exists(out)
+
+
+def test_export_cli_interrupted_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during an export (here: right after the parameters are read) stops it at the next file boundary:
+    one line, status 130, no output directory and no temporary left (issue 24, defect 9); a non-empty --out
+    needs --overwrite."""
+    import signal
+    import time
+
+    from jdiff import run as jrun
+    from jdiff.cli.export import main
+    from jdiff.config import apply_overrides, get_preset
+
+    workdir = str(tmp_path / "run")
+    over = {"run.workdir": workdir, "diffusion.num_timesteps": "10", "sampling.steps": "2", "model.ch": "8"}
+    over["model.ch_mult"] = "(1,)"
+    over.update({"model.attention_resolutions": "()", "model.norm_groups": "2", "model.num_res_blocks": "1"})
+    write_random_run(workdir, apply_overrides(get_preset("digits"), over))
+    out = tmp_path / "out"
+    assert main(["--workdir", workdir, "--out", str(out)]) == 0
+    with pytest.raises(SystemExit) as e:
+        main(["--workdir", workdir, "--out", str(out)])
+    assert e.value.code == 2 and "not empty" in capsys.readouterr().err
+    real = jrun.load_params
+
+    def interrupted(*a, **k):
+        got = real(*a, **k)
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.3)  # the signal watcher thread sets the flag
+        return got
+
+    monkeypatch.setattr(jrun, "load_params", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["--workdir", workdir, "--out", str(tmp_path / "new")])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.count("\n") == 1 and "interrupted (SIGINT); nothing written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
