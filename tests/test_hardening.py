@@ -169,3 +169,17 @@ def test_latent_setup_records_the_vae_fingerprint(tmp_path):
     config = make_tiny_config(tmp_path / "run", **{"data.vae": VAE_DIR, "data.channels": 3})
     s = setup(config, jax.devices()[:1])
     assert s.derived()["vae_fingerprint"] == load_autoencoder_dir(VAE_DIR).fingerprint
+
+
+def test_mesh_hint_names_each_alternative_once():
+    """Resuming a data=2,fsdp=4 run on one device: the hint names --run.mesh none, without repeating itself."""
+    from jdiff.run.mesh import mesh_shape
+
+    with pytest.raises(ConfigError) as e:
+        mesh_shape("data=2,fsdp=4", 1)
+    msg = str(e.value)
+    assert "--run.mesh none" in msg and msg.count("--run.mesh") == 1, msg
+    with pytest.raises(ConfigError) as e:
+        mesh_shape("data=3", 4)
+    msg = str(e.value)
+    assert "--run.mesh data=4,fsdp=1 or --run.mesh data=1,fsdp=4" in msg and msg.count("--run.mesh") == 3, msg
