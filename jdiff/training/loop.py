@@ -23,6 +23,7 @@ from jdiff.run import (
     Generator,
     Settings,
     auto_batch,
+    check_same_run,
     image_grid,
     labels_for,
     local_copy,
@@ -254,6 +255,7 @@ def train(
         stop = stop if stop is not None else stack.enter_context(SignalCatcher(StopFlag()))
         if primary:
             stack.enter_context(workdir_lock(workdir))
+            check_same_run(workdir, config, s.derived())  # never written over another run's config.json
             save_run_config(workdir, config, s.derived())
         ckpt = stack.enter_context(
             Checkpointer(workdir, keep=config.run.keep_checkpoints, async_save=config.run.async_checkpoint)
