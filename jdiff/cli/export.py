@@ -43,9 +43,9 @@ def _abort() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status. SIGTERM/SIGINT stop the export at the next file boundary (one
     line, status 130, no output left); a second Ctrl-C exits at once."""
-    from jdiff.signals import StopFlag, catch_signals
+    from jdiff.signals import SignalCatcher, StopFlag
 
-    with catch_signals(StopFlag(), on_second=_abort) as flag:
+    with SignalCatcher(StopFlag(), on_second=_abort) as flag:
         try:
             return _main(sys.argv[1:] if argv is None else argv, flag)
         except KeyboardInterrupt:
