@@ -1,5 +1,5 @@
-"""The package layout is the architecture: each package imports only the layers below it (README,
-"Architecture"). Checked on the source with ast, function-level imports included."""
+"""The package layout is the architecture: each package imports only the layers below it
+(docs/architecture.md). Checked on the source with ast, function-level imports included."""
 
 import ast
 from pathlib import Path
@@ -52,7 +52,7 @@ def _imports(path: Path) -> set[str]:
 
 def test_every_unit_has_a_layer():
     units = {_unit(p) for p in JDIFF.rglob("*.py")} - TOP
-    assert units == set(LAYERS), f"add new units to LAYERS (and to README's Architecture): {units ^ set(LAYERS)}"
+    assert units == set(LAYERS), f"add new units to LAYERS (and to docs/architecture.md): {units ^ set(LAYERS)}"
 
 
 def test_imports_only_go_down_the_layers():

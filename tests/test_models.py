@@ -167,3 +167,40 @@ def test_forward_flops_scales_with_spatial_size():
     assert forward_flops(m, p, (1, 8, 8, 1), compile=True) == pytest.approx(f8, rel=0.05)
     # a 3x3 conv from 16 to 16 channels on 8x8 alone costs 2*9*16*16*64 FLOPs
     assert f8 > 2 * 9 * 16 * 16 * 64
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _attention_f64(q, k, v):
+    """Softmax attention (Vaswani et al. 2017, Eq. 1) in float64 numpy: softmax(q k^T / sqrt(d)) v per head."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+
+
+def test_attention_equals_the_float64_formula_for_self_and_cross_attention():
+    from jdiff.models.layers import dot_product_attention
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    for lq, lk in ((16, 16), (16, 7)):  # self-attention and cross-attention over 7 tokens
+        q = 3.0 * jax.random.normal(keys[0], (2, lq, 4, 8))
+        k, v = (jax.random.normal(kk, (2, lk, 4, 8)) for kk in keys[1:])
+        out = dot_product_attention(q, k, v)
+        assert out.shape == (2, lq, 4, 8) and out.dtype == jnp.float32
+        np.testing.assert_allclose(out, _attention_f64(q, k, v), atol=2e-6, rtol=1e-5)
+
+
+def test_attention_in_bfloat16_keeps_a_float32_softmax():
+    """bf16 inputs: the result stays within bf16 rounding of the exact value (a bf16 softmax over 256 keys with
+    large logits would not), and comes back in bf16."""
+    from jdiff.models.layers import dot_product_attention
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    q, k, v = (jax.random.normal(kk, (1, 64, 2, 32)) for kk in keys)
+    q = 4.0 * q
+    out = dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+    assert out.dtype == jnp.bfloat16
+    ref = _attention_f64(*(np.asarray(a.astype(jnp.bfloat16), np.float64) for a in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=3e-2)

@@ -38,14 +38,13 @@ def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Softmax attention (Vaswani et al. 2017, Eq. 1) with the softmax in float32.
+    """Softmax attention (Vaswani et al. 2017, Eq. 1): `jax.nn.dot_product_attention`, which runs cuDNN's fused
+    (flash) attention on GPUs where it applies and XLA's otherwise; logits and softmax in float32 for any input
+    dtype (the mixed-precision policy: bf16 compute, float32 softmax).
 
-    q, k, v: (B, L, heads, head_dim) in any float dtype -> (B, L, heads, head_dim) in q's dtype.
+    q: (B, Lq, heads, head_dim), k, v: (B, Lk, heads, head_dim) -> (B, Lq, heads, head_dim) in q's dtype.
     """
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k * jnp.asarray(scale, k.dtype), preferred_element_type=jnp.float32)
-    w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+    return jax.nn.dot_product_attention(q, k, v)
 
 
 class MultiHeadSelfAttention(nn.Module):
