@@ -44,18 +44,17 @@ def evaluate(args) -> dict:
         "rows": [],
     }
     rows = []
+    run = dict(prediction=config.diffusion.prediction, levels=config.data.pixel_levels())
     for method in args.methods:
         variants = args.variance if method == "vlb" else [None]
         for variance in variants:
             if method == "vlb":
                 if variance == "auto":
                     variance = "learned" if config.learned_variance() else "posterior"
-                fn = make_bpd_fn(model, schedule, config, method="vlb", variance=variance, t_chunk=args.t_chunk)
+                fn = make_bpd_fn(model, schedule, **run, method="vlb", variance=variance, t_chunk=args.t_chunk)
                 name = f"vlb ({variance})"
             else:
-                fn = make_bpd_fn(
-                    model, schedule, config, method="ode", probe=args.probe, rtol=args.rtol, atol=args.rtol
-                )
+                fn = make_bpd_fn(model, schedule, **run, method="ode", probe=args.probe, rtol=args.rtol, atol=args.rtol)
                 name = f"ode ({args.probe}, rtol {args.rtol:g})"
             t0 = time.perf_counter()
             bpd = np.asarray(fn(params, images, labels, key))

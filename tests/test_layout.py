@@ -23,7 +23,7 @@ LAYERS = {
     "metrics": 5,
     "config": 6,
     "run": 7,
-    "pretrained": 7,  # diffusers-format checkpoints in/out (training and cli use it)
+    "pretrained": 6,  # diffusers-format checkpoints in/out (run, training and cli use it)
     "training": 8,
     "cli": 9,
 }

@@ -1,20 +1,24 @@
 """Embeddings, registry and stats of jdiff.models (U-Net / DiT specifics: test_models_unet/dit.py)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jdiff.models import (
+    PROTOCOL_FIELDS,
     DiT,
     LabelEmbedder,
     UNet,
     abstract_params,
+    check_model_class,
     count_params,
     drop_labels,
     forward_flops,
     get_model,
     list_models,
+    make_registry,
     model_config,
     model_input_shape,
     sincos_2d,
@@ -129,6 +133,57 @@ def test_registry_overrides_and_errors():
         model_config("nope")
     with pytest.raises(ValueError, match=r"unknown override.*'chanels'.*allowed fields:.*ch_mult"):
         get_model("unet_small", chanels=3)
+
+
+class _Good(nn.Module):
+    num_classes: int | None = None
+    learn_sigma: bool = False
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+
+    @nn.compact
+    def __call__(self, x, t, y=None, train=False):
+        return nn.Dense(x.shape[-1])(x)
+
+
+class _NoLabels(nn.Module):  # lacks num_classes and learn_sigma
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+
+    def __call__(self, x, t, y=None, train=False):
+        return x
+
+
+class _NoTrainFlag(_Good):
+    def __call__(self, x, t, y=None):
+        return x
+
+
+class _RequiredLabels(_Good):
+    def __call__(self, x, t, y, train=False):
+        return x
+
+
+def test_registered_models_follow_the_protocol():
+    """Every registered class has the protocol's fields and call signature; a class without them is refused
+    when it is registered, naming what it lacks."""
+    for name in list_models():
+        check_model_class(type(get_model(name)))
+        cfg = model_config(name)
+        assert all(f in cfg for f in PROTOCOL_FIELDS), name
+    reg = make_registry({"good": (_Good, {"learn_sigma": True}, (8, 8, 1))})
+    assert reg["good"].cls is _Good and dict(reg["good"].defaults) == {"learn_sigma": True}
+    with pytest.raises(TypeError, match=r"_NoLabels lacks the protocol field\(s\) \['num_classes', 'learn_sigma'\]"):
+        make_registry({"bad": (_NoLabels, {}, (8, 8, 1))})
+    for cls in (_NoTrainFlag, _RequiredLabels):
+        with pytest.raises(TypeError, match=r"must be called as __call__\(self, x, t, y=None, train=False\)"):
+            make_registry({"bad": (cls, {}, (8, 8, 1))})
+    with pytest.raises(TypeError, match="must be a flax.linen.Module class"):
+        make_registry({"bad": (object, {}, (8, 8, 1))})
+    with pytest.raises(TypeError, match=r"registry entry 'bad': \['chanels'\] are not fields of _Good"):
+        make_registry({"bad": (_Good, {"chanels": 3}, (8, 8, 1))})
 
 
 def test_small_configs_param_budgets():

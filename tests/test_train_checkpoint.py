@@ -188,7 +188,7 @@ def test_flipped_bits_in_checkpoint_data_never_restore_silently(tmp_path, traine
     checkpoint (checksum mismatch or unreadable) or gives exactly the saved values, never other values."""
     good = _restore(trained_run, 4, jax.devices()[:1])
     data = max(
-        (p for p in (Path(trained_run.run.workdir) / "checkpoints" / "4").rglob("*") if p.is_file()),
+        (p for p in (Path(trained_run.run.workdir) / "checkpoints" / "4").rglob("ocdbt.process_*/d/*") if p.is_file()),
         key=lambda p: p.stat().st_size,
     )
     raised = 0
@@ -211,7 +211,7 @@ def test_flipped_bits_in_checkpoint_data_never_restore_silently(tmp_path, traine
                 raised += 1
                 continue
             _assert_trees_equal(tree, good if not isinstance(tree, dict) else good.params)
-    assert raised >= 4  # most bytes of the data file are array data
+    assert raised >= 3  # the flip lands in array data (not the index or padding) in several of the 8 loads
 
 
 def _one_line_error_text(msg, *fragments):

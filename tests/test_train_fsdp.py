@@ -217,9 +217,11 @@ def test_bad_mesh_and_batch_are_one_line_errors(tiny_config):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="bad run.mesh"):
         tiny_config(**{"run.mesh": "data=2,tensor=4"})
-    with pytest.raises(ValueError, match=r"multiple of grad_accum x devices \(4 x 8\); e.g. use --optim.batch_size 32"):
+    with pytest.raises(ValueError, match=r"multiple of grad_accum x devices \(4 x 8\); e.g. use --batch_size 32"):
         check_batch_size(48, 8, grad_accum=4)
-    with pytest.raises(ConfigError, match="grad_accum x devices"):
+    with pytest.raises(
+        ConfigError, match=r"grad_accum x devices .* e.g. use --optim.batch_size 24"
+    ):  # the train.py key
         setup(tiny_config(**{"optim.grad_accum": 3}), devices=jax.devices()[:8])
 
 

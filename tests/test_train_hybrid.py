@@ -101,6 +101,8 @@ def test_hybrid_gets_lower_heldout_vlb_than_simple(tiny_config, tmp_path):
         train(c, devices=jax.devices()[:1], **QUIET)
         config, model, schedule, ema = load_for_inference(c.run.workdir)
         batch = heldout_batch(config, 64)
-        fn = make_bpd_fn(model, build_schedule(config), config, method="vlb")
+        fn = make_bpd_fn(
+            model, build_schedule(config), prediction=config.diffusion.prediction, levels=config.data.pixel_levels()
+        )
         bpd[loss] = float(np.mean(fn(ema, batch["image"], batch["label"], jax.random.key(0))))
     assert bpd["hybrid"] < bpd["simple"] - 0.1, bpd

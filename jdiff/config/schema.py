@@ -343,4 +343,4 @@ class TrainConfig:
         """Whether the model outputs a variance (learn_sigma: 2x channels, [prediction | v])."""
         from jdiff.models import model_config
 
-        return bool({**model_config(self.model.name), **self.model.fields}.get("learn_sigma", False))
+        return bool({**model_config(self.model.name), **self.model.fields}["learn_sigma"])  # a protocol field

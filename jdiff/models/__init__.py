@@ -1,6 +1,7 @@
 """Model zoo: DDPM/ADM U-Net, DiT, embeddings, a registry of named configs and model stats.
 
-Every model is a Flax Linen module with a pure ``apply``:
+Every registered model follows the model protocol (`jdiff.models.registry`): a Flax Linen module with the
+fields num_classes, learn_sigma, dtype, remat and remat_policy and a pure ``apply``:
 ``model.apply({'params': p}, x, t, y=None, train=False, rngs={'dropout': k})``
 with NHWC float ``x``, (B,) float timesteps ``t`` and optional (B,) int32 labels
 ``y``; the output is float32 NHWC.
@@ -16,7 +17,15 @@ from jdiff.models.embeddings import (
     sincos_2d,
     timestep_embedding,
 )
-from jdiff.models.registry import get_model, list_models, model_config, model_input_shape
+from jdiff.models.registry import (
+    PROTOCOL_FIELDS,
+    check_model_class,
+    get_model,
+    list_models,
+    make_registry,
+    model_config,
+    model_input_shape,
+)
 from jdiff.models.stats import abstract_params, count_params, forward_flops, tree_size
 from jdiff.models.unet import UNet
 
@@ -25,6 +34,9 @@ __all__ = [
     "DiT",
     "DiTBlock",
     "get_model",
+    "check_model_class",
+    "make_registry",
+    "PROTOCOL_FIELDS",
     "list_models",
     "model_config",
     "model_input_shape",

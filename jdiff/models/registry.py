@@ -2,11 +2,27 @@
 
 Each entry is (module class, field defaults, native NHWC input (H, W, C) used by
 benchmarks and docs). Nothing here is mutable after import.
+
+The model protocol: every registered class is a ``flax.linen.Module`` with the fields
+
+* ``num_classes: int | None`` -- labels 0..num_classes-1 condition the model and ``num_classes`` is the
+  null label of classifier-free guidance; None: unconditional (labels are not passed);
+* ``learn_sigma: bool`` -- the output has twice the input channels, [prediction | variance values v]
+  (Nichol & Dhariwal 2021); else as many as the input;
+* ``dtype`` -- the compute dtype (parameters stay float32);
+* ``remat: bool``, ``remat_policy: str`` -- rematerialise its blocks in the backward pass
+  (`jdiff.models.remat`);
+
+and is called as ``model.apply({"params": p}, x, t, y=None, train=False, rngs={"dropout": k})``: ``x`` NHWC
+float (B, H, W, C), ``t`` (B,) float timesteps, ``y`` (B,) int32 labels or None, ``train`` enabling
+dropout; the output is float32 NHWC. `make_registry` checks the protocol (`check_model_class`) when a class is
+registered, so the rest of jdiff reads these fields directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
 
@@ -15,11 +31,50 @@ import flax.linen as nn
 from jdiff.models.dit import DiT
 from jdiff.models.unet import UNet
 
+PROTOCOL_FIELDS = ("num_classes", "learn_sigma", "dtype", "remat", "remat_policy")
+CALL_PARAMETERS = ("x", "t", "y", "train")  # __call__(self, x, t, y=None, train=False)
+
 
 class _Entry(NamedTuple):
     cls: type
     defaults: Mapping[str, Any]
     input_hwc: tuple[int, int, int]
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def check_model_class(cls: type) -> None:
+    """TypeError naming what is missing unless `cls` follows the model protocol (module docstring): a
+    flax.linen.Module with the fields PROTOCOL_FIELDS and __call__(self, x, t, y=None, train=False)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"a registered model must be a flax.linen.Module class, got {cls!r}")
+    missing = [f for f in PROTOCOL_FIELDS if f not in _fields(cls)]
+    if missing:
+        raise TypeError(f"model {cls.__name__} lacks the protocol field(s) {missing} (needs {list(PROTOCOL_FIELDS)})")
+    params = list(inspect.signature(cls.__call__).parameters.values())[1:]
+    names = tuple(p.name for p in params[: len(CALL_PARAMETERS)])
+    defaults_ok = len(params) >= 4 and params[2].default is None and params[3].default is False
+    extra_required = [p.name for p in params[4:] if p.default is inspect.Parameter.empty]
+    if names != CALL_PARAMETERS or not defaults_ok or extra_required:
+        raise TypeError(
+            f"model {cls.__name__} must be called as __call__(self, x, t, y=None, train=False), "
+            f"not __call__{inspect.signature(cls.__call__)}"
+        )
+
+
+def make_registry(entries: Mapping[str, tuple[type, Mapping[str, Any], tuple[int, int, int]]]) -> Mapping[str, _Entry]:
+    """An immutable registry {name: (class, field defaults, native input (H, W, C))}; every class must follow
+    the model protocol (`check_model_class`) and every default must name one of its fields (TypeError)."""
+    reg = {}
+    for name, (cls, defaults, input_hwc) in entries.items():
+        check_model_class(cls)
+        bad = sorted(set(defaults) - set(_fields(cls)))
+        if bad:
+            raise TypeError(f"registry entry {name!r}: {bad} are not fields of {cls.__name__}")
+        reg[name] = _Entry(cls, MappingProxyType(dict(defaults)), tuple(input_hwc))
+    return MappingProxyType(reg)
 
 
 def _build() -> Mapping[str, _Entry]:
@@ -61,7 +116,7 @@ def _build() -> Mapping[str, _Entry]:
     reg["dit_tiny"] = _Entry(
         DiT, dict(patch_size=2, hidden_size=128, depth=4, num_heads=4, num_classes=None, learn_sigma=False), (8, 8, 1)
     )
-    return MappingProxyType({k: _Entry(v.cls, MappingProxyType(v.defaults), v.input_hwc) for k, v in reg.items()})
+    return make_registry(reg)
 
 
 _REGISTRY = _build()
@@ -76,10 +131,6 @@ def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model name {name!r}; allowed: {', '.join(list_models())}")
     return _REGISTRY[name]
-
-
-def _fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
 
 
 def model_config(name: str) -> dict[str, Any]:

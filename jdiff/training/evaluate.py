@@ -32,18 +32,18 @@ def heldout_batch(config: TrainConfig, num: int, split: Optional[str] = None) ->
 def make_bpd_fn(
     model: Any,
     schedule: Any,
-    config: TrainConfig,
     *,
+    prediction: str,
+    levels: int,
     method: str = "vlb",
     variance: Optional[str] = None,
     t_chunk: int = 10,
     **ode_options: Any,
 ):
-    """jit of (params, images, labels, rng) -> per-example bits/dim of the run's model: method "vlb"
+    """jit of (params, images, labels, rng) -> per-example bits/dim of a model with output `prediction` on
+    data of `levels` values per pixel (a run's diffusion.prediction and data.pixel_levels()): method "vlb"
     (`jdiff.likelihood.vlb_bpd`, variance None: learned for a learn_sigma model, else posterior) or "ode"
     (`jdiff.likelihood.ode_bpd` with `ode_options`). Labels condition a class-conditional model."""
-    levels = config.data.pixel_levels()
-    prediction = config.diffusion.prediction
     conditional = model.num_classes is not None
 
     def bpd(params, images, labels, rng):
@@ -83,9 +83,10 @@ def evaluate_bpd(loop) -> None:
         batch = heldout_batch(c, c.run.eval_num)
         rep = replicated(s.mesh)
         cache["batch"] = (jax.device_put(batch["image"], rep), jax.device_put(batch["label"], rep))
-        cache["vlb"] = make_bpd_fn(s.model, s.schedule, c, method="vlb")
+        run = dict(prediction=c.diffusion.prediction, levels=c.data.pixel_levels())
+        cache["vlb"] = make_bpd_fn(s.model, s.schedule, **run, method="vlb")
         if c.run.eval_ode:
-            cache["ode"] = make_bpd_fn(s.model, s.schedule, c, method="ode")
+            cache["ode"] = make_bpd_fn(s.model, s.schedule, **run, method="ode")
         cache["key"] = jax.random.key(c.run.seed + EVAL_SEED_SALT)
     images, labels = cache["batch"]
     t0 = time.perf_counter()

@@ -237,8 +237,6 @@ def with_remat(model: Any, config: TrainConfig) -> Any:
     """`model` with its blocks rematerialised (`jdiff.models.remat`) when config.model.remat is set."""
     if not config.model.remat:
         return model
-    if not hasattr(model, "remat"):
-        raise ConfigError(f"model {config.model.name!r} does not support model.remat")
     return model.clone(remat=True, remat_policy=config.model.remat_policy)
 
 
