@@ -17,7 +17,8 @@ With --diffusers (needs torch + diffusers: `pip install -e .[bench]`), diffusers
 names run the same exact predictor (a numpy/torch wrapper) from the same x_T with the same NFE, on their
 default spacing and with use_karras_sigmas where they have it.
 
-    python benchmarks/sampler_error.py [--samples 4096] [--nfes 5,10,20,50] [--diffusers] [--json out.jsonl]
+    python benchmarks/sampler_error.py [--samples 4096] [--nfes 5,10,20,50] [--samplers heun,exp_heun]
+        [--diffusers] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def fine_ode_solution(mix: Mixture, x_T: np.ndarray, alpha0: float) -> np.ndarra
         grid = Grid(
             *(jnp.asarray(v) for v in (np.zeros(n), a, sig * a, nxt(np.zeros(n), -1.0), nxt(a, 1.0), nxt(sig * a, 0.0)))
         )
-        opts = {"order": 3}
+        opts = check_options("unipc", {"order": 3, "lower_order_final": "none"})
 
         def body(carry, i):
             row = jax.tree.map(lambda v: v[i], grid)
@@ -216,8 +217,8 @@ def run_grid(program, smp, params, grid, x, key):
     return np.asarray(smp.output(carry), np.float64)
 
 
-def run_jdiff(data, refs, x_T, nfes, rows, log):
-    for name in sorted(SAMPLERS):
+def run_jdiff(data, refs, x_T, nfes, rows, log, only=None):
+    for name in sorted(SAMPLERS if only is None else set(only) | {"ddim"}):  # ddim: the baseline of the summary
         smp = SAMPLERS[name]
         stochastic_runs = (
             [True] if smp.stochastic and name != "ddim" else ([False, True] if name == "ddim" else [False])
@@ -419,12 +420,21 @@ def main(argv=None) -> int:
     p.add_argument("--diffusers", action="store_true", help="also run diffusers' schedulers (needs torch + diffusers)")
     p.add_argument("--diffusers-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--diffusers-names", type=lambda v: v.split(","), default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--samplers",
+        type=lambda v: v.split(","),
+        default=None,
+        help="comma-separated jdiff samplers to run (default: every registered one; ddim always runs)",
+    )
     p.add_argument("--json", default=None, help="also write JSON lines here (one per measurement, as they come)")
     args = p.parse_args(argv)
     try:
         nfes = sorted(int(v) for v in args.nfes.split(","))
     except ValueError:
         p.error(f"--nfes must be comma-separated ints, got {args.nfes!r}")
+    unknown = sorted(set(args.samplers or ()) - set(SAMPLERS))
+    if unknown:
+        p.error(f"unknown --samplers {unknown}; allowed: {', '.join(sorted(SAMPLERS))}")
     if args.diffusers or args.diffusers_only:
         try:
             import diffusers  # noqa: F401
@@ -440,7 +450,7 @@ def main(argv=None) -> int:
     refs = References(data, x_T)
     rows = Rows(args.json)
     if not args.diffusers_only:
-        run_jdiff(data, refs, x_T, nfes, rows, log)
+        run_jdiff(data, refs, x_T, nfes, rows, log, only=args.samplers)
     if args.diffusers or args.diffusers_only:
         run_diffusers(data, refs, x_T, nfes, rows, log, only=args.diffusers_names)
     args.diffusers = args.diffusers or args.diffusers_only

@@ -74,6 +74,29 @@ def gmm_eps_fn(schedule: Schedule, means, stds, weights) -> Callable[[Array, Arr
     return eps_fn
 
 
+def gmm_x0_fn(means, stds, weights) -> Callable[[Array, Array, Array], Array]:
+    """x0*(x (B, ...), alpha, sigma) = E[x0 | x] at the VP level (alpha, sigma) (scalars or (B, 1)) for x_0 ~
+    sum_k weights[k] N(means[k] (d,), stds[k]^2 I): in EDM variables (x_edm = x/alpha, s = sigma/alpha) the
+    posterior mean sum_k r_k (mu_k + s_k^2/(s_k^2 + s^2) (x_edm - mu_k)), r_k the responsibilities under
+    N(mu_k, (s_k^2 + s^2) I). The exact denoiser D(x_edm; s) of EDM at any noise level, no timestep involved;
+    it computes in x's dtype (float64 under jax x64)."""
+    means, var0 = np.asarray(means, np.float64), np.asarray(stds, np.float64) ** 2
+    logw = np.log(np.asarray(weights, np.float64) / np.sum(weights))
+
+    def x0_fn(x, alpha, sigma):
+        dt = x.dtype
+        flat = x.reshape(x.shape[0], -1)
+        alpha, sigma = (jnp.reshape(jnp.asarray(v, dt), (-1, 1, 1)) for v in (alpha, sigma))
+        mu, v0 = jnp.asarray(means, dt)[None], jnp.asarray(var0, dt)[None, :, None]
+        var = v0 + (sigma / alpha) ** 2  # (B|1, K, 1)
+        diff = flat[:, None, :] / alpha - mu
+        logp = jnp.asarray(logw, dt) - 0.5 * jnp.sum(diff**2 / var, -1) - 0.5 * flat.shape[1] * jnp.log(var[..., 0])
+        resp = jax.nn.softmax(logp, axis=1)[..., None]
+        return jnp.sum(resp * (mu + v0 / var * diff), axis=1).reshape(x.shape)
+
+    return x0_fn
+
+
 # ----------------------------------------------------------------------------------------------------
 # Flow matching (`jdiff.flow`): exact velocity fields v*(x_s, T s) = E[eps - x0 | x_s] of x_s = (1 - s) x0 + s eps.
 

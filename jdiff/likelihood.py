@@ -14,7 +14,12 @@
 `model_fn(x (N, ...), t (N,) float32[, y (N,)])` is the model as `jdiff.sample` takes it: its output is the
 prediction (`prediction` "eps" | "x0" | "v"), with 2x the data's channels for a learned variance.
 Data x0 is (B, ...) in [-1, 1]; `levels` is the number of values per dimension of discrete data (17 for the
-sklearn digits, 256 for 8-bit images; None: continuous data).
+sklearn digits, 256 for 8-bit images; None: continuous data, e.g. VAE latents, any real values).
+
+Inputs are checked (`check_data`): x0 must have a batch axis of B >= 1 and at least one data axis, labels
+shape (B,) of integers, levels an int >= 2 or None. Discrete data outside [-1, 1] (0..255 pixels) or with no
+value below 0 in the batch ([0, 1] images, which would give a plausible but wrong bits/dim) is a ValueError
+when x0 is a concrete array; under jit (x0 traced) an example with a value outside [-1, 1] gets NaN.
 """
 
 from __future__ import annotations
@@ -32,6 +37,45 @@ from jdiff.schedules import Schedule, log_snr_at, t_from_log_snr
 Array = jax.Array
 PROBES = ("rademacher", "gaussian", "exact")
 SOLVERS = ("dopri5", "tsit5")
+
+
+def check_data(x0, labels, levels) -> Optional[Array]:
+    """ValueError (naming the argument and what it must be) for data the likelihood functions cannot score;
+    returns None, or under jit a (B,) bool of the examples within [-1, 1] for discrete data (see module)."""
+    shape = getattr(x0, "shape", None)
+    if shape is None or len(shape) < 2 or shape[0] < 1 or 0 in shape[1:]:
+        raise ValueError(
+            f"x0 must be an array of shape (B, ...) with B >= 1 examples and at least one non-empty data axis, "
+            f"got shape {shape}."
+        )
+    if not jnp.issubdtype(getattr(x0, "dtype", None), jnp.floating):
+        raise ValueError(f"x0 must be a floating-point array in [-1, 1], got dtype {x0.dtype}.")
+    if levels is not None and (not isinstance(levels, int) or isinstance(levels, bool) or levels < 2):
+        raise ValueError(f"levels must be an int >= 2 or None, got {levels!r}.")
+    if labels is not None:
+        lshape, ldtype = getattr(labels, "shape", None), getattr(labels, "dtype", None)
+        if lshape != (shape[0],) or ldtype is None or not jnp.issubdtype(ldtype, jnp.integer):
+            raise ValueError(
+                f"labels must be an integer array of shape ({shape[0]},) (one per example of x0), got "
+                f"{'shape ' + str(lshape) if lshape is not None else type(labels).__name__}"
+                f"{' of ' + str(ldtype) if lshape is not None else ''}."
+            )
+    if levels is None:
+        return None
+    if isinstance(x0, jax.core.Tracer):
+        return jnp.all((x0 >= -1.0) & (x0 <= 1.0), axis=tuple(range(1, len(shape))))
+    lo, hi = float(jnp.min(x0)), float(jnp.max(x0))
+    if not (-1.0 <= lo and hi <= 1.0):
+        raise ValueError(
+            f"x0 must lie in [-1, 1] for discrete data (levels={levels}), got values in [{lo:g}, {hi:g}]; scale "
+            "8-bit pixels p as p / 127.5 - 1, or pass levels=None for continuous data."
+        )
+    if lo >= 0.0:
+        raise ValueError(
+            f"x0 has no value below 0 (range [{lo:g}, {hi:g}]): discrete data must span [-1, 1], this looks like "
+            "[0, 1] images; pass 2 * x0 - 1."
+        )
+    return None
 
 
 def _call(model_fn, x, t, labels):
@@ -58,6 +102,7 @@ def vlb_terms(
     t_chunk: timesteps per model call (static; the memory of a call grows with B * t_chunk).
     """
     check_prediction(prediction, allowed=PREDICTIONS)
+    in_range = check_data(x0, labels, levels)
     if not isinstance(t_chunk, int) or t_chunk < 1:
         raise ValueError(f"t_chunk must be an int >= 1, got {t_chunk!r}.")
     batch, T = x0.shape[0], schedule.num_timesteps
@@ -83,7 +128,10 @@ def vlb_terms(
 
     _, terms = jax.lax.scan(one_chunk, None, ts)  # (n_chunks, chunk, B)
     terms = terms.reshape(n_chunks * chunk, batch)[:T].T
-    return terms, prior_bpd(schedule, x0)
+    prior = prior_bpd(schedule, x0)
+    if in_range is not None:  # traced discrete data outside [-1, 1]: NaN, never a plausible number
+        terms, prior = jnp.where(in_range[:, None], terms, jnp.nan), jnp.where(in_range, prior, jnp.nan)
+    return terms, prior
 
 
 def vlb_bpd(model_fn: Callable[..., Array], schedule: Schedule, x0: Array, rng: Array, **options) -> Array:
@@ -149,6 +197,7 @@ def ode_likelihood(
     import diffrax  # local: diffrax (and equinox) take a second to import
 
     check_prediction(prediction, allowed=PREDICTIONS)
+    in_range = check_data(x0, labels, levels)
     if probe not in PROBES:
         raise ValueError(f"Unknown probe {probe!r}; allowed values: {list(PROBES)}.")
     if solver not in SOLVERS:
@@ -160,8 +209,6 @@ def ode_likelihood(
     x = x0.astype(dtype)
     offset = 0.0
     if levels is not None:
-        if not isinstance(levels, int) or levels < 2:
-            raise ValueError(f"levels must be an int >= 2 or None, got {levels!r}.")
         delta = 2.0 / (levels - 1)
         x = x + delta * jax.random.uniform(deq_key, x.shape, dtype, -0.5, 0.5)
         offset = -math.log2(delta)
@@ -224,7 +271,7 @@ def ode_likelihood(
     prior_logp = -0.5 * jnp.sum(jnp.square(z).reshape(batch, -1), axis=1) - 0.5 * dims * math.log(2 * math.pi)
     logp = prior_logp + delta_logp
     bpd = -logp / (dims * LN2) + offset
-    bpd = jnp.where(ok, bpd, jnp.nan)
+    bpd = jnp.where(ok if in_range is None else ok & in_range, bpd, jnp.nan)
     return ODELikelihood(bpd, prior_logp, delta_logp, sol.stats["num_steps"], ok)
 
 
@@ -234,4 +281,4 @@ def ode_bpd(model_fn: Callable[..., Array], schedule: Schedule, x0: Array, rng: 
     return ode_likelihood(model_fn, schedule, x0, rng, **options).bpd
 
 
-__all__ = ["vlb_bpd", "vlb_terms", "ode_bpd", "ode_likelihood", "ODELikelihood", "pf_ode_drift", "PROBES"]
+__all__ = ["vlb_bpd", "vlb_terms", "ode_bpd", "ode_likelihood", "ODELikelihood", "pf_ode_drift", "check_data", "PROBES"]

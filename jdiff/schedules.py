@@ -249,15 +249,22 @@ def get_schedule(
 
 
 def _finite_log_snr(schedule: Schedule) -> Array:
-    floor = math.log(ABAR_FLOOR) - math.log1p(-ABAR_FLOOR)
-    return jnp.maximum(schedule.log_snr, floor)
+    """lambda_t with a zero-terminal-SNR entry (-inf) replaced by log(ABAR_FLOOR) (diffusers' stand-in for
+    abar = 0), or by the linear extrapolation 2 lambda_{T-2} - lambda_{T-3} where that is lower, so lambda
+    stays strictly decreasing. Finite entries are kept as they are, however low (cosine, T = 1000:
+    lambda_{T-1} = -19.8): flooring them gave distinct levels one lambda, one abar and one model timestep."""
+    lam = schedule.log_snr
+    floor = jnp.float32(math.log(ABAR_FLOOR) - math.log1p(-ABAR_FLOOR))
+    if lam.shape[-1] >= 3:
+        floor = jnp.minimum(floor, 2.0 * lam[-2] - lam[-3])
+    return jnp.where(jnp.isfinite(lam), lam, floor)
 
 
 def log_snr_at(schedule: Schedule, t) -> Array:
     """lambda(t) at fractional t in [0, T-1] by linear interpolation of lambda between integer steps.
 
-    Integer t gives the stored values exactly (zero-terminal-SNR -inf entries are floored at
-    log(ABAR_FLOOR)). Shape of `t`, float32.
+    Integer t gives the stored values exactly (a zero-terminal-SNR -inf entry is floored, see
+    `_finite_log_snr`). Shape of `t`, float32.
     """
     t = jnp.asarray(t, jnp.float32)
     grid = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)

@@ -260,3 +260,75 @@ def test_heun_cannot_start_at_s_equal_1():
             prediction="flow",
             num_steps=4,
         )
+
+
+# --- training ------------------------------------------------------------------------------------------------
+
+
+def test_exact_velocity_gives_zero_flow_loss_and_a_wrong_one_does_not():
+    """For point data x0 = mu the conditional target eps - x0 = (x_s - mu)/s is the exact velocity, so its loss
+    is 0 (the interpolant, the target's sign and the time input T s all enter); a model off by 0.1 is not."""
+    mu = np.array([0.7, -0.3])
+    v = analytic.gaussian_velocity_fn(mu, np.zeros((2, 2)))
+    x0 = jnp.tile(jnp.asarray(mu, jnp.float32), (64, 1))
+    for t_sampling in flow.T_SAMPLINGS:
+        loss, aux = flow.flow_loss(v, x0, jax.random.key(0), t_sampling=t_sampling, shift=3.0)
+        assert float(loss) < 1e-8 and aux["mse"] == loss
+    bad, _ = flow.flow_loss(lambda x, t: v(x, t) + 0.1, x0, jax.random.key(0))
+    assert float(bad) == pytest.approx(0.01, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "t_sampling, shift, density",
+    [
+        ("uniform", 1.0, lambda s: np.ones_like(s)),
+        # s = k u/(1 + (k - 1) u): u = s/(k - (k - 1) s), du/ds = k/(k - (k - 1) s)^2
+        ("uniform", 3.0, lambda s: 3.0 / (3.0 - 2.0 * s) ** 2),
+        ("logit_normal", 1.0, flow.logit_normal_density),
+        ("mode", 1.0, flow.mode_density),
+    ],
+)
+def test_timestep_sampling_densities(t_sampling, shift, density):
+    s = np.asarray(flow.sample_time(jax.random.key(0), (400_000,), t_sampling, shift=shift))
+    assert s.min() >= 0.0 and s.max() <= 1.0
+    hist, edges = np.histogram(s, bins=20, range=(0.0, 1.0), density=True)
+    mid = 0.5 * (edges[1:] + edges[:-1])
+    # bin averages of the density by a fine midpoint rule
+    fine = np.linspace(0, 1, 20 * 50 + 1)
+    fine = 0.5 * (fine[1:] + fine[:-1])
+    ref = density(fine).reshape(20, 50).mean(1)
+    np.testing.assert_allclose(hist, ref, rtol=0.03, atol=0.01), mid
+
+
+def test_logit_normal_density_and_mode_density_integrate_to_one():
+    u = (np.arange(200_000) + 0.5) / 200_000
+    assert np.mean(flow.logit_normal_density(u, 0.5, 0.8)) == pytest.approx(1.0, abs=1e-4)
+    assert np.mean(flow.mode_density(u, 1.29)) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--diffusion.prediction", "flow"], "does not go with diffusion.schedule linear"),
+        (["--diffusion.schedule", "flow"], "does not go with diffusion.schedule flow"),
+        (["--diffusion.shift", "2"], "diffusion.shift applies to schedule flow only"),
+        (["--diffusion.t_sampling", "logit_normal"], "needs prediction flow"),
+        (["--preset", "digits_flow", "--diffusion.shift", "0"], "shift"),
+    ],
+)
+def test_train_cli_refuses_flow_config_conflicts_in_one_line(args, match, capsys, tmp_path):
+    from jdiff.cli import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--run.workdir", str(tmp_path / "r")])
+    code, err = e.value.code, capsys.readouterr().err.strip()
+    assert code == 2 and match in err and "\n" not in err, err
+
+
+def test_flow_presets_build():
+    from jdiff.config.presets import get_preset
+    from jdiff.run.build import build_schedule
+
+    for name in ("digits_flow", "cifar10_flow", "sit"):
+        c = get_preset(name)
+        assert c.diffusion.prediction == "flow" and build_schedule(c).flow_shift is not None

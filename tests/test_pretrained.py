@@ -108,8 +108,36 @@ def test_schedules_match_diffusers_betas():
         atol = 3e-6 if "zero_snr" in name else 1e-9
         np.testing.assert_allclose(np.asarray(sched.betas), betas[name], rtol=2e-6, atol=atol, err_msg=name)
         assert pred == "eps"
-    v = schedule_from_config({"prediction_type": "v_prediction", "trained_betas": [0.1, 0.2, 0.3]})
+    v = schedule_from_config(
+        {"prediction_type": "v_prediction", "trained_betas": [0.1, 0.2, 0.3], "num_train_timesteps": 3}
+    )
     assert v[1] == "v" and np.allclose(v[0].betas, [0.1, 0.2, 0.3])
+
+
+def test_scheduler_class_and_keys_are_checked():
+    """_class_name and every key are validated (issue 24, defect 7): the discrete beta schedulers map to the
+    same training schedule with their own defaults; EDM, flow-matching and unknown classes, unknown keys, flow
+    sigmas, continuous timesteps and trained_betas of another length than num_train_timesteps are one line."""
+    base = {"num_train_timesteps": 10, "beta_schedule": "linear"}
+    ddpm, _ = schedule_from_config({"_class_name": "DDPMScheduler", **base})
+    euler, _ = schedule_from_config({"_class_name": "EulerDiscreteScheduler", **base, "use_karras_sigmas": True})
+    np.testing.assert_array_equal(np.asarray(euler.betas), np.asarray(ddpm.betas))
+    np.testing.assert_allclose(np.asarray(ddpm.betas), np.linspace(1e-4, 0.02, 10))
+    # diffusers' HeunDiscreteScheduler defaults to beta 0.00085..0.012 (not DDPM's 1e-4..0.02)
+    heun, _ = schedule_from_config({"_class_name": "HeunDiscreteScheduler", **base})
+    np.testing.assert_allclose(np.asarray(heun.betas), np.linspace(0.00085, 0.012, 10))
+    for config, words in [
+        ({"_class_name": "EDMEulerScheduler", **base}, ("_class_name 'EDMEulerScheduler' is not supported",)),
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, ("FlowMatchEulerDiscreteScheduler", "not supported yet")),
+        ({"_class_name": "DDPMScheduler", **base, "sigma_max": 80.0}, ("['sigma_max']", "DDPMScheduler")),
+        ({"_class_name": "DDIMScheduler", **base, "mystery": 1}, ("['mystery']",)),
+        ({"_class_name": "UniPCMultistepScheduler", **base, "use_flow_sigmas": True}, ("use_flow_sigmas",)),
+        ({"_class_name": "EulerDiscreteScheduler", **base, "timestep_type": "continuous"}, ("timestep_type",)),
+        ({"trained_betas": [0.1, 0.2], "num_train_timesteps": 1000}, ("num_train_timesteps=1000", "got 2 values")),
+        ({"num_train_timesteps": 100_000_000}, ("num_train_timesteps=100000000", "[1, 100000]")),
+        ({"num_train_timesteps": 1e3}, ("num_train_timesteps=1000.0",)),
+    ]:
+        one_line_error(lambda: schedule_from_config(config), *words)
 
 
 def test_timestep_embedding_frequency_shift_is_diffusers_formula():
@@ -214,6 +242,22 @@ def test_pickle_only_is_refused_with_the_conversion_command(unet_dir):
     one_line_error(lambda: load(unet_dir.parent / "nope"), "not found")
 
 
+def test_load_reads_only_the_components_model_index_names(tmp_path):
+    """A stale vae/ or unet/ beside transformer/ (a directory exported over an older one) is not read: the
+    components are those model_index.json names (issue 24, defect 3)."""
+    d = tmp_path / "pipe"
+    shutil.copytree(FIX / "dit_pipeline", d)
+    index = json.loads((d / "model_index.json").read_text())
+    index["vae"] = [None, None]
+    (d / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(FIX / "ddpm_unet" / "unet", d / "unet")  # stale
+    pre = load(d)
+    assert pre.vae is None and pre.kind == "dit"
+    index.pop("transformer")
+    (d / "model_index.json").write_text(json.dumps(index))
+    one_line_error(lambda: load(d), "exactly one of unet or transformer")
+
+
 def test_sharded_checkpoint_reads_like_a_single_file(unet_dir):
     from safetensors.numpy import save_file
 
@@ -262,6 +306,7 @@ UNET = UNet(
 DIT = DiT(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4, learn_sigma=True)
 
 
+@pytest.mark.filterwarnings("ignore::jdiff.pretrained.PretrainedWarning")
 @pytest.mark.parametrize("model,shape", [(UNET, (8, 8, 3)), (DIT, (4, 4, 4))], ids=["unet", "dit"])
 def test_export_then_load_is_exact(tmp_path, model, shape):
     params = random_params(model, shape)
@@ -296,6 +341,52 @@ def test_export_refuses_what_diffusers_cannot_express(tmp_path):
     ]:
         shape = (8, 8, 3) if isinstance(model, UNet) else (4, 4, 4)
         one_line_error(lambda: save(tmp_path, model, None, sample_shape=shape, schedule=sch), *words)
+
+
+@pytest.mark.filterwarnings("ignore::jdiff.pretrained.PretrainedWarning")
+def test_export_is_atomic_and_refuses_a_non_empty_target(tmp_path, monkeypatch):
+    """save() writes a temporary sibling renamed into place (issue 24, defects 3 and 9): a non-empty target is
+    refused unless overwrite, which replaces it as a whole (no stale vae/ or unet/ beside transformer/); an
+    interrupted export leaves nothing; a temporary left by a killed process is removed by the next export."""
+    import warnings
+
+    from jdiff.pretrained import pipeline
+
+    sch, shape, out = jdiff.get_schedule("linear", 10), (4, 4, 4), tmp_path / "out"
+    model = DIT.clone(freq_shift=1.0)
+    params = random_params(model, shape)
+    save(out, UNET, random_params(UNET, (8, 8, 3)), sample_shape=(8, 8, 3), schedule=sch)
+    shutil.copytree(FIX / "dit_pipeline" / "vae", out / "vae")  # a stale part
+    one_line_error(lambda: save(out, model, params, sample_shape=shape, schedule=sch), "not empty", "overwrite")
+    stale = tmp_path / f".out{pipeline.TMP_TAG}999999999"  # a kill -9's temporary (no such pid)
+    (stale / "transformer").mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # freq_shift 1: no warning
+        save(out, model, params, sample_shape=shape, schedule=sch, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "scheduler", "transformer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the stale temporary is gone too
+    assert load(out).vae is None
+    calls = []
+    stop = lambda: calls.append(1) or len(calls) > 1  # interrupted at the second file boundary
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path / "new", model, params, sample_shape=shape, schedule=sch, stop=stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "a_file").write_text("")
+    one_line_error(
+        lambda: save(tmp_path / "a_file", model, params, sample_shape=shape, schedule=sch), "not a directory"
+    )
+
+
+def test_export_warns_where_diffusers_computes_otherwise(tmp_path):
+    """A reference-convention DiT (diffusers embeds t with shift 1) and a class-conditional UNet (DDPMPipeline
+    passes no labels) are exported with a PretrainedWarning naming the difference (issue 24, defect 8)."""
+    from jdiff.pretrained import PretrainedWarning
+
+    sch = jdiff.get_schedule("linear", 10)
+    with pytest.warns(PretrainedWarning, match="downscale_freq_shift 1"):
+        save(tmp_path / "dit", DIT, random_params(DIT, (4, 4, 4)), sample_shape=(4, 4, 4), schedule=sch)
+    with pytest.warns(PretrainedWarning, match="class_labels"):
+        save(tmp_path / "unet", UNET, random_params(UNET, (8, 8, 3)), sample_shape=(8, 8, 3), schedule=sch)
 
 
 def test_export_loads_in_diffusers_with_equal_outputs(tmp_path):
@@ -382,3 +473,111 @@ def test_export_cli_writes_a_trained_run(tmp_path):
         save_run_config(workdir, config32, {"num_classes": None, "image_shape": [8, 8, 1]})
         main(["--workdir", workdir, "--out", str(tmp_path / "out32")])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Malformed checkpoints (issue 24, defects 10 and 11): one line naming the cause, before anything large is built
+
+
+def test_weights_file_replaced_by_something_else_is_named(unet_dir):
+    w = unet_dir / WEIGHTS
+    w.unlink()
+    w.symlink_to(unet_dir / "nowhere.safetensors")
+    one_line_error(lambda: load(unet_dir), "is a dangling symlink")
+    w.unlink()
+    w.symlink_to(w)
+    one_line_error(lambda: load(unet_dir), "is a symlink loop")
+    w.unlink()
+    w.mkdir()
+    one_line_error(lambda: load(unet_dir), "is a directory, not a file")
+    w.rmdir()
+    os.mkfifo(w)  # never opened (it would block)
+    one_line_error(lambda: load(unet_dir), "is a FIFO, not a file")
+
+
+def test_non_finite_weights_and_norm_eps_are_refused_at_load(unet_dir, tmp_path):
+    rewrite(unet_dir, lambda t: t["conv_in.weight"].__setitem__((0, 0, 0, 0), np.inf))
+    one_line_error(lambda: load(unet_dir), "tensor 'conv_in.weight' has 1 non-finite value(s)")
+    shutil.copy(FIX / "ddpm_unet" / "unet" / WEIGHTS, unet_dir / WEIGHTS)
+    cfg = json.loads((unet_dir / "config.json").read_text())
+    for eps in (float("nan"), 0.0):
+        (unet_dir / "config.json").write_text(json.dumps({**cfg, "norm_eps": eps}))
+        one_line_error(lambda: load(unet_dir), "norm_eps")
+    dit = tmp_path / "dit"
+    shutil.copytree(FIX / "dit_pipeline" / "transformer", dit)
+    cfg = json.loads((dit / "config.json").read_text())
+    (dit / "config.json").write_text(json.dumps({**cfg, "norm_eps": float("nan")}))
+    one_line_error(lambda: load(dit), "norm_eps=nan", "positive finite")
+
+
+def test_configs_are_checked_against_the_weights_before_building(unet_dir, tmp_path):
+    """A DiT config asking for 20,000 layers of 2-layer weights fails at once (it used to build the model for
+    minutes); so do U-Net levels / layers_per_block the weights do not hold, and a non-string shard name."""
+    dit = tmp_path / "dit"
+    shutil.copytree(FIX / "dit_pipeline" / "transformer", dit)
+    cfg = json.loads((dit / "config.json").read_text())
+    (dit / "config.json").write_text(json.dumps({**cfg, "num_layers": 20_000}))
+    one_line_error(lambda: load(dit), "num_layers=20000 but the weights hold 2 such block(s)")
+    cfg_u = json.loads((unet_dir / "config.json").read_text())
+    (unet_dir / "config.json").write_text(json.dumps({**cfg_u, "layers_per_block": 500}))
+    one_line_error(lambda: load(unet_dir), "layers_per_block=500 but the weights hold")
+    (unet_dir / "config.json").write_text(json.dumps(cfg_u))
+    _, tensors = read_model_dir(unet_dir)
+    (unet_dir / WEIGHTS).unlink()
+    (unet_dir / (WEIGHTS + ".index.json")).write_text(json.dumps({"weight_map": {k: 3 for k in tensors}}))
+    one_line_error(lambda: load(unet_dir), "weight_map values must be shard file names, got 3")
+
+
+def test_sample_py_usage_errors_exit_2_before_work(tmp_path, capsys):
+    """--guidance nan, --params with --pretrained and --timestep-convention on a U-Net are usage errors: one
+    line, status 2, nothing sampled (issue 24, defect 11)."""
+    from jdiff.cli import sample as sample_cli
+
+    out = str(tmp_path / "out")
+    for argv, words in [
+        (["--pretrained", str(FIX / "ddpm_unet"), "--guidance", "nan"], "--guidance must be a finite number"),
+        (["--pretrained", str(FIX / "ddpm_unet"), "--params", "raw"], "--params applies to --workdir runs only"),
+        (["--pretrained", str(FIX / "ddpm_unet"), "--timestep-convention", "diffusers"], "DiT checkpoints only"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            sample_cli.main([*argv, "--num", "1", "--steps", "1", "--out", out, "--no-cache", "--no-progress"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and err.count("\n") == 1, err
+    assert not os.path.exists(out)
+
+
+def test_export_cli_interrupted_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during an export (here: right after the parameters are read) stops it at the next file boundary:
+    one line, status 130, no output directory and no temporary left (issue 24, defect 9); a non-empty --out
+    needs --overwrite."""
+    import signal
+    import time
+
+    from jdiff import run as jrun
+    from jdiff.cli.export import main
+    from jdiff.config import apply_overrides, get_preset
+
+    workdir = str(tmp_path / "run")
+    over = {"run.workdir": workdir, "diffusion.num_timesteps": "10", "sampling.steps": "2", "model.ch": "8"}
+    over["model.ch_mult"] = "(1,)"
+    over.update({"model.attention_resolutions": "()", "model.norm_groups": "2", "model.num_res_blocks": "1"})
+    write_random_run(workdir, apply_overrides(get_preset("digits"), over))
+    out = tmp_path / "out"
+    assert main(["--workdir", workdir, "--out", str(out)]) == 0
+    with pytest.raises(SystemExit) as e:
+        main(["--workdir", workdir, "--out", str(out)])
+    assert e.value.code == 2 and "not empty" in capsys.readouterr().err
+    real = jrun.load_params
+
+    def interrupted(*a, **k):
+        got = real(*a, **k)
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.3)  # the signal watcher thread sets the flag
+        return got
+
+    monkeypatch.setattr(jrun, "load_params", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["--workdir", workdir, "--out", str(tmp_path / "new")])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.count("\n") == 1 and "interrupted (SIGINT); nothing written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]

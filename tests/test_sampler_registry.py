@@ -68,14 +68,14 @@ def test_declared_options_have_valid_defaults_and_help(name):
     assert all(isinstance(smp.nfe(n), int) and smp.nfe(n) >= n for n in (1, 2, 50))
 
 
-def test_capabilities_of_the_built_in_samplers():
-    built_in = [get_sampler(n) for n in ("ddim", "ddpm", "dpmpp_2m", "euler", "heun")]
-    assert [sorted(s.options) for s in built_in] == [["eta"], ["variance"], [], [], []]
-    assert all_options()["eta"][1] == ("ddim",) and all_options()["variance"][1] == ("ddpm",)
-    assert all_options()["variance"][0].static and not all_options()["eta"][0].static
-    assert [s.nfe(10) for s in built_in] == [10, 10, 10, 10, 19]
-    assert [s.stochastic for s in built_in] == [True, True, False, False, False]
-    assert [s.zero_terminal_snr for s in built_in] == [True, True, True, True, False]  # euler: the finite DDIM form
+def test_options_of_one_name_are_one_spec_and_enter_the_program_as_declared():
+    """An option several samplers declare is one Spec (one command-line flag); eta is traced, variance and the
+    multistep rules static (nfe and zero_terminal_snr: tests/test_sampler_references.py)."""
+    for option, (spec, names) in all_options().items():
+        assert names and all(get_sampler(n).options[option] == spec for n in names)
+    assert not all_options()["eta"][0].static
+    assert all(all_options()[o][0].static for o in ("variance", "lower_order_final", "solver_type"))
+    assert {"dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"} <= set(all_options()["solver_type"][1])
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -92,7 +92,12 @@ def test_a_sampler_that_is_not_stochastic_ignores_rng_after_x_T(name):
 @pytest.mark.parametrize(
     "sampler, kwargs, match",
     [
-        ("dpmpp_2m", dict(options={"eta": 0.0}), r"^sampler 'dpmpp_2m' has no option 'eta' \(its options: none\)$"),
+        (
+            "dpmpp_2m",
+            dict(options={"eta": 0.0}),
+            r"^sampler 'dpmpp_2m' has no option 'eta' \(its options: lower_order_final, solver_type\)$",
+        ),
+        ("dpmpp_2m", dict(options={"solver_type": "rk4"}), r"bad value 'rk4' for solver_type; allowed: midpoint, heun"),
         ("euler", dict(eta=0.0), r"sampler 'euler' has no option 'eta' \(its options: none\)"),
         ("heun", dict(variance="posterior"), r"sampler 'heun' has no option 'variance'"),
         ("ddim", dict(variance="beta"), r"sampler 'ddim' has no option 'variance' \(its options: eta\)"),

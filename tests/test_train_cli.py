@@ -233,14 +233,16 @@ def test_run_time_errors_exit_with_one_line(tmp_path, capsys):
 def test_resume_keeps_the_saved_model_and_data(tmp_path, capsys):
     """In a workdir with config.json, flags override the saved config, but a change of model/data is refused."""
     from jdiff.cli.train import resolve_config
-    from jdiff.config import apply_overrides, get_preset
+    from jdiff.config import ConfigError, apply_overrides, get_preset
     from jdiff.run import save_run_config
 
     wd = str(tmp_path / "run")
     saved = apply_overrides(get_preset("digits"), {"run.workdir": wd, "optim.lr": "1e-3", "model.ch": "16"})
     save_run_config(wd, saved, {"num_classes": 10, "image_shape": [8, 8, 1]})
-    config, resumed = resolve_config(None, {"run.workdir": wd, "model.ch": "32"})
-    assert not resumed and config.model.fields == {"ch": 32}  # no checkpoint yet: the config is replaceable
+    with pytest.raises(ConfigError, match="model.fields"):  # no checkpoint yet: still that run's config
+        resolve_config(None, {"run.workdir": wd, "model.ch": "32"})
+    config, resumed = resolve_config(None, {"run.workdir": wd, "optim.steps": "7"})
+    assert resumed and config.optim.lr == 1e-3 and config.optim.steps == 7
     os.makedirs(os.path.join(wd, "checkpoints", "10"))
     config, resumed = resolve_config(None, {"run.workdir": wd, "optim.steps": "50"})
     assert resumed and config.optim.lr == 1e-3 and config.optim.steps == 50 and config.model.fields == {"ch": 16}

@@ -6,10 +6,16 @@ The directory (model_index.json, unet/ or transformer/, scheduler/, and vae/ for
 diffusers with `from_pretrained` and in jdiff with `jdiff.pretrained.load` / `sample.py --pretrained`. The
 run's schedule is written by name (beta_schedule), its prediction as prediction_type. A model diffusers cannot
 express (e.g. a norm_groups that jdiff lowers for narrow layers) exits 2 with one line; a missing or
-unreadable run 1.
+unreadable run 1. An export diffusers runs differently from jdiff (a reference-convention DiT, a
+class-conditional U-Net) prints one `export: warning:` line naming the difference.
+
+The directory is written to a temporary sibling and renamed into place at the end; a non-empty --out is
+refused unless --overwrite. Ctrl-C or SIGTERM stops it with one line (status 130) and nothing written; a
+second Ctrl-C exits at once (a temporary left behind is removed by the next export to that --out).
 """
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -21,18 +27,45 @@ PROG = "export"
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
-    p.add_argument("--out", required=True, help="output directory (created; existing files are overwritten)")
+    p.add_argument("--out", required=True, help="output directory (created; a non-empty one needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out as a whole")
     p.add_argument("--params", choices=("ema", "raw"), default="ema", help="EMA (default) or raw parameters")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     return p
 
 
+def _abort() -> None:
+    """A second Ctrl-C: exit at once (status 130); the next export to --out removes the temporary."""
+    print(f"{PROG}: error: interrupted twice: stopped; nothing written", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Entry point; returns the exit status. SIGTERM/SIGINT stop the export at the next file boundary (one
+    line, status 130, no output left); a second Ctrl-C exits at once."""
+    from jdiff.signals import StopFlag, catch_signals
+
+    with catch_signals(StopFlag(), on_second=_abort) as flag:
+        try:
+            return _main(sys.argv[1:] if argv is None else argv, flag)
+        except KeyboardInterrupt:
+            fail(PROG, f"interrupted ({flag.reason or 'SIGINT'}); nothing written", 130)
+
+
+def _main(argv: Sequence[str], flag) -> int:
+    args = build_parser().parse_args(argv)
+
+    def check_stop() -> bool:
+        if flag.requested:
+            raise KeyboardInterrupt
+        return False
+
+    import warnings
+
     from jdiff import run as jrun
     from jdiff._logs import quiet_absl
     from jdiff.models import abstract_params
-    from jdiff.pretrained import PretrainedError, named_schedule, save
+    from jdiff.pretrained import PretrainedError, PretrainedWarning, named_schedule, save
 
     try:
         run = jrun.open_run(args.workdir)
@@ -56,11 +89,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
     except (jrun.CheckpointError, OSError) as e:
         fail(PROG, e, 1)
+    check_stop()
     vae = getattr(config.data, "vae", None) or None
     try:
-        out = save(args.out, model, params, sample_shape=shape, schedule=schedule, prediction=d.prediction, vae_dir=vae)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PretrainedWarning)
+            out = save(
+                args.out,
+                model,
+                params,
+                sample_shape=shape,
+                schedule=schedule,
+                prediction=d.prediction,
+                vae_dir=vae,
+                overwrite=args.overwrite,
+                stop=check_stop,
+            )
     except PretrainedError as e:
         fail(PROG, e, 2)
+    for w in caught:
+        if issubclass(w.category, PretrainedWarning):
+            print(f"{PROG}: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     print(f"wrote {out} ({type(model).__name__}, {'x'.join(map(str, shape))}, prediction {d.prediction})")
     return 0
 

@@ -93,7 +93,7 @@ def build_parser() -> Parser:
         default=None,
         help="global batch, a multiple of the device count (default: up to 256, chosen to fit)",
     )
-    p.add_argument("--params", choices=("ema", "raw"), default="ema", help="EMA (default) or raw parameters (runs)")
+    p.add_argument("--params", choices=("ema", "raw"), default=None, help="EMA (default) or raw parameters (runs)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (runs; default: latest)")
     p.add_argument("--out", default=None, help="output directory (default: WORKDIR/samples or PATH/samples)")
     p.add_argument("--trajectory", action="store_true", help="also write the denoising steps (PNG strip + GIF)")
@@ -151,8 +151,11 @@ def _main(argv: Sequence[str]) -> int:
     if args.trajectory_every is not None and args.trajectory_every < 1:
         fail(PROG, f"--trajectory-every must be >= 1, got {args.trajectory_every}", 2)
 
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        fail(PROG, f"--guidance must be a finite number, got {args.guidance}", 2)
     if args.pretrained is not None:
         return _sample_pretrained(args)
+    args.params = args.params or "ema"
     if args.timestep_convention is not None:
         fail(PROG, "--timestep-convention applies to --pretrained DiT checkpoints only", 2)
 
@@ -188,7 +191,8 @@ def _main(argv: Sequence[str]) -> int:
             + f", prediction {prediction}), {len(devices)} device(s), batch {batch}",
             flush=True,
         )
-        gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=_run_vae(config))
+        vae = _run_vae(config, run.derived.get("vae_fingerprint"))
+        gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=vae)
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
         stats = gen.compile(abstract)  # validates the request before any weights are read
     except ValueError as e:
@@ -293,13 +297,16 @@ def _write_samples(args, gen, params, y, labels, num_classes, out_dir, meta, pre
 def _sample_pretrained(args) -> int:
     """sample.py --pretrained PATH: a diffusers-format checkpoint (jdiff.pretrained.load); a latent model's
     samples are decoded by its vae/. A bad directory exits 1 with one line, a request that does not fit 2."""
-    if args.step is not None:
-        fail(PROG, "--step applies to --workdir runs only", 2)
+    for flag, value in (("--step", args.step), ("--params", args.params)):
+        if value is not None:
+            fail(PROG, f"{flag} applies to --workdir runs only", 2)
     from jdiff import run as jrun
-    from jdiff.pretrained import PretrainedError, load
+    from jdiff.pretrained import PretrainedError, PretrainedUsageError, load
 
     try:
         pre = load(args.pretrained, timestep_convention=args.timestep_convention)
+    except PretrainedUsageError as e:  # an argument that does not apply to this checkpoint
+        fail(PROG, f"--pretrained {args.pretrained}: {e}", 2)
     except PretrainedError as e:
         fail(PROG, f"--pretrained {args.pretrained}: {e}", 1)
     out_dir = args.out or os.path.join(args.pretrained, "samples")
@@ -336,15 +343,16 @@ def _sample_pretrained(args) -> int:
     return _write_samples(args, gen, pre.params, y, labels, pre.num_classes, out_dir, meta, pre.prediction, options)
 
 
-def _run_vae(config):
-    """The AutoencoderKL a latent run (data.vae) decodes through, or None; a missing or unreadable one exits 1."""
+def _run_vae(config, fingerprint):
+    """The AutoencoderKL a latent run (data.vae) decodes through, or None; a missing or unreadable one, or one
+    whose fingerprint is not the run's recorded one, exits 1."""
     if not config.data.vae:
         return None
     from jdiff.pretrained.autoencoder import load_autoencoder_dir
     from jdiff.pretrained.files import PretrainedError
 
     try:
-        return load_autoencoder_dir(config.data.vae)
+        return load_autoencoder_dir(config.data.vae, fingerprint)
     except PretrainedError as e:
         fail(PROG, f"the run's VAE (data.vae): {e}", 1)
 

@@ -145,20 +145,19 @@ def resolve_config(
     preset: Optional[str], overrides: "Sequence[tuple[str, Any]] | Mapping[str, Any]"
 ) -> tuple[TrainConfig, bool]:
     """The config to run: the preset (default digits) + overrides, or, when the workdir already holds a
-    config.json and a checkpoint, the saved config + overrides (resume). Returns (config, resumed). A
-    config.json without a checkpoint (a run that failed before its first save) is replaced.
+    config.json (with or without a checkpoint: a run stopped before its first save is still that run), the
+    saved config + overrides (resume). Returns (config, resumed).
 
     Raises ConfigError when the overrides (or an explicitly named preset) change a field that fixes the model
     or the data of the saved run.
     """
-    from jdiff.run.checkpoint import has_checkpoint
     from jdiff.run.rundir import config_path, load_run_config
 
     overrides = list(overrides.items() if isinstance(overrides, Mapping) else overrides)
     fresh = apply_overrides(get_preset(preset or "digits"), overrides)
     path = config_path(fresh.run.workdir)
-    if not os.path.isfile(path) or not has_checkpoint(fresh.run.workdir):
-        return fresh, False  # a run's config is binding once its first checkpoint exists
+    if not os.path.isfile(path):
+        return fresh, False  # a run's config is binding once written
     saved, _ = load_run_config(path)
     resumed = apply_overrides(saved, [("run.workdir", fresh.run.workdir), *overrides])
     conflicts = fixed_conflicts(saved, fresh if preset else resumed)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import re
 from typing import Any, Optional
 
@@ -54,6 +56,7 @@ class Autoencoder:
     params: Any
     scaling_factor: float = DEFAULT_SCALING
     shift_factor: Optional[float] = None
+    fingerprint: str = ""  # `fingerprint` of the config and weights it was loaded from ("" when built otherwise)
 
     def encode(self, x: jax.Array, params: Any = None) -> tuple[jax.Array, jax.Array]:
         """Images (B, H, W, C) in [-1, 1] -> posterior (mean, logvar), logvar clipped to [-30, 20]."""
@@ -205,17 +208,41 @@ def to_diffusers(params: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def fingerprint(config: dict, tensors: dict[str, np.ndarray]) -> str:
+    """The identity of a VAE: "sha256:" + the SHA-256 of its config (``_``-prefixed keys left out, keys
+    sorted) and of every tensor (sorted by name: name, dtype, shape, bytes). Equal for the same weights
+    saved again or sharded differently; any changed value changes it."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"\n{name} {a.dtype.str} {a.shape}\n".encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def load_autoencoder(config: dict, tensors: dict[str, np.ndarray]) -> Autoencoder:
     """An `Autoencoder` from a diffusers AutoencoderKL config.json (dict) and its state dict (numpy)."""
     module = module_from_config(config)
     params = jax.tree.map(jnp.asarray, map_tensors(module, tensors))
     shift = config.get("shift_factor")
     return Autoencoder(
-        module, params, float(config.get("scaling_factor", DEFAULT_SCALING)), None if shift is None else float(shift)
+        module,
+        params,
+        float(config.get("scaling_factor", DEFAULT_SCALING)),
+        None if shift is None else float(shift),
+        fingerprint(config, tensors),
     )
 
 
-def load_autoencoder_dir(path: str) -> Autoencoder:
+def load_autoencoder_dir(path: str, expect_fingerprint: Optional[str] = None) -> Autoencoder:
     """`load_autoencoder` of a diffusers model directory (config.json + safetensors), e.g. ``sd-vae-ft-ema/`` or
-    a pipeline's ``vae/``."""
-    return load_autoencoder(*read_model_dir(path))
+    a pipeline's ``vae/``. ``expect_fingerprint`` (a run's recorded `fingerprint`): PretrainedError (one line)
+    if the directory now holds another VAE."""
+    vae = load_autoencoder(*read_model_dir(path))
+    if expect_fingerprint and vae.fingerprint != expect_fingerprint:
+        raise PretrainedError(
+            f"{path} holds another VAE than the one the run was trained with (fingerprint {vae.fingerprint[:19]} "
+            f"!= recorded {expect_fingerprint[:19]}); restore that VAE or start a new run"
+        )
+    return vae

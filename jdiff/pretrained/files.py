@@ -6,7 +6,10 @@ Weights are read with the ``safetensors`` package's numpy API; nothing is ever u
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,10 @@ class PretrainedError(ValueError):
     """A checkpoint directory that jdiff cannot read or map; the message is one line naming the cause."""
 
 
+class PretrainedUsageError(PretrainedError):
+    """A `load` argument that does not apply to this checkpoint (e.g. timestep_convention for a UNet)."""
+
+
 def convert_command(bin_path: Path) -> str:
     """The one-line shell command converting a pickled torch ``.bin`` state dict to safetensors (needs torch)."""
     out = bin_path.with_name(bin_path.name.removesuffix(".bin") + ".safetensors")
@@ -29,10 +36,27 @@ def convert_command(bin_path: Path) -> str:
     )
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """PretrainedError naming what ``path`` is when it is not a readable regular file: missing, a dangling
+    symlink, a symlink loop, a directory, a FIFO/socket/device (never opened: a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise PretrainedError(f"{what} {path} is a dangling symlink") from None
+        raise PretrainedError(f"{what} {path} not found") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PretrainedError(f"{what} {path} is a symlink loop") from None
+        raise PretrainedError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise PretrainedError(f"{what} {path} is {kind}, not a file")
+
+
 def read_json(path: Path, what: str) -> dict:
     """Parse the JSON object at ``path`` (``what`` names it in errors)."""
-    if not path.is_file():
-        raise PretrainedError(f"{what}: {path} not found")
+    check_regular_file(path, f"{what}:")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -57,8 +81,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of one ``.safetensors`` file as numpy arrays (bfloat16 tensors become float32)."""
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        raise PretrainedError(f"weights file {path} not found")
+    check_regular_file(path, "weights file")
     out: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(path), framework="numpy") as f:
@@ -73,6 +96,11 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:
         msg = " ".join(str(e).split())
         raise PretrainedError(f"weights file {path} is corrupted or truncated ({msg})") from None
+    for name in sorted(out):
+        a = out[name]
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad = int(a.size - np.isfinite(a).sum())
+            raise PretrainedError(f"weights file {path}: tensor {name!r} has {bad} non-finite value(s) (NaN or inf)")
     return out
 
 
@@ -103,13 +131,18 @@ def read_model_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not d.is_dir():
         raise PretrainedError(f"model directory {d} not found")
     config = read_json(d / "config.json", "model config")
-    if (d / WEIGHTS).is_file():
+    if os.path.lexists(d / WEIGHTS):  # a symlink, directory or FIFO in its place: one line saying so
         return config, read_safetensors(d / WEIGHTS)
-    if (d / INDEX).is_file():
+    if os.path.lexists(d / INDEX):
         index = read_json(d / INDEX, "safetensors shard index")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise PretrainedError(f"safetensors shard index {d / INDEX} has no 'weight_map' object")
+        bad = [v for v in weight_map.values() if not isinstance(v, str) or not v]
+        if bad:
+            raise PretrainedError(
+                f"safetensors shard index {d / INDEX}: weight_map values must be shard file names, got {bad[0]!r}"
+            )
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             if Path(shard).name != shard:

@@ -11,6 +11,7 @@ extra or inconsistent tensor with one `PretrainedError` line; `tensors_from_para
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -70,6 +71,18 @@ def abstract_params(model: Any, sample_shape: tuple[int, ...], what: str) -> Any
         return eval_params(model, (1, *sample_shape), with_labels=model.num_classes is not None)
     except ValueError as e:
         raise PretrainedError(f"{what} config: {' '.join(str(e).split())}") from None
+
+
+def check_repeats(tensors: dict[str, np.ndarray], pattern: str, want: int, what: str) -> None:
+    """PretrainedError unless the tensor names matching ``pattern`` (a regular expression with one group, the
+    index of a repeated block) number exactly the blocks 0..want-1 the config asks for; checked before the
+    model is built, so that a config asking for 20,000 layers of 2-layer weights fails at once."""
+    found = {int(m.group(1)) for name in tensors if (m := re.match(pattern, name))}
+    if found != set(range(want)):
+        raise PretrainedError(
+            f"{what} but the weights hold {len(found)} such block(s)"
+            + (f" (indices {min(found)}..{max(found)})" if found else "")
+        )
 
 
 def build_links(abstract: Any, translate: Callable[[tuple[str, ...]], tuple[tuple[tuple[str, ...], ...], str]]):

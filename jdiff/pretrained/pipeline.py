@@ -3,29 +3,42 @@
 A pipeline directory holds ``model_index.json``, ``unet/`` (UNet2DModel) or ``transformer/`` (DiT), optionally
 ``vae/`` (AutoencoderKL: the model then samples its latents) and ``scheduler/scheduler_config.json``. A single
 model directory (``config.json`` + safetensors) also loads; its schedule is then diffusers' DDPMScheduler
-default (linear 1e-4..0.02, T=1000, epsilon prediction).
+default (linear 1e-4..0.02, T=1000, epsilon prediction). A pipeline's components are those model_index.json
+names: a ``vae/`` or ``scheduler/`` directory it does not name is not read.
+
+`save` writes the whole directory into a temporary sibling (``.NAME.jdiff-tmp-PID``) and renames it into place
+at the end, so an interrupted export leaves no partial directory (a temporary left by a killed process is
+removed by the next export to the same path).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from jdiff.pretrained.files import PretrainedError, read_json, read_model_dir
+from jdiff.pretrained.files import PretrainedError, PretrainedUsageError, read_json, read_model_dir
 from jdiff.pretrained.scheduler import LEARNED, config_from_schedule, schedule_from_config
 from jdiff.pretrained.transformer import CLASSES as DIT_CLASSES
-from jdiff.pretrained.transformer import config_from_dit, dit_from_config, dit_params, dit_tensors
+from jdiff.pretrained.transformer import CONVENTION_KEY, config_from_dit, dit_from_config, dit_params, dit_tensors
 from jdiff.pretrained.unet2d import CLASS as UNET_CLASS
 from jdiff.pretrained.unet2d import config_from_unet, unet_from_config, unet_params, unet_tensors
 from jdiff.schedules import Schedule
 
 DIFFUSERS_VERSION = "0.31.0"  # written into exported configs (the format, not a dependency)
 DIT_GUIDANCE = 4.0  # DiTPipeline's default guidance_scale
+TMP_TAG = ".jdiff-tmp-"  # temporary siblings of an export in progress: .NAME.jdiff-tmp-PID[-old]
+
+
+class PretrainedWarning(UserWarning):
+    """An export that diffusers loads but does not run as jdiff does (the message names the difference)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +64,17 @@ class Pretrained:
     config: dict = dataclasses.field(default_factory=dict)
 
 
+def _named(index: dict, name: str) -> bool:
+    """Whether model_index.json names component `name` (a [library, class] entry that is not [null, null])."""
+    return index.get(name) not in (None, [None, None])
+
+
 def _component(root: Path, index: dict) -> tuple[str, Path]:
-    found = [name for name in ("unet", "transformer") if name in index or (root / name).is_dir()]
+    found = [name for name in ("unet", "transformer") if _named(index, name)]
     if len(found) != 1:
         raise PretrainedError(
-            f"pipeline {root} must have exactly one of unet/ or transformer/ (model_index.json names {sorted(index)})"
+            f"pipeline {root} must name exactly one of unet or transformer in model_index.json (it names "
+            f"{sorted(k for k in index if not k.startswith('_'))})"
         )
     return found[0], root / found[0]
 
@@ -64,7 +83,7 @@ def _model_from(config: dict, tensors: dict, convention: Optional[str]):
     cls = config.get("_class_name")
     if cls == UNET_CLASS:
         if convention is not None:
-            raise PretrainedError("timestep_convention applies to DiT checkpoints only (this is a UNet2DModel)")
+            raise PretrainedUsageError("timestep_convention applies to DiT checkpoints only (this is a UNet2DModel)")
         model, shape = unet_from_config(config)
         return "unet", model, shape, unet_params(model, shape, tensors)
     if cls in DIT_CLASSES:
@@ -96,9 +115,9 @@ def load(path: str | Path, *, timestep_convention: Optional[str] = None) -> Pret
     if (root / "model_index.json").is_file():
         index = read_json(root / "model_index.json", "pipeline index")
         _, model_dir = _component(root, index)
-        if (root / "scheduler").is_dir() or "scheduler" in index:
+        if _named(index, "scheduler"):
             scheduler = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
-        if (root / "vae").is_dir() or index.get("vae") not in (None, [None, None]):
+        if _named(index, "vae"):
             vae = _load_vae(root / "vae")
         labels = index.get("id2label")
         if isinstance(labels, dict):
@@ -154,16 +173,26 @@ def save(
     schedule: Schedule | dict,
     prediction: str = "eps",
     vae_dir: str | Path | None = None,
+    overwrite: bool = False,
+    stop: Optional[Callable[[], bool]] = None,
 ) -> Path:
     """Writes a jdiff `UNet` or `DiT` as a diffusers-format pipeline directory: ``model_index.json``,
     ``unet/`` or ``transformer/`` (config.json + diffusion_pytorch_model.safetensors) and
     ``scheduler/scheduler_config.json`` (a DDPMScheduler; ``schedule`` is a jdiff Schedule, written as its
     trained_betas, or a dict of diffusers keys from `jdiff.pretrained.scheduler.named_schedule`).
-    ``sample_shape`` (H, W, C) is what the model samples. diffusers' ``from_pretrained`` then computes what
-    jdiff computes (DiT: with ``freq_shift=1``, diffusers' convention; a reference-convention DiT is written
-    with the same weights, which diffusers runs with its own timestep embedding, exactly as for the published
-    DiT checkpoints). `load` reads it back exactly. ``vae_dir``: a diffusers AutoencoderKL directory whose
-    latents the model samples, copied into ``vae/``. PretrainedError for a model diffusers cannot express."""
+    ``sample_shape`` (H, W, C) is what the model samples. ``vae_dir``: a diffusers AutoencoderKL directory whose
+    latents the model samples, copied into ``vae/``. `load` reads the directory back exactly.
+
+    diffusers' ``from_pretrained`` computes what jdiff computes for a UNet and for a DiT with ``freq_shift=1``
+    (diffusers' convention). Two exports differ in diffusers, each with a `PretrainedWarning` naming the
+    difference: a reference-convention DiT (``freq_shift=0``, as the published DiT weights; diffusers' DiT
+    embeds t with downscale_freq_shift 1, so its outputs differ), and a class-conditional UNet (DDPMPipeline
+    passes no class labels; call its ``unet`` with ``class_labels``).
+
+    The directory is written to a temporary sibling and renamed into place at the end. An existing non-empty
+    ``path`` is refused unless ``overwrite`` (then it is replaced as a whole, nothing of it is kept).
+    ``stop()``, if given, is asked between files: True removes the partial output and raises
+    KeyboardInterrupt. PretrainedError for a model diffusers cannot express or a path that cannot be written."""
     from safetensors.numpy import save_file
 
     from jdiff.models import DiT, UNet
@@ -171,33 +200,107 @@ def save(
     if isinstance(model, UNet):
         name, pipeline = "unet", "DDPMPipeline"
         config, tensors = config_from_unet(model, sample_shape), unet_tensors(model, sample_shape, params)
+        if model.num_classes is not None:
+            _warn(
+                "a class-conditional UNet2DModel: diffusers' DDPMPipeline passes no class labels (it cannot be "
+                "called as a pipeline); call pipeline.unet(x, t, class_labels=y), which computes what jdiff computes"
+            )
     elif isinstance(model, DiT):
         name, pipeline = "transformer", "DiTPipeline"
         config, tensors = config_from_dit(model, sample_shape), dit_tensors(model, sample_shape, params)
+        if config[CONVENTION_KEY] == "reference":
+            _warn(
+                "a reference-convention DiT (freq_shift 0): diffusers' DiTTransformer2DModel embeds the timestep "
+                "with downscale_freq_shift 1, so diffusers' outputs differ from jdiff's; jdiff.pretrained.load "
+                "reads it back exactly (train with model.freq_shift 1 for an export diffusers runs identically)"
+            )
     else:
         raise PretrainedError(f"save: expected a jdiff UNet or DiT, got {type(model).__name__}")
     c = int(sample_shape[-1])
     learned = config["out_channels"] == 2 * c
     scheduler = config_from_schedule(schedule, prediction, learned_variance=learned)
+    vae = read_model_dir(vae_dir) if vae_dir is not None else None  # checks it is a readable model directory
     root = Path(path)
+    _check_target(root, overwrite)
+    tmp = _temporary(root, "")
+    write = lambda p, d: p.write_text(json.dumps({**d, "_diffusers_version": DIFFUSERS_VERSION}, indent=2) + "\n")
+
+    def check_stop() -> None:
+        if stop is not None and stop():
+            raise KeyboardInterrupt
+
     try:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        (root / "scheduler").mkdir(exist_ok=True)
-        write = lambda p, d: p.write_text(json.dumps({**d, "_diffusers_version": DIFFUSERS_VERSION}, indent=2) + "\n")
-        write(root / name / "config.json", config)
-        save_file(tensors, str(root / name / "diffusion_pytorch_model.safetensors"))
-        write(root / "scheduler" / "scheduler_config.json", scheduler)
+        _remove_stale(root)
+        (tmp / name).mkdir(parents=True)
+        (tmp / "scheduler").mkdir()
+        write(tmp / name / "config.json", config)
+        save_file(tensors, str(tmp / name / "diffusion_pytorch_model.safetensors"))
+        check_stop()
+        write(tmp / "scheduler" / "scheduler_config.json", scheduler)
         index = {"_class_name": pipeline, name: ["diffusers", config["_class_name"]]}
         index["scheduler"] = ["diffusers", "DDPMScheduler"]
-        if vae_dir is not None:
-            vae_config, vae_tensors = read_model_dir(vae_dir)  # checks it is a readable model directory
-            (root / "vae").mkdir(exist_ok=True)
-            write(root / "vae" / "config.json", vae_config)
-            save_file(vae_tensors, str(root / "vae" / "diffusion_pytorch_model.safetensors"))
+        if vae is not None:
+            vae_config, vae_tensors = vae
+            (tmp / "vae").mkdir()
+            write(tmp / "vae" / "config.json", vae_config)
+            save_file(vae_tensors, str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
             index["vae"] = ["diffusers", vae_config.get("_class_name", "AutoencoderKL")]
         elif pipeline == "DiTPipeline":
             index["vae"] = [None, None]
-        write(root / "model_index.json", index)
+        write(tmp / "model_index.json", index)
+        check_stop()
+        _put_in_place(tmp, root)
     except OSError as e:
         raise PretrainedError(f"cannot write {root}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; the partial output otherwise
     return root
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, PretrainedWarning, stacklevel=3)
+
+
+def _check_target(root: Path, overwrite: bool) -> None:
+    """PretrainedError for an output path that is a file, or a non-empty directory without `overwrite`."""
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise PretrainedError(f"cannot write {root}: it exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise PretrainedError(
+            f"{root} exists and is not empty; choose a new output directory or overwrite it (overwrite=True, "
+            "export --overwrite), which replaces it as a whole"
+        )
+
+
+def _temporary(root: Path, suffix: str) -> Path:
+    return root.parent / f".{root.name}{TMP_TAG}{os.getpid()}{suffix}"
+
+
+def _remove_stale(root: Path) -> None:
+    """Removes the temporaries of earlier exports to `root` whose process is gone (a kill -9)."""
+    for p in root.parent.glob(f".{root.name}{TMP_TAG}*"):
+        pid = p.name[len(f".{root.name}{TMP_TAG}") :].removesuffix("-old")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _put_in_place(tmp: Path, root: Path) -> None:
+    """Renames the finished `tmp` to `root`; an existing `root` (empty, or overwritten) is moved aside first
+    and removed after."""
+    old = None
+    if root.exists():
+        old = _temporary(root, "-old")
+        os.rename(root, old)
+    os.rename(tmp, root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

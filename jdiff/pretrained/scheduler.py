@@ -2,8 +2,12 @@
 jdiff's training noise schedule and prediction type.
 
 Only the training schedule is read (beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas,
-rescale_betas_zero_snr, prediction_type, variance_type); how to sample (steps, spacing, clipping) is chosen
-at sampling time by jdiff's sampler options.
+rescale_betas_zero_snr, prediction_type, variance_type); how to sample (steps, spacing, clipping, solver
+order, Karras sigmas, ...) is chosen at sampling time by jdiff's sampler options, so those keys are accepted
+and not read. ``_class_name`` must be one of `SCHEDULERS` (the discrete-time beta schedulers, which share one
+training schedule; each with its own defaults) and every key must be one of that class's; anything else (EDM
+and flow-matching schedulers, a continuous timestep_type, flow sigmas, trained_betas whose length is not
+num_train_timesteps) is one `PretrainedError` line.
 """
 
 from __future__ import annotations
@@ -24,12 +28,109 @@ BETA_SCHEDULES = {
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 LEARNED = ("learned", "learned_range")  # DDPMScheduler variance types of a learned-variance model
 DEFAULT = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+MAX_TIMESTEPS = 100_000  # num_train_timesteps bound (published models use 1000)
+_BASE = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+_SPACING = ("timestep_spacing", "steps_offset")
+_THRESHOLD = ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+_FLOW = ("use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type")  # flow sigmas must be off
+_MULTISTEP = ("solver_order", *_THRESHOLD, "solver_type", "lower_order_final", *_SIGMAS, *_FLOW)
+_LOW_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}  # defaults of the k-diffusion ports
+# diffusers scheduler class -> (its config keys (diffusers 0.3x __init__), its defaults where not DEFAULT's)
+SCHEDULERS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "DDPMScheduler": (
+        (*_BASE, "variance_type", "clip_sample", *_THRESHOLD, "clip_sample_range", *_SPACING, "rescale_betas_zero_snr"),
+        {},
+    ),
+    "DDIMScheduler": (
+        (
+            *_BASE,
+            "clip_sample",
+            "set_alpha_to_one",
+            *_THRESHOLD,
+            "clip_sample_range",
+            *_SPACING,
+            "rescale_betas_zero_snr",
+        ),
+        {},
+    ),
+    "PNDMScheduler": ((*_BASE, "skip_prk_steps", "set_alpha_to_one", *_SPACING), {}),
+    "EulerDiscreteScheduler": (
+        (*_BASE, "interpolation_type", *_SIGMAS, "sigma_min", "sigma_max", *_SPACING, "timestep_type")
+        + ("rescale_betas_zero_snr", "final_sigmas_type"),
+        {},
+    ),
+    "EulerAncestralDiscreteScheduler": ((*_BASE, *_SPACING, "rescale_betas_zero_snr"), {}),
+    "DPMSolverMultistepScheduler": (
+        (*_BASE, *_MULTISTEP, "algorithm_type", "euler_at_final", "use_lu_lambdas", "final_sigmas_type")
+        + ("lambda_min_clipped", "variance_type", *_SPACING, "rescale_betas_zero_snr"),
+        {},
+    ),
+    "DPMSolverSinglestepScheduler": (
+        (*_BASE, *_MULTISTEP, "algorithm_type", "final_sigmas_type", "lambda_min_clipped", "variance_type"),
+        {},
+    ),
+    "LMSDiscreteScheduler": ((*_BASE, *_SIGMAS, *_SPACING), {}),
+    "HeunDiscreteScheduler": ((*_BASE, *_SIGMAS, "clip_sample", "clip_sample_range", *_SPACING), _LOW_BETAS),
+    "UniPCMultistepScheduler": (
+        (*_BASE, *_MULTISTEP, "predict_x0", "disable_corrector", "solver_p", *_SPACING, "final_sigmas_type")
+        + ("rescale_betas_zero_snr", "sigma_min", "sigma_max", "shift_terminal"),
+        {},
+    ),
+    "KDPM2DiscreteScheduler": ((*_BASE, *_SIGMAS, *_SPACING), _LOW_BETAS),
+    "KDPM2AncestralDiscreteScheduler": ((*_BASE, *_SIGMAS, *_SPACING), _LOW_BETAS),
+    "DEISMultistepScheduler": ((*_BASE, *_MULTISTEP, "algorithm_type", *_SPACING), {}),
+    "DPMSolverSDEScheduler": ((*_BASE, *_SIGMAS, "noise_sampler_seed", *_SPACING), _LOW_BETAS),
+}
+
+
+def check_scheduler_config(config: dict) -> str:
+    """The scheduler class of a diffusers scheduler config (DDPMScheduler when ``_class_name`` is absent);
+    PretrainedError (one line naming ``_class_name`` or the key) for a class jdiff does not map, a key that
+    class does not have, flow sigmas, a continuous timestep_type, or a num_train_timesteps / trained_betas that
+    is not a sane int / matching list."""
+    cls = config.get("_class_name", "DDPMScheduler")
+    if cls not in SCHEDULERS:
+        if isinstance(cls, str) and cls.startswith("FlowMatch"):
+            raise PretrainedError(
+                f"scheduler _class_name {cls!r}: flow-matching schedulers are not supported yet (jdiff reads the "
+                "discrete beta schedulers)"
+            )
+        raise PretrainedError(
+            f"scheduler _class_name {cls!r} is not supported; supported: {', '.join(sorted(SCHEDULERS))}"
+        )
+    keys, _ = SCHEDULERS[cls]
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in keys)
+    if unknown:
+        raise PretrainedError(f"scheduler config key(s) {unknown} are not {cls} settings; its keys: {', '.join(keys)}")
+    if config.get("use_flow_sigmas"):
+        raise PretrainedError(f"scheduler use_flow_sigmas=true ({cls}): flow-matching schedules are not supported yet")
+    if config.get("timestep_type", "discrete") != "discrete":
+        raise PretrainedError(
+            f"scheduler timestep_type={config['timestep_type']!r} is not supported; supported: 'discrete' (the model "
+            "takes the integer timestep)"
+        )
+    t = config.get("num_train_timesteps", DEFAULT["num_train_timesteps"])
+    if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= MAX_TIMESTEPS:
+        raise PretrainedError(
+            f"scheduler num_train_timesteps={t!r} is not supported; supported: an int in [1, {MAX_TIMESTEPS}]"
+        )
+    for key in ("beta_start", "beta_end"):
+        v = config.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1):
+            raise PretrainedError(f"scheduler {key}={v!r} is not supported; supported: a number in (0, 1)")
+    betas = config.get("trained_betas")
+    if betas is not None and (not isinstance(betas, list) or len(betas) != t):
+        got = f"{len(betas)} values" if isinstance(betas, list) else repr(type(betas).__name__)
+        raise PretrainedError(f"scheduler trained_betas must be a list of num_train_timesteps={t} values, got {got}")
+    return cls
 
 
 def schedule_from_config(config: dict) -> tuple[Schedule, str]:
     """(jdiff Schedule, prediction "eps"/"v"/"x0") of a diffusers scheduler config; PretrainedError (one line
-    naming the key and the supported values) for a schedule jdiff does not have."""
-    c = {**DEFAULT, **{k: v for k, v in config.items() if v is not None}}
+    naming the key and the supported values) for a schedule jdiff does not have (`check_scheduler_config`)."""
+    cls = check_scheduler_config(config)
+    c = {**DEFAULT, **SCHEDULERS[cls][1], **{k: v for k, v in config.items() if v is not None}}
     pred = c.get("prediction_type", "epsilon")
     if pred not in PREDICTIONS:
         raise PretrainedError(f"scheduler prediction_type={pred!r} is not supported; supported: {list(PREDICTIONS)}")

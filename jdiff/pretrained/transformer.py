@@ -14,6 +14,7 @@ one, so the copies must be equal.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -21,8 +22,15 @@ import numpy as np
 
 from jdiff.models.dit import DiT
 from jdiff.models.embeddings import sincos_2d
-from jdiff.pretrained.files import PretrainedError, check_config_keys
-from jdiff.pretrained.mapping import abstract_params, build_links, leaf_suffix, params_from_tensors, tensors_from_params
+from jdiff.pretrained.files import PretrainedError, PretrainedUsageError, check_config_keys
+from jdiff.pretrained.mapping import (
+    abstract_params,
+    build_links,
+    check_repeats,
+    leaf_suffix,
+    params_from_tensors,
+    tensors_from_params,
+)
 
 CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 CONVENTIONS = ("reference", "diffusers")
@@ -99,9 +107,10 @@ def dit_from_config(config: dict, convention: str | None = None) -> tuple[DiT, t
         raise PretrainedError(f"model config _class_name {cls!r} is not a DiT; supported: {', '.join(CLASSES)}")
     if cls == "Transformer2DModel":
         config = {**T2D_DEFAULTS, **config}
+    error = PretrainedUsageError if convention else PretrainedError  # the argument, or the config's record
     convention = convention or config.get(CONVENTION_KEY, "reference")
     if convention not in CONVENTIONS:
-        raise PretrainedError(f"timestep_convention {convention!r} is not supported; supported: {CONVENTIONS}")
+        raise error(f"timestep_convention {convention!r} is not supported; supported: {CONVENTIONS}")
     check_config_keys(config, USED, FIXED, "DiT")
     for key, want in FIXED.items():
         if config.get(key, want) != want and not (want is None and config.get(key) in (None, False)):
@@ -122,8 +131,8 @@ def dit_from_config(config: dict, convention: str | None = None) -> tuple[DiT, t
     if c["sample_size"] % c["patch_size"]:
         raise _err("sample_size", c["sample_size"], f"a multiple of patch_size {c['patch_size']}")
     eps = c["norm_eps"]
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-        raise _err("norm_eps", eps, "a positive number")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        raise _err("norm_eps", eps, "a positive finite number")
     learn_sigma = c_out == 2 * c_in
     model = DiT(
         patch_size=c["patch_size"],
@@ -219,10 +228,17 @@ def _translate(depth: int):
 def dit_params(model: DiT, sample_shape, tensors: dict[str, np.ndarray]) -> dict:
     """jdiff DiT params (numpy) from a DiTTransformer2DModel state dict. A stored ``pos_embed.pos_embed`` (the
     fixed sin-cos table of older exports) must equal jdiff's."""
+    check_repeats(tensors, r"transformer_blocks\.(\d+)\.", model.depth, f"DiT config num_layers={model.depth}")
     tensors = dict(tensors)
     pos = tensors.pop("pos_embed.pos_embed", None)
     if pos is not None:
         p = model.patch_size
+        tokens = (sample_shape[0] // p) * (sample_shape[1] // p)
+        if pos.size != tokens * model.hidden_size:  # before building the table: a bogus sample_size is large
+            raise PretrainedError(
+                f"DiT weight 'pos_embed.pos_embed' has shape {tuple(pos.shape)}, the config needs "
+                f"{tokens} x {model.hidden_size} (sample_size / patch_size squared x hidden)"
+            )
         want = sincos_2d(model.hidden_size, sample_shape[0] // p, sample_shape[1] // p)
         if pos.reshape(-1).shape != want.reshape(-1).shape or not np.allclose(pos.reshape(want.shape), want, atol=1e-5):
             raise PretrainedError("DiT weight 'pos_embed.pos_embed' is not the fixed 2-D sin-cos table jdiff uses")

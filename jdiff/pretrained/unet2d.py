@@ -9,6 +9,7 @@ Everything else is refused with one `PretrainedError` line naming the key and th
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -18,7 +19,14 @@ import numpy as np
 from jdiff.models.layers import num_groups
 from jdiff.models.unet import UNet
 from jdiff.pretrained.files import PretrainedError, check_config_keys
-from jdiff.pretrained.mapping import abstract_params, build_links, leaf_suffix, params_from_tensors, tensors_from_params
+from jdiff.pretrained.mapping import (
+    abstract_params,
+    build_links,
+    check_repeats,
+    leaf_suffix,
+    params_from_tensors,
+    tensors_from_params,
+)
 
 CLASS = "UNet2DModel"
 DOWN, ATTN_DOWN, UP, ATTN_UP = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
@@ -154,8 +162,10 @@ def unet_from_config(config: dict) -> tuple[UNet, tuple[int, int, int]]:
         if not _is_int(c[key]) or c[key] < 1:
             raise _err(key, c[key], "an int >= 1")
     for key in ("freq_shift", "norm_eps", "dropout"):
-        if not _is_num(c[key]):
-            raise _err(key, c[key], "a number")
+        if not _is_num(c[key]) or not math.isfinite(c[key]):
+            raise _err(key, c[key], "a finite number")
+    if c["norm_eps"] <= 0:
+        raise _err("norm_eps", c["norm_eps"], "a positive number")
     if not isinstance(c["flip_sin_to_cos"], bool):
         raise _err("flip_sin_to_cos", c["flip_sin_to_cos"], "true, false")
     if c["downsample_padding"] not in (0, 1):
@@ -315,6 +325,9 @@ def normalize_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def unet_params(model: UNet, sample_shape, tensors: dict[str, np.ndarray]) -> dict:
     """jdiff UNet params (numpy) from a UNet2DModel state dict."""
+    n, lpb = len(model.ch_mult), model.num_res_blocks
+    check_repeats(tensors, r"down_blocks\.(\d+)\.", n, f"UNet2DModel config block_out_channels has {n} levels")
+    check_repeats(tensors, r"down_blocks\.0\.resnets\.(\d+)\.", lpb, f"UNet2DModel config layers_per_block={lpb}")
     abstract = abstract_params(model, sample_shape, "UNet2DModel")
     links = build_links(abstract, _translate(len(model.ch_mult)))
     return params_from_tensors(links, abstract, normalize_names(tensors), "UNet2DModel")

@@ -18,7 +18,7 @@ from jdiff.run.mesh import (
     maybe_initialize_distributed,
     replicated,
 )
-from jdiff.run.rundir import RunError, RunInfo, load_run_config, open_run, save_run_config, workdir_lock
+from jdiff.run.rundir import RunError, RunInfo, check_same_run, load_run_config, open_run, save_run_config, workdir_lock
 
 __all__ = [
     "build_model",
@@ -53,5 +53,6 @@ __all__ = [
     "open_run",
     "save_run_config",
     "load_run_config",
+    "check_same_run",
     "workdir_lock",
 ]

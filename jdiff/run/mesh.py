@@ -47,11 +47,16 @@ def mesh_shape(spec: "str | Mapping[str, int] | None", num_devices: int) -> tupl
         f = num_devices // d
     if d < 1 or f < 1 or d * f != num_devices:
         got = "does not divide" if min(d, f) < 1 else f"has {d * f} devices, not"
-        raise ConfigError(
-            f"run.mesh {text} {got} the {num_devices} devices of this run; data*fsdp must equal {num_devices} "
-            f"(e.g. --run.mesh data={num_devices},fsdp=1 or --run.mesh data=1,fsdp={num_devices})"
-        )
+        raise ConfigError(f"run.mesh {text} {got} the {num_devices} devices of this run; {mesh_hint(num_devices)}")
     return d, f
+
+
+def mesh_hint(num_devices: int) -> str:
+    """What to pass instead of a mesh that does not fit `num_devices` (each suggestion once)."""
+    options = ["--run.mesh none (all devices on data)"]
+    if num_devices > 1:
+        options += [f"--run.mesh data={num_devices},fsdp=1", f"--run.mesh data=1,fsdp={num_devices}"]
+    return f"data*fsdp must equal {num_devices}: pass " + " or ".join(options)
 
 
 def make_mesh(devices: Optional[Sequence[Any]] = None, shape: "str | Mapping[str, int] | None" = None) -> Mesh:

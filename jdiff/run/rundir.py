@@ -47,6 +47,35 @@ def save_run_config(workdir: str, config: TrainConfig, derived: Mapping[str, Any
     return path
 
 
+def check_same_run(workdir: str, config: TrainConfig, derived: Mapping[str, Any]) -> None:
+    """RunError (one line) before `config` is written over workdir/config.json of another run: a field that
+    fixes the model or data differs from the saved config (with or without a checkpoint: a run killed before
+    its first save is still that run), or, once the run has a checkpoint, its VAE (data.vae) holds other
+    weights or config than the recorded ``vae_fingerprint``. Nothing to check when there is no config.json."""
+    from jdiff.config.keys import fixed_conflicts
+    from jdiff.run.checkpoint import has_checkpoint
+
+    path = config_path(workdir)
+    if not os.path.isfile(path):
+        return
+    try:
+        saved, saved_derived = load_run_config(path)
+    except (ConfigError, OSError, ValueError) as e:
+        raise RunError(f"{path} cannot be read ({one_line(e)}); remove it or choose another workdir") from None
+    conflicts = fixed_conflicts(saved, config)
+    if conflicts:
+        raise RunError(
+            f"{os.path.abspath(workdir)} holds another run's config.json ({'; '.join(conflicts)}); resume it with "
+            "its settings or choose a new run.workdir"
+        )
+    was, now = saved_derived.get("vae_fingerprint"), derived.get("vae_fingerprint")
+    if was and now != was and has_checkpoint(workdir):
+        raise RunError(
+            f"data.vae {config.data.vae} holds another VAE than the one this run was trained with (fingerprint "
+            f"{str(now)[:19]} != recorded {was[:19]}); restore that VAE or start a new run"
+        )
+
+
 def load_run_config(path: str) -> tuple[TrainConfig, dict[str, Any]]:
     """(config, derived) from a config.json written by `save_run_config`; ConfigError if it is malformed."""
     with open(path) as f:

@@ -20,7 +20,7 @@ from jdiff.sampling.base import (
 )
 from jdiff.sampling.timesteps import SPACINGS, Grid, discrete_timesteps, karras_sigmas, make_grid
 
-_INFRASTRUCTURE = {"api", "base", "denoiser", "timesteps"}
+_INFRASTRUCTURE = {"api", "base", "corrector", "denoiser", "multistep", "timesteps"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE:
         importlib.import_module(f"{__name__}.{_module.name}")

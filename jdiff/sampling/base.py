@@ -34,8 +34,8 @@ class Step(NamedTuple):
     of float32 scalars: the model timestep t, alpha, sigma of this level -> t_next, alpha_next, sigma_next).
 
     num_steps: N, the number of steps of the run (a Python int: it is static). level(sigma_edm) -> (t, alpha,
-    sigma): the model timestep and VP coefficients of the EDM noise level sigma_edm = sigma/alpha, clamped to
-    the schedule's range (for samplers that evaluate the model off the grid, e.g. EDM's churn)."""
+    sigma): the model timestep of the EDM noise level sigma_edm = sigma/alpha (clamped to [0, T-1]) and its
+    VP coefficients (for samplers that evaluate the model off the grid, e.g. EDM's churn)."""
 
     index: Array
     is_first: Array

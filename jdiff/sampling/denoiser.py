@@ -26,8 +26,8 @@ from jdiff.schedules import ABAR_FLOOR
 
 Array = jax.Array
 
-# The smallest alpha an EDM network is evaluated at (sigma_edm <= 4096): a zero-terminal-SNR level (alpha = 0)
-# has no finite EDM sigma.
+# The alpha an EDM network is evaluated at on a zero-terminal-SNR level (alpha = 0 has no finite EDM sigma;
+# sigma_edm = 4096 there). Every positive alpha, however small, is used as it is.
 EDM_ALPHA_FLOOR = ABAR_FLOOR**0.5
 
 
@@ -82,7 +82,7 @@ def make_denoiser(
         b, c = x.shape[0], x.shape[-1]
         x_in, t_in = x, t
         if precond is not None:
-            x_edm, sig = edm.from_vp(x=x, alpha=jnp.maximum(alpha, EDM_ALPHA_FLOOR), sigma=sigma)
+            x_edm, sig = edm.from_vp(x=x, alpha=jnp.where(alpha > 0, alpha, EDM_ALPHA_FLOOR), sigma=sigma)
             coef = edm.coefficients(precond, sigma=sig)
             x_in, t_in = coef.c_in * x_edm, coef.c_noise
         elif prediction in FLOW_PREDICTIONS:

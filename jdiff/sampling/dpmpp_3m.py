@@ -1,5 +1,7 @@
 """DPM-Solver++(3M) (Lu et al. 2022, "DPM-Solver++", multistep third order in x0 space; diffusers
-DPMSolverMultistepScheduler with solver_order=3, algorithm_type="dpmsolver++"), deterministic.
+DPMSolverMultistepScheduler with solver_order=3, algorithm_type="dpmsolver++"; k-diffusion
+`sample_dpmpp_3m_sde` with eta = 0 is this sampler with lower_order_final=False, solver_type="heun"),
+deterministic.
 
 With lambda = log(alpha/sigma), h = lambda_next - lambda_i, r0 = h_{i-1}/h, r1 = h_{i-2}/h and D_i the model's
 x0 at level i:
@@ -7,11 +9,14 @@ x0 at level i:
   D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1)/(r0 + r1),
   x_next = (sigma_next/sigma) x - alpha_next (e^{-h} - 1) D_i + alpha_next ((e^{-h} - 1)/h + 1) D1
            - alpha_next ((e^{-h} - 1 + h)/h^2 - 1/2) D2                    (third order),
-  x_next = (sigma_next/sigma) x - alpha_next (e^{-h} - 1) (D_i + D1_0/2)   (second order, = DPM-Solver++(2M)),
+  x_next = (sigma_next/sigma) x - alpha_next (e^{-h} - 1) D_i + w(h) alpha_next D1_0
+                                              (second order, = DPM-Solver++(2M) with its solver_type's w),
   x_next = (sigma_next/sigma) x - alpha_next (e^{-h} - 1) D_i               (first order, = DDIM).
-Order min(3, i + 1) (multistep warm-up), first order on the last step (to sigma = 0) and, when N < 15, first
-order on the step into the grid's smallest noise level and at most second on the one before (diffusers'
-lower_order_final, `jdiff.sampling.dpm_solver.multistep_order`). One model call per step.
+Order min(3, i + 1) (multistep warm-up), first order on the last step (to sigma = 0) and on the step into the
+grid's smallest noise level, by lower_order_final (`jdiff.sampling.multistep.multistep_order`): "diffusers"
+(the default) at most second order when N < 15, "none" unchanged (k-diffusion), "ddim_last" first order when
+N < 15 (and at most second on the step before).
+One model call per step.
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jdiff.sampling.base import Sampler, register
-from jdiff.sampling.dpm_solver import log_alpha_sigma, multistep_order
+from jdiff.sampling.multistep import (
+    LOWER_ORDER_FINAL,
+    SOLVER_TYPE,
+    log_alpha_sigma,
+    multistep_order,
+    second_order_weight,
+)
 
 
 def dpmpp_3m_step(denoise, carry, s, noise, opts):
@@ -28,7 +39,7 @@ def dpmpp_3m_step(denoise, carry, s, noise, opts):
     d = denoise(x, g.t, g.alpha, g.sigma)
     m0 = d.x0
     h = log_alpha_sigma(g.alpha_next, g.sigma_next) - log_alpha_sigma(g.alpha, g.sigma)  # +inf on the last step
-    order = multistep_order(s.index, s.num_steps, 3)
+    order = multistep_order(s.index, s.num_steps, 3, opts["lower_order_final"])
     hs = jnp.where(order > 1, h, 1.0)  # finite stand-in where the first-order update is used
     r0 = jnp.where(order > 1, h1 / hs, 1.0)
     r1 = jnp.where(order > 2, h2 / hs, 1.0)
@@ -39,7 +50,7 @@ def dpmpp_3m_step(denoise, carry, s, noise, opts):
     d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
     base = (g.sigma_next / g.sigma) * x - g.alpha_next * em1 * m0
-    second = base - 0.5 * g.alpha_next * em1s * d1_0
+    second = base + second_order_weight(hs, opts["solver_type"]) * g.alpha_next * d1_0
     third = base + g.alpha_next * ((em1s + hs) / hs) * d1 - g.alpha_next * ((em1s + hs) / hs**2 - 0.5) * d2
     x_next = jnp.where(order == 1, base, jnp.where(order == 2, second, third))
     return x_next, m0, m1, h, h1
@@ -58,6 +69,7 @@ DPMPP_3M = register(
         nfe=lambda n: n,
         stochastic=False,
         zero_terminal_snr=True,
+        options={"lower_order_final": LOWER_ORDER_FINAL, "solver_type": SOLVER_TYPE},
         init=_init,
         output=lambda carry: carry[0],
     )

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdiff import flow
-from jdiff.schedules import Schedule, log_snr_at, t_from_log_snr
+from jdiff.schedules import Schedule, t_from_log_snr
 
 Array = jax.Array
 
@@ -120,15 +120,13 @@ def make_grid(schedule: Schedule, spacing: str, num_steps: int, *, rho: float = 
 
 
 def level_fn(schedule: Schedule):
-    """level(sigma_edm) -> (t, alpha, sigma) for `Step.level`: the EDM noise level sigma_edm = sigma/alpha
-    clamped to the schedule's range [sigma_edm(t=0), sigma_edm(t=T-1)], its fractional model timestep
-    (`t_from_log_snr`) and alpha = 1/sqrt(1 + sigma_edm^2), sigma = sigma_edm alpha."""
-    big_t = schedule.num_timesteps
-    lam_lo, lam_hi = log_snr_at(schedule, big_t - 1.0), log_snr_at(schedule, 0.0)
+    """level(sigma_edm) -> (t, alpha, sigma) for `Step.level`: the model timestep of the EDM noise level
+    sigma_edm = sigma/alpha (`t_from_log_snr`, fractional, clamped to [0, T-1]: beyond the schedule's range the
+    model sees its nearest trained timestep, as k-diffusion's discrete-schedule wrappers do) and the VP
+    coefficients of sigma_edm itself, alpha = 1/sqrt(1 + sigma_edm^2), sigma = sigma_edm alpha."""
 
     def level(sigma_edm):
-        lam = jnp.clip(-2.0 * jnp.log(sigma_edm), lam_lo, lam_hi)
-        alpha = jnp.sqrt(jax.nn.sigmoid(lam))
-        return t_from_log_snr(schedule, lam), alpha, jnp.sqrt(jax.nn.sigmoid(-lam))
+        alpha = lax.rsqrt(1.0 + sigma_edm**2)
+        return t_from_log_snr(schedule, -2.0 * jnp.log(sigma_edm)), alpha, sigma_edm * alpha
 
     return level

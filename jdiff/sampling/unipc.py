@@ -1,5 +1,5 @@
 """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
-Models"; diffusers UniPCMultistepScheduler with predict_x0=True, solver_type="bh2", lower_order_final=True).
+Models"; diffusers UniPCMultistepScheduler with predict_x0=True, solver_type="bh2").
 
 Data prediction, lambda = log(alpha/sigma), h = lambda_t - lambda_s, hh = -h, B(h) = e^{hh} - 1 (bh2),
 phi_1 = e^{hh} - 1 and b_k = k! phi_{k+1}(hh)/B(h) with phi_{k+1} = phi_k/hh - 1/k! (Alg. 2 of the paper).
@@ -12,9 +12,10 @@ D_j = (m_{s_j} - m_s)/r_j):
     x_t^c = (sigma_t/sigma_s) x_s - alpha_t phi_1 m_s - alpha_t B(h) (sum_j c_j D_j + c_p (m_t - m_s)),
     c = 1/2 for p = 1, else c solves the p x p system with r_p = 1 and right side b_1..b_p.
 The predictor of step i has order min(order, i + 1) (multistep warm-up), 1 on the last step (to sigma = 0,
-returning m_s) and, when N < 15, at most k on the k-th step before it (lower_order_final,
-`jdiff.sampling.dpm_solver.multistep_order`); the corrector of step i > 0 has the order of step i - 1's
-predictor.
+returning m_s) and on the step before it, by lower_order_final (`jdiff.sampling.multistep.multistep_order`):
+"diffusers" (the default; UniPCMultistepScheduler's lower_order_final, whatever N) at most 2, "none"
+unchanged, "ddim_last" 1 when N < 15 (at most 2 on the step before); the corrector of step i > 0 has the
+order of step i - 1's predictor.
 `order` (1, 2 or 3; default 2, UniPC-2 as in diffusers) is static. UniP-2 with bh2 is DPM-Solver++(2M).
 One model call per step.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jdiff.sampling.base import Sampler, register
-from jdiff.sampling.dpm_solver import log_alpha_sigma, multistep_order
+from jdiff.sampling.multistep import LOWER_ORDER_FINAL, log_alpha_sigma, multistep_order
 from jdiff.spec import Spec
 
 MAX_ORDER = 3
@@ -78,12 +79,13 @@ def unipc_step(denoise, carry, s, noise, opts):
     lam_t = log_alpha_sigma(g.alpha, g.sigma)
     i, n = s.index, s.num_steps
     # UniC: correct x_i with the model call at x_i; its order is that of step i-1's predictor.
-    q = multistep_order(i - 1, n, k_max)
+    lof = opts["lower_order_final"]
+    q = multistep_order(i - 1, n, k_max, lof, always=True)
     hc = jnp.where(s.is_first, 1.0, lam_t - lams[0])
     xc = uni_update(x_last, g.sigma / sig_last, g.alpha, hc, ms[0], ms[1:], lams[1:], lams[0], q, k_max, m_t=m_t)
     x = jnp.where(s.is_first, x, xc)
     # UniP from the corrected x_i to level i+1.
-    p = multistep_order(i, n, k_max)
+    p = multistep_order(i, n, k_max, lof, always=True)
     h = log_alpha_sigma(g.alpha_next, g.sigma_next) - lam_t  # +inf on the last step (order 1 there)
     hp = jnp.where(s.is_last, 1.0, h)
     x_hi = uni_update(x, g.sigma_next / g.sigma, g.alpha_next, hp, m_t, ms, lams, lam_t, p, k_max)
@@ -112,7 +114,7 @@ UNIPC = register(
         nfe=lambda n: n,
         stochastic=False,
         zero_terminal_snr=True,
-        options={"order": ORDER},
+        options={"order": ORDER, "lower_order_final": LOWER_ORDER_FINAL},
         init=_init,
         output=lambda carry: carry[0],
     )

@@ -23,6 +23,7 @@ from jdiff.run import (
     Generator,
     Settings,
     auto_batch,
+    check_same_run,
     image_grid,
     labels_for,
     local_copy,
@@ -34,6 +35,7 @@ from jdiff.run import (
 )
 from jdiff.signals import SignalCatcher, StopFlag
 from jdiff.training.evaluate import evaluate_bpd
+from jdiff.training.fid import evaluate_fid
 from jdiff.training.metrics_log import MetricsWriter
 from jdiff.training.setup import Setup, setup
 from jdiff.training.state import TrainState, tree_all_finite
@@ -200,7 +202,7 @@ def write_preview(loop: Loop) -> None:
         loop.preview()
 
 
-ACTIONS: tuple[Callable[[Loop], None], ...] = (log_metrics, save_checkpoint, write_preview, evaluate_bpd)
+ACTIONS: tuple[Callable[[Loop], None], ...] = (log_metrics, save_checkpoint, write_preview, evaluate_bpd, evaluate_fid)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -253,6 +255,7 @@ def train(
         stop = stop if stop is not None else stack.enter_context(SignalCatcher(StopFlag()))
         if primary:
             stack.enter_context(workdir_lock(workdir))
+            check_same_run(workdir, config, s.derived())  # never written over another run's config.json
             save_run_config(workdir, config, s.derived())
         ckpt = stack.enter_context(
             Checkpointer(workdir, keep=config.run.keep_checkpoints, async_save=config.run.async_checkpoint)

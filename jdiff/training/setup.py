@@ -26,6 +26,7 @@ from jdiff.run import (
     replicated,
 )
 from jdiff.run.mesh import FSDP_RULES, fsdp_sharding, per_device_bytes
+from jdiff.training.evaluate import check_evaluation
 from jdiff.training.loss import LossFn, make_loss
 from jdiff.training.optim import lr_schedule, make_optimizer
 from jdiff.training.state import TrainState, init_train_state
@@ -88,6 +89,7 @@ class Setup:
             "image_shape": list(self.image_shape),
             "dataset_size": len(self.source),
             **({"decoded_shape": list(self.source.image_shape)} if self.vae is not None else {}),
+            **({"vae_fingerprint": self.vae.fingerprint} if self.vae is not None else {}),
             "jdiff_version": jdiff.__version__,
         }
 
@@ -152,6 +154,7 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
         raise ConfigError(str(e)) from None
     rep = replicated(mesh)
     source = build_source(config)
+    check_evaluation(config)  # run.eval_every's settings, before anything compiles
     num_classes = model_num_classes(config, getattr(source, "num_classes", None))
     image_shape = tuple(int(d) for d in source.image_shape)
     vae, encode = None, None

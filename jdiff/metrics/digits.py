@@ -22,7 +22,8 @@ import warnings
 from typing import Optional
 
 import numpy as np
-from scipy import linalg
+
+from jdiff.metrics.frechet import frechet_distance
 
 NUM_CLASSES = 10
 CONFIDENCE = 0.9
@@ -30,59 +31,6 @@ CLASSIFIER_HIDDEN = (64, 64)
 CLASSIFIER_ALPHA = 1e-2
 MAX_ENTROPY_BITS = math.log2(NUM_CLASSES)  # ten equally frequent classes
 COPY_PERCENTILE = 5.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# Frechet distance.
-
-
-def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (d,), covariance (d, d)) of features (n, d), float64; the covariance uses n - 1."""
-    f = np.asarray(feats, np.float64)
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"features must be (n >= 2, d), got shape {f.shape}")
-    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
-
-
-def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): squared 2-Wasserstein distance of two Gaussians.
-
-    As in the FID reference code (Heusel et al. 2017 / pytorch-fid): `scipy.linalg.sqrtm` of S1 S2; if the
-    result is not finite or has a non-negligible imaginary part (singular covariances, e.g. dead ReLU units),
-    retry with ``eps`` added to both diagonals; the tiny imaginary round-off left is dropped.
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched statistics: means {mu1.shape} {mu2.shape}, covariances {s1.shape} {s2.shape}")
-    diff = mu1 - mu2
-
-    def _sqrt_trace(a, b):
-        with warnings.catch_warnings():  # "matrix is singular": the result is checked below
-            warnings.simplefilter("ignore", linalg.LinAlgWarning)
-            root = linalg.sqrtm(a @ b)
-        if not np.all(np.isfinite(root)):
-            return None
-        if np.iscomplexobj(root):
-            scale = max(1.0, float(np.abs(np.diagonal(root)).max()))
-            if np.abs(np.diagonal(root).imag).max() > 1e-3 * scale:
-                return None
-            root = root.real
-        return float(np.trace(root))
-
-    tr_root = _sqrt_trace(s1, s2)
-    if tr_root is None:
-        offset = np.eye(s1.shape[0]) * eps
-        tr_root = _sqrt_trace(s1 + offset, s2 + offset)
-        if tr_root is None:
-            raise ValueError("Frechet distance: sqrtm(S1 S2) is not finite / real even with eps on the diagonal")
-    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_root)
-    return max(value, 0.0)  # round-off can make a distance of identical sets a tiny negative number
-
-
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (n_a, d) and (n_b, d) (symmetric)."""
-    return frechet_distance_from_stats(*gaussian_stats(feats_a), *gaussian_stats(feats_b), eps=eps)
 
 
 # ---------------------------------------------------------------------------------------------------
