@@ -332,3 +332,35 @@ def test_flow_presets_build():
     for name in ("digits_flow", "cifar10_flow", "sit"):
         c = get_preset(name)
         assert c.diffusion.prediction == "flow" and build_schedule(c).flow_shift is not None
+
+
+# --- diffusers configs ---------------------------------------------------------------------------------------
+
+
+def test_flow_match_euler_configs_load_as_the_flow_schedule():
+    from jdiff.pretrained.files import PretrainedError
+    from jdiff.pretrained.scheduler import flow_schedule_from_config, schedule_from_config
+
+    sd3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    sch, pred = schedule_from_config(sd3)
+    assert pred == "flow" and float(sch.flow_shift) == 3.0
+    g = make_grid(sch, "flow", int(PEERS["euler_steps"]))  # the loaded config gives diffusers' grid
+    s = np.append(np.asarray(flow.from_vp(g.alpha, g.sigma)[0]), 0.0)
+    np.testing.assert_allclose(s, PEERS["euler_sigmas"], rtol=2e-6, atol=1e-7)
+    flux = {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+    }
+    sch, _ = flow_schedule_from_config(flux, image_seq_len=4096)
+    assert float(sch.flow_shift) == pytest.approx(np.exp(1.15), rel=1e-6)
+    for bad, match in [
+        (flux, "needs image_seq_len"),
+        ({**sd3, "shift": 0.0}, "shift must be a finite number > 0"),
+        ({**sd3, "invert_sigmas": True}, "invert_sigmas=True is not supported"),
+        ({**sd3, "use_karras_sigmas": True}, "use_karras_sigmas=True is not supported"),
+        ({**sd3, "beta_schedule": "linear"}, r"\['beta_schedule'\] are not FlowMatchEulerDiscreteScheduler settings"),
+    ]:
+        with pytest.raises(PretrainedError, match=match):
+            schedule_from_config(bad)
