@@ -20,8 +20,12 @@ PREDICTIONS = ("eps", "x0", "v")
 # D = c_skip x + c_out F(c_in x; c_noise) with the "edm", "vp" or "ve" preconditioning. They are trained by
 # `jdiff.edm.edm_loss` (not `diffusion_loss`), and sampled through `jdiff.sampling.denoiser`.
 EDM_PREDICTIONS = ("edm", "edm_vp", "edm_ve")
+# A flow-matching network (`jdiff.flow`): its output is the velocity v = eps - x0 of x_s = (1 - s) x0 + s eps,
+# called with the flow-scaled state x_s and time T s; trained by `jdiff.flow.flow_loss`, sampled through
+# `jdiff.sampling.denoiser`.
+FLOW_PREDICTIONS = ("flow",)
 # Every prediction a sampler's denoiser understands (`jdiff.sample(prediction=...)`).
-ALL_PREDICTIONS = PREDICTIONS + EDM_PREDICTIONS
+ALL_PREDICTIONS = PREDICTIONS + EDM_PREDICTIONS + FLOW_PREDICTIONS
 
 
 def check_prediction(prediction: str, name: str = "prediction", allowed: tuple = ALL_PREDICTIONS) -> None:
@@ -107,11 +111,16 @@ def v_from_eps_x0(eps: Array, x0: Array, alpha: Array, sigma: Array) -> Array:
 
 
 def to_x0_eps(prediction: str, out: Array, x: Array, alpha: Array, sigma: Array) -> tuple[Array, Array]:
-    """Converts a model output of type `prediction` ("eps", "x0" or "v") at x into (x0, eps).
+    """Converts a model output of type `prediction` ("eps", "x0", "v" or "flow") at x into (x0, eps).
 
     alpha and sigma broadcast against x. For "eps" at alpha = 0 the x0 is undefined (inf); use "v" with
-    zero-terminal-SNR schedules.
+    zero-terminal-SNR schedules. "flow": out is the velocity eps - x0 at the flow state x/(alpha + sigma)
+    (`jdiff.flow`), x0 = x_s - s out, eps = x_s + (1 - s) out with s = sigma/(alpha + sigma).
     """
+    if prediction == "flow":
+        r = alpha + sigma
+        x_s, s = x / r, sigma / r
+        return x_s - s * out, x_s + (1.0 - s) * out
     if prediction == "eps":
         return x0_from_eps(x, out, alpha, sigma), out
     if prediction == "x0":
@@ -123,7 +132,9 @@ def to_x0_eps(prediction: str, out: Array, x: Array, alpha: Array, sigma: Array)
 
 
 def target_from_x0_eps(prediction: str, x0: Array, eps: Array, alpha: Array, sigma: Array) -> Array:
-    """The regression target of a model of type `prediction` given the true x0 and eps."""
+    """The regression target of a model of type `prediction` given the true x0 and eps ("flow": eps - x0)."""
+    if prediction == "flow":
+        return eps - x0
     if prediction == "eps":
         return eps
     if prediction == "x0":

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jdiff.forward import PREDICTIONS, check_prediction, to_x0_eps
+from jdiff.forward import FLOW_PREDICTIONS, PREDICTIONS, check_prediction, to_x0_eps
 from jdiff.losses import LN2, mean_flat, prior_bpd, split_output, vlb_term
 from jdiff.schedules import Schedule, log_snr_at, t_from_log_snr
 
@@ -184,6 +184,7 @@ def ode_likelihood(
 ) -> ODELikelihood:
     """-log2 p(x0) per dimension under the probability-flow ODE of the model (see module docstring).
 
+    prediction: "eps", "x0", "v" or "flow" (a flow-matching model, called as `jdiff.sampling.denoiser` calls it).
     The ODE runs in tau = -lambda from the first step of the schedule (t = 0, lambda_0) to its last (t = T-1),
     where the prior N(0, I) is assumed; the model sees t = t_from_log_snr(lambda) (fractional). So p_0 is the
     density of x at t = 0 (abar_0 = 1 - beta_0), the analogue of score_sde's eps = 1e-5.
@@ -196,7 +197,7 @@ def ode_likelihood(
     """
     import diffrax  # local: diffrax (and equinox) take a second to import
 
-    check_prediction(prediction, allowed=PREDICTIONS)
+    check_prediction(prediction, allowed=PREDICTIONS + FLOW_PREDICTIONS)
     in_range = check_data(x0, labels, levels)
     if probe not in PROBES:
         raise ValueError(f"Unknown probe {probe!r}; allowed values: {list(PROBES)}.")
@@ -217,10 +218,14 @@ def ode_likelihood(
     lam_min = log_snr_at(schedule, jnp.full((), T - 1, jnp.float32)).astype(dtype)
 
     def eps_at(xs, lam):
-        t = jnp.full((batch,), t_from_log_snr(schedule, lam), jnp.float32)
-        out, _ = split_output(_call(model_fn, xs, t, labels), channels)
         var = jax.nn.sigmoid(-lam)
-        _, eps = to_x0_eps(prediction, out.astype(dtype), xs, jnp.sqrt(1.0 - var), jnp.sqrt(var))
+        alpha, sigma = jnp.sqrt(1.0 - var), jnp.sqrt(var)
+        if prediction in FLOW_PREDICTIONS:  # v(x/(alpha + sigma), T s), s = sigma/(alpha + sigma) (`jdiff.flow`)
+            x_in, t = xs / (alpha + sigma), jnp.full((batch,), T * sigma / (alpha + sigma), jnp.float32)
+        else:
+            x_in, t = xs, jnp.full((batch,), t_from_log_snr(schedule, lam), jnp.float32)
+        out, _ = split_output(_call(model_fn, x_in, t, labels), channels)
+        _, eps = to_x0_eps(prediction, out.astype(dtype), xs, alpha, sigma)
         return eps
 
     def drift(tau, xs):  # dx/dtau with tau = -lambda

@@ -12,12 +12,14 @@ Indices t run over 0..T-1 (the paper's t = 1..T).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from jdiff.flow import flow_betas
 
 Array = jax.Array
 
@@ -43,6 +45,7 @@ class Schedule:
         t=1 entry (Ho et al. 2020 code; Nichol & Dhariwal 2021).
       posterior_mean_coef1, posterior_mean_coef2: mu-tilde_t = coef1 * x_0 + coef2 * x_t  (DDPM eq. 7),
         coef1 = beta_t sqrt(abar_{t-1}) / (1 - abar_t), coef2 = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t).
+      flow_shift: see the field's comment.
     """
 
     betas: Array
@@ -58,6 +61,9 @@ class Schedule:
     posterior_log_variance_clipped: Array
     posterior_mean_coef1: Array
     posterior_mean_coef2: Array
+    # The shift of a flow-matching schedule ("flow", `jdiff.flow`), a float32 scalar; None for every other
+    # schedule. Its presence (static structure) makes the flow grid the default spacing; its value is data.
+    flow_shift: Optional[Array] = None
 
     @property
     def num_timesteps(self) -> int:
@@ -181,6 +187,7 @@ BETA_SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "cosine": cosine_betas,
     "sigmoid": sigmoid_betas,
     "edm": edm_betas,
+    "flow": flow_betas,
 }
 
 
@@ -205,13 +212,14 @@ def get_schedule(
     """Returns the named schedule of `num_timesteps` steps.
 
     Args:
-      name: one of "linear", "scaled_linear", "cosine", "sigmoid", "edm" (EDM's sigma grid, `edm_betas`), or
+      name: one of "linear", "scaled_linear", "cosine", "sigmoid", "edm" (EDM's sigma grid, `edm_betas`),
+        "flow" (the flow-matching levels s = shift((t + 1)/T), `jdiff.flow.flow_betas`; zero terminal SNR), or
         "custom" (then give `betas`).
       num_timesteps: T >= 1 (ignored for "custom", where T = len(betas)).
       zero_terminal_snr: rescale so that abar_{T-1} = 0 (Lin et al. 2024); pair it with v-prediction.
       betas: the betas of a "custom" schedule.
       **kwargs: the beta function's keyword arguments (beta_start, beta_end, s, max_beta, sigmoid_range;
-        "edm": sigma_min, sigma_max, rho).
+        "edm": sigma_min, sigma_max, rho; "flow": shift, SD3's timestep shift > 0).
     """
     if name == "custom":
         if betas is None:
@@ -231,6 +239,8 @@ def get_schedule(
     if zero_terminal_snr:
         schedule_from_betas(b)  # validate the input before rescaling
         b = rescale_zero_terminal_snr(b)
+    if name == "flow":
+        return schedule_from_betas(b).replace(flow_shift=jnp.asarray(kwargs.get("shift", 1.0), jnp.float32))
     return schedule_from_betas(b)
 
 

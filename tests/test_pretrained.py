@@ -128,7 +128,11 @@ def test_scheduler_class_and_keys_are_checked():
     np.testing.assert_allclose(np.asarray(heun.betas), np.linspace(0.00085, 0.012, 10))
     for config, words in [
         ({"_class_name": "EDMEulerScheduler", **base}, ("_class_name 'EDMEulerScheduler' is not supported",)),
-        ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, ("FlowMatchEulerDiscreteScheduler", "not supported yet")),
+        # FlowMatchEulerDiscreteScheduler loads (tests/test_flow.py); a setting jdiff does not reproduce is refused
+        (
+            {"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True},
+            ("invert_sigmas=True", "not supported"),
+        ),
         ({"_class_name": "DDPMScheduler", **base, "sigma_max": 80.0}, ("['sigma_max']", "DDPMScheduler")),
         ({"_class_name": "DDIMScheduler", **base, "mystery": 1}, ("['mystery']",)),
         ({"_class_name": "UniPCMultistepScheduler", **base, "use_flow_sigmas": True}, ("use_flow_sigmas",)),

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 from jdiff.edm import P_MEAN, P_STD
-from jdiff.forward import EDM_PREDICTIONS, PREDICTIONS
+from jdiff.forward import EDM_PREDICTIONS, FLOW_PREDICTIONS, PREDICTIONS
 from jdiff.losses import LOSSES, WEIGHTINGS
 from jdiff.schedules import BETA_SCHEDULES
 from jdiff.spec import Spec, spec_of_annotation
@@ -210,7 +210,7 @@ class DiffusionConfig(_Section):
         "eps",
         "what the model predicts (edm, edm_vp, edm_ve: an EDM-preconditioned network, Karras et al. 2022)",
         fixed=True,
-        choices=PREDICTIONS + EDM_PREDICTIONS,
+        choices=PREDICTIONS + EDM_PREDICTIONS + FLOW_PREDICTIONS,
     )
     weighting: str = setting("simple", "loss weighting", choices=WEIGHTINGS)
     min_snr_gamma: float = setting(5.0, "gamma of min-SNR weighting", gt=0.0)
@@ -223,10 +223,17 @@ class DiffusionConfig(_Section):
     vlb_weight: float = setting(1e-3, "lambda of the hybrid loss L_simple + lambda L_vlb", ge=0.0)
     t_sampling: str = setting(
         "uniform",
-        "timestep sampling of loss hybrid/vlb: uniform, or importance (p_t ~ sqrt(E[L_t^2]), improved DDPM sec. 3.3)",
+        "timestep sampling: uniform; importance (loss hybrid/vlb: p_t ~ sqrt(E[L_t^2]), improved DDPM sec. 3.3); "
+        "prediction flow: logit_normal (SD3 eq. 19) or mode (SD3 eq. 20)",
         fixed=True,
-        choices=("uniform", "importance"),
+        choices=("uniform", "importance", "logit_normal", "mode"),
     )
+    shift: float = setting(
+        1.0, "schedule flow: SD3's timestep shift s' = k s/(1 + (k - 1) s), k > 0", fixed=True, gt=0.0
+    )
+    logit_mean: float = setting(0.0, "t_sampling logit_normal: mean of logit(s) (SD3 default 0)")
+    logit_std: float = setting(1.0, "t_sampling logit_normal: std of logit(s) (SD3 default 1)", gt=0.0)
+    mode_scale: float = setting(1.29, "t_sampling mode: SD3 eq. 20's scale, in [-1, 2/(pi - 2)]", ge=-1.0, le=1.75)
     edm_p_mean: float = setting(P_MEAN, "prediction edm: mean of the log-normal training ln(sigma) (EDM P_mean)")
     edm_p_std: float = setting(P_STD, "prediction edm: std of the log-normal training ln(sigma) (EDM P_std)", gt=0.0)
 
@@ -249,6 +256,21 @@ class DiffusionConfig(_Section):
             raise ConfigError(f"diffusion.loss {self.loss} needs prediction eps, x0 or v, not {self.prediction}")
         if self.t_sampling == "importance" and self.loss == "simple":
             raise ConfigError("diffusion.t_sampling importance needs diffusion.loss vlb or hybrid")
+        flow_model, flow_schedule = self.prediction in FLOW_PREDICTIONS, self.schedule == "flow"
+        if flow_model != flow_schedule:
+            raise ConfigError(
+                f"diffusion.prediction {self.prediction} does not go with diffusion.schedule {self.schedule}: "
+                "prediction flow trains on schedule flow and schedule flow on prediction flow"
+            )
+        if self.shift != 1.0 and not flow_schedule:
+            raise ConfigError(f"diffusion.shift applies to schedule flow only, not {self.schedule}")
+        if self.t_sampling in ("logit_normal", "mode") and not flow_model:
+            raise ConfigError(f"diffusion.t_sampling {self.t_sampling} needs prediction flow, not {self.prediction}")
+        if flow_model and (self.weighting != "simple" or self.zero_terminal_snr or self.t_sampling == "importance"):
+            raise ConfigError(
+                "prediction flow trains the plain velocity MSE: use weighting simple, no zero_terminal_snr and "
+                "t_sampling uniform, logit_normal or mode"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

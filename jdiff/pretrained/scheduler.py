@@ -126,9 +126,73 @@ def check_scheduler_config(config: dict) -> str:
     return cls
 
 
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# FlowMatchEulerDiscreteScheduler keys and the values jdiff's flow schedule reproduces (None: any valid value).
+FLOW_KEYS = {
+    "num_train_timesteps": None,
+    "shift": None,
+    "use_dynamic_shifting": None,
+    "base_shift": None,
+    "max_shift": None,
+    "base_image_seq_len": None,
+    "max_image_seq_len": None,
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "time_shift_type": "exponential",
+    "stochastic_sampling": False,
+}
+
+
+def flow_schedule_from_config(config: dict, *, image_seq_len: int | None = None) -> tuple[Schedule, str]:
+    """(the "flow" schedule, prediction "flow") of a FlowMatchEulerDiscreteScheduler config (SD3, Flux, ...):
+    shift (SD3) or, with use_dynamic_shifting (Flux), the shift exp(mu) of `jdiff.flow.flux_shift` for
+    `image_seq_len` tokens with the config's base/max shift and sequence lengths. PretrainedError (one line) for
+    a key jdiff does not reproduce. (diffusers' dynamic grid ends at the unshifted 1/T, jdiff's "flow" spacing at
+    the schedule's smallest level shift(1/T): the last level before 0 differs; the static-shift grid is equal.)"""
+    from jdiff import flow
+
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in FLOW_KEYS)
+    if unknown:
+        raise PretrainedError(f"scheduler config key(s) {unknown} are not {FLOW_SCHEDULER} settings")
+    for key, want in FLOW_KEYS.items():
+        if want is not None and config.get(key) not in (None, want):
+            raise PretrainedError(f"scheduler {key}={config[key]!r} is not supported; supported: {want!r}")
+    if config.get("shift_terminal"):
+        raise PretrainedError(
+            f"scheduler shift_terminal={config['shift_terminal']!r} is not supported; supported: null"
+        )
+    t = config.get("num_train_timesteps", 1000)
+    try:
+        if config.get("use_dynamic_shifting"):
+            if image_seq_len is None:
+                raise PretrainedError(
+                    "scheduler use_dynamic_shifting=true needs image_seq_len (the transformer's token count)"
+                )
+            shift = flow.flux_shift(
+                image_seq_len,
+                base_seq_len=config.get("base_image_seq_len", flow.BASE_SEQ_LEN),
+                max_seq_len=config.get("max_image_seq_len", flow.MAX_SEQ_LEN),
+                base_shift=config.get("base_shift", flow.BASE_SHIFT),
+                max_shift=config.get("max_shift", flow.MAX_SHIFT),
+            )
+        else:
+            shift = config.get("shift", 1.0)
+        return get_schedule("flow", t, shift=shift), "flow"
+    except (ValueError, TypeError) as e:
+        if isinstance(e, PretrainedError):
+            raise
+        raise PretrainedError(f"scheduler config: {' '.join(str(e).split())}") from None
+
+
 def schedule_from_config(config: dict) -> tuple[Schedule, str]:
-    """(jdiff Schedule, prediction "eps"/"v"/"x0") of a diffusers scheduler config; PretrainedError (one line
-    naming the key and the supported values) for a schedule jdiff does not have (`check_scheduler_config`)."""
+    """(jdiff Schedule, prediction "eps"/"v"/"x0", or "flow" for a FlowMatchEulerDiscreteScheduler config,
+    `flow_schedule_from_config`) of a diffusers scheduler config; PretrainedError (one line naming the key and the
+    supported values) for a schedule jdiff does not have (`check_scheduler_config`)."""
+    if config.get("_class_name") == FLOW_SCHEDULER:
+        return flow_schedule_from_config(config)
     cls = check_scheduler_config(config)
     c = {**DEFAULT, **SCHEDULERS[cls][1], **{k: v for k, v in config.items() if v is not None}}
     pred = c.get("prediction_type", "epsilon")

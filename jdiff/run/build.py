@@ -56,6 +56,8 @@ def build_schedule(config: TrainConfig) -> Schedule:
     """The noise schedule (a pytree; pass it to jitted code as an argument)."""
     d = config.diffusion
     try:
+        if d.schedule == "flow":
+            return jdiff.get_schedule("flow", d.num_timesteps, shift=d.shift)
         return jdiff.get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
     except ValueError as e:
         raise ConfigError(one_line(e)) from None

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jdiff.forward import check_prediction
+from jdiff.forward import FLOW_PREDICTIONS, check_prediction
 from jdiff.sampling.base import SAMPLERS, Noise, Step, get_sampler, split_options
 from jdiff.sampling.denoiser import Guidance, make_denoiser
-from jdiff.sampling.timesteps import SPACINGS, level_fn, make_grid
+from jdiff.sampling.timesteps import SPACINGS, default_spacing, level_fn, make_grid
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -67,7 +67,7 @@ def _check_common(schedule, shape, num_steps, spacing, prediction, labels, guida
     if zero_snr and prediction == "eps":
         raise ValueError(
             'prediction="eps" cannot be used with a zero-terminal-SNR schedule (x0 is undefined at abar=0); '
-            'allowed: prediction="v" or "x0".'
+            'allowed: prediction="v", "x0" or "flow".'
         )
     return zero_snr
 
@@ -163,6 +163,7 @@ def _sample_jit(
         guidance=guidance,
         clip_range=clip_range,
         threshold_percentile=threshold,
+        flow_time_scale=float(schedule.num_timesteps),
     )
     init_key, loop_key = (None, None) if sample_keys is not None else jax.random.split(rng)
     if x_init is None:
@@ -205,7 +206,7 @@ def sample(
     labels: Optional[Array] = None,
     null_label: Optional[int] = None,
     params: Any = None,
-    spacing: str = "linspace",
+    spacing: Optional[str] = None,
     clip_x0: Optional[tuple[float, float]] = None,
     dynamic_threshold: Optional[float] = None,
     karras_rho: float = 7.0,
@@ -234,14 +235,17 @@ def sample(
         "ddpm": variance "posterior" (beta-tilde), "beta" or "learned" (static); "edm_sde": s_churn, s_tmin,
         s_tmax, s_noise (EDM Alg. 2, traced); "unipc": order 1, 2 or 3 (static).
       eta, variance: shorthands for options={"eta": eta} / {"variance": variance}.
-      prediction: what the model predicts: "eps", "x0" or "v".
+      prediction: what the model predicts: "eps", "x0", "v", "flow" (the velocity eps - x0 of a flow-matching
+        model, called with x/(alpha + sigma) and t = T s; `jdiff.flow`) or "edm", "edm_vp", "edm_ve".
       guidance_scale: classifier-free guidance scale w (Ho & Salimans 2022), uncond + w (cond - uncond):
         1 is purely conditional. Needs labels and null_label; one model call on a batch of 2B.
       labels: (B,) int class labels passed to the model as y.
       null_label: the model's "no class" label for the unconditional half of guidance.
       params: optional first argument of model_fn (traced).
-      spacing: timestep selection for N < T: "linspace", "leading", "trailing" or "karras" (Karras et al.
-        2022 eq. 5, fractional t).
+      spacing: timestep selection for N < T: "linspace", "leading", "trailing", "karras" (Karras et al.
+        2022 eq. 5, fractional t), "flow" (diffusers' FlowMatchEulerDiscreteScheduler grid) or "flow_sigmas"
+        (diffusers' use_flow_sigmas grid of DPMSolverMultistep / UniPCMultistep); see
+        `jdiff.sampling.timesteps.flow_times`. None (default): "flow" for a flow schedule, else "linspace".
       clip_x0: (lo, hi) to clip the predicted x0 to (e.g. (-1, 1) for images), or None.
       dynamic_threshold: Imagen's percentile p in (0, 1) (e.g. 0.995), or None.
       karras_rho: rho of the Karras spacing.
@@ -257,14 +261,21 @@ def sample(
     """
     smp = get_sampler(sampler)
     shape = tuple(int(d) for d in shape) if isinstance(shape, (tuple, list)) else shape
+    spacing = default_spacing(schedule) if spacing is None and isinstance(schedule, Schedule) else spacing
     zero_snr = _check_common(schedule, shape, num_steps, spacing, prediction, labels, guidance_scale, null_label)
     static_options, traced_options = split_options(smp.name, _merge_shorthands(options, eta=eta, variance=variance))
     static_options = tuple(static_options.items())  # a static (hashable) jit argument
-    if zero_snr and (spacing == "karras" or not smp.zero_terminal_snr):
+    if prediction in FLOW_PREDICTIONS and dict(static_options).get("variance") == "learned":
+        raise ValueError(
+            f'variance="learned" (ddpm) reads a learned variance (Nichol & Dhariwal 2021) that a prediction '
+            f"{prediction!r} model does not output; use variance posterior or beta, or another sampler."
+        )
+    if zero_snr and spacing != "flow_sigmas" and (spacing == "karras" or not smp.zero_terminal_snr):
         able = [name for name, s in sorted(SAMPLERS.items()) if s.zero_terminal_snr]
         raise ValueError(
             f"sampler {smp.name!r} with spacing {spacing!r} needs a finite terminal SNR; with a zero-terminal-SNR "
-            f"schedule use a sampler of {able} with spacing 'linspace', 'leading' or 'trailing'."
+            f"schedule use a sampler of {able} with spacing 'linspace', 'leading', 'trailing' or 'flow' (or any "
+            "sampler with spacing 'flow_sigmas', which stops short of the terminal level)."
         )
     if clip_x0 is not None:
         if len(clip_x0) != 2 or not clip_x0[0] < clip_x0[1]:
@@ -300,7 +311,9 @@ def sample(
 @functools.partial(jax.jit, static_argnames=("model_fn", "num_steps", "prediction", "spacing"))
 def _invert_jit(model_fn, params, schedule, x0, guidance, *, num_steps, prediction, spacing):
     grid = make_grid(schedule, spacing, num_steps)
-    denoise = make_denoiser(model_fn, params, prediction=prediction, guidance=guidance)
+    denoise = make_denoiser(
+        model_fn, params, prediction=prediction, guidance=guidance, flow_time_scale=float(schedule.num_timesteps)
+    )
 
     def body(x, i):
         # From level i+1 (alpha_next; the clean level for i = N-1) up to level i, with the model evaluated
@@ -320,7 +333,7 @@ def ddim_invert(
     *,
     num_steps: int = 50,
     prediction: str = "eps",
-    spacing: str = "linspace",
+    spacing: Optional[str] = None,
     params: Any = None,
     labels: Optional[Array] = None,
     guidance_scale: Optional[float] = None,
@@ -333,6 +346,7 @@ def ddim_invert(
     approximation, exact as N -> T). Arguments as in `sample`. Returns x_T, float32 (B, ...).
     """
     x0 = jnp.asarray(x0, jnp.float32)
+    spacing = default_spacing(schedule) if spacing is None and isinstance(schedule, Schedule) else spacing
     _check_common(schedule, tuple(x0.shape), num_steps, spacing, prediction, labels, guidance_scale, null_label)
     guidance = _guidance(labels, guidance_scale, null_label)
     return _invert_jit(

@@ -8,6 +8,9 @@ EDM-preconditioned networks (predictions "edm", "edm_vp", "edm_ve"; Karras et al
 VP state x = alpha x0 + sigma eps here and only here: with x_edm = x/alpha and sigma_edm = sigma/alpha the
 network is called as F(c_in x_edm, c_noise(sigma_edm)) (the time input is c_noise, not the timestep t), and
 x0 = D = c_skip x_edm + c_out F, eps = (x_edm - D)/sigma_edm. So every sampler runs on an EDM model unchanged.
+Flow-matching networks (prediction "flow", `jdiff.flow`) meet it here too: with s = sigma/(alpha + sigma) and
+x_s = x/(alpha + sigma) the network is called as v(x_s, T s) (T = `flow_time_scale`, diffusers'
+num_train_timesteps) and x0 = x_s - s v, eps = x_s + (1 - s) v, finite at alpha = 0 (s = 1).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import edm
-from jdiff.forward import EDM_PREDICTIONS, eps_from_x0, to_x0_eps
+from jdiff.forward import EDM_PREDICTIONS, FLOW_PREDICTIONS, eps_from_x0, to_x0_eps
 from jdiff.schedules import ABAR_FLOOR
 
 Array = jax.Array
@@ -58,12 +61,14 @@ def make_denoiser(
     guidance: Guidance,
     clip_range: Optional[Array] = None,
     threshold_percentile: Optional[Array] = None,
+    flow_time_scale: float = 1000.0,
 ) -> Callable[[Array, Array, Array, Array], Denoised]:
     """Builds denoise(x (B, ...), t () float32, alpha (), sigma ()) -> Denoised.
 
     model_fn is called as model_fn([params,] x, t_batch[, y]) with t_batch a (B,) float32 array of
     training-timestep indices; `params` is passed first when it is not None. For an EDM prediction it is
     called as model_fn([params,] c_in x/alpha, c_noise[, y]) (see module docstring; t is unused).
+    For prediction "flow" it is called as model_fn([params,] x/(alpha + sigma), flow_time_scale s[, y]).
     clip_range: (2,) float32 [lo, hi] to clip x0 to, or None. threshold_percentile: () float32 or None.
     """
 
@@ -80,6 +85,8 @@ def make_denoiser(
             x_edm, sig = edm.from_vp(x=x, alpha=jnp.where(alpha > 0, alpha, EDM_ALPHA_FLOOR), sigma=sigma)
             coef = edm.coefficients(precond, sigma=sig)
             x_in, t_in = coef.c_in * x_edm, coef.c_noise
+        elif prediction in FLOW_PREDICTIONS:
+            x_in, t_in = x / (alpha + sigma), flow_time_scale * sigma / (alpha + sigma)
         tb = jnp.full((b,), t_in, jnp.float32)
         if guidance.scale is not None:
             null = jnp.full((b,), guidance.null_label, jnp.int32)

@@ -2,7 +2,9 @@
 
 It integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma))/sigma in the EDM variables
 x_edm = x/alpha, sigma_edm = sigma/alpha, where D is the model's x0. On the same grid it equals DDIM with
-eta = 0. sigma_edm is infinite at abar = 0, so it cannot start from a zero-terminal-SNR level.
+eta = 0: x_next = alpha_next x_euler = (sigma_next/sigma) x + (alpha_next - sigma_next alpha/sigma) D, the form
+the step uses, which is finite at abar = 0 (a zero-terminal-SNR level, e.g. the flow schedule's s = 1). On the
+flow schedule's grid it is diffusers' FlowMatchEulerDiscreteScheduler, x_s' = x_s + (s' - s) v (`jdiff.flow`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ def edm_euler(denoise, x, g) -> EdmEuler:
 
 
 def euler_step(denoise, x, s, noise, opts):
-    return edm_euler(denoise, x, s.row).x_euler * s.row.alpha_next
+    g = s.row
+    d = denoise(x, g.t, g.alpha, g.sigma)
+    ratio = g.sigma_next / g.sigma
+    return ratio * x + (g.alpha_next - ratio * g.alpha) * d.x0  # = alpha_next * edm_euler(...).x_euler
 
 
-EULER = register(Sampler(name="euler", step=euler_step, nfe=lambda n: n, stochastic=False, zero_terminal_snr=False))
+EULER = register(Sampler(name="euler", step=euler_step, nfe=lambda n: n, stochastic=False, zero_terminal_snr=True))

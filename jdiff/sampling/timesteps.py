@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jdiff import flow
 from jdiff.schedules import Schedule, t_from_log_snr
 
 Array = jax.Array
 
-SPACINGS = ("linspace", "leading", "trailing", "karras")
+SPACINGS = ("linspace", "leading", "trailing", "karras", "flow", "flow_sigmas")
+FLOW_SPACINGS = ("flow", "flow_sigmas")
 
 
 class Grid(NamedTuple):
@@ -66,10 +68,42 @@ def karras_sigmas(sigma_min: Array, sigma_max: Array, num_steps: int, rho: float
     return (hi + i * (lo - hi)) ** rho
 
 
-def make_grid(schedule: Schedule, spacing: str, num_steps: int, *, rho: float = 7.0) -> Grid:
-    """The sampling grid of `num_steps` levels for `spacing` (see module docstring)."""
+def default_spacing(schedule: Schedule) -> str:
+    """The spacing a sampler uses unless told: "flow" for a flow-matching schedule, else "linspace"."""
+    return "flow" if schedule.flow_shift is not None else "linspace"
+
+
+def flow_times(schedule: Schedule, spacing: str, num_steps: int) -> Array:
+    """The N flow times s (`jdiff.flow`, s = sigma/(alpha + sigma)) of a flow spacing, decreasing, float32.
+
+    With k the schedule's flow shift (1 for a schedule that is not "flow") and s(t) the flow time of step t:
+      flow:        s_i = shift_k(linspace(s(T-1), s(0), N)_i)  (diffusers FlowMatchEulerDiscreteScheduler's
+                   set_timesteps: linspace between its largest and smallest training sigma, shifted again);
+      flow_sigmas: s_i = shift_k((1 - 1/T)(1 - i/N))  (DPMSolverMultistep / UniPCMultistep use_flow_sigmas).
+    """
     big_t = schedule.num_timesteps
-    if spacing == "karras":
+    k = jnp.ones((), jnp.float32) if schedule.flow_shift is None else schedule.flow_shift
+    i = lax.iota(jnp.float32, num_steps)
+    if spacing == "flow":
+        a, sg = schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod
+        s_hi, s_lo = (flow.from_vp(a[j], sg[j])[0] for j in (big_t - 1, 0))
+        u = s_hi + i * ((s_lo - s_hi) / max(num_steps - 1, 1))
+    elif spacing == "flow_sigmas":
+        u = (1.0 - 1.0 / big_t) * (1.0 - i / num_steps)
+    else:
+        raise ValueError(f"Unknown flow spacing {spacing!r}; allowed values: {list(FLOW_SPACINGS)}.")
+    return flow.shift_time(u, k)
+
+
+def make_grid(schedule: Schedule, spacing: str, num_steps: int, *, rho: float = 7.0) -> Grid:
+    """The sampling grid of `num_steps` levels for `spacing` (see module docstring and `flow_times`)."""
+    big_t = schedule.num_timesteps
+    if spacing in FLOW_SPACINGS:
+        s = flow_times(schedule, spacing, num_steps)
+        alpha, sigma = flow.to_vp(s)
+        # lambda = -inf at s = 1: any finite value below the schedule's range gives t = T - 1.
+        t = t_from_log_snr(schedule, jnp.maximum(2.0 * (jnp.log(alpha) - jnp.log(sigma)), -100.0))
+    elif spacing == "karras":
         abar = schedule.alphas_cumprod
         edm = jnp.sqrt((1.0 - abar) / abar)  # EDM sigma at each integer step
         s = karras_sigmas(edm[0], edm[big_t - 1], num_steps, rho)

@@ -12,9 +12,9 @@ from typing import Callable
 import jax
 
 import jdiff
-from jdiff import edm
+from jdiff import edm, flow
 from jdiff.config.schema import DiffusionConfig
-from jdiff.forward import EDM_PREDICTIONS
+from jdiff.forward import EDM_PREDICTIONS, FLOW_PREDICTIONS
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -35,6 +35,22 @@ def edm_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: Arra
     the sampling grid). model_fn is the network F, called as F(c_in x, c_noise)."""
     return edm.edm_loss(
         model_fn, x0, rng, preconditioning=edm.preconditioning_of(d.prediction), p_mean=d.edm_p_mean, p_std=d.edm_p_std
+    )
+
+
+def flow_matching_loss(d: DiffusionConfig, model_fn: ModelFn, schedule: Schedule, x0: Array, rng: Array):
+    """The flow-matching velocity MSE (`jdiff.flow.flow_loss`) for prediction flow: continuous s from
+    diffusion.t_sampling, shifted by diffusion.shift; the model is called with t = T s."""
+    return flow.flow_loss(
+        model_fn,
+        x0,
+        rng,
+        num_timesteps=schedule.num_timesteps,
+        t_sampling=d.t_sampling,
+        mean=d.logit_mean,
+        std=d.logit_std,
+        scale=d.mode_scale,
+        shift=d.shift,
     )
 
 
@@ -65,6 +81,8 @@ def training_loss(
         return improved_loss(d, model_fn, schedule, x0, rng, levels=levels, t_probs=t_probs)
     if d.prediction in EDM_PREDICTIONS:
         return edm_loss(d, model_fn, schedule, x0, rng)
+    if d.prediction in FLOW_PREDICTIONS:
+        return flow_matching_loss(d, model_fn, schedule, x0, rng)
     return simple_loss(d, model_fn, schedule, x0, rng)
 
 
