@@ -3,6 +3,15 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent XLA compilation cache for the whole session: the pytest-xdist workers and the train.py /
+# sample.py subprocesses inherit it from this (controller) process, so the tiny models' train steps and
+# samplers, compiled again by many tests, are compiled once (a third less CPU on test_train_checkpoint.py
+# alone). Tests of the cache itself pass their own --cache-dir.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jdiff-tests-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -16,6 +16,7 @@ from conftest import REPO, TINY_FLAGS, run_train_py, start_train_py
 
 from jdiff.cli import train as cli
 from jdiff.run import Checkpointer, load_for_inference
+from jdiff.sampling import SAMPLERS
 from jdiff.training import train
 
 QUIET = dict(progress=False, log=lambda s: None)
@@ -168,10 +169,7 @@ BAD_FLAGS = {
     "no_set_flag": (["--set", "optim.lr=1"], "unrecognized argument '--set'"),
     "bad_float": (["--optim.lr", "fast"], "bad value 'fast' for optim.lr"),
     "bad_float_dotted": (["--optim.lr=fast"], "bad value 'fast' for optim.lr"),
-    "bad_choice": (
-        ["--sampling.sampler", "nope"],
-        "allowed: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, edm_sde, euler, euler_ancestral, heun, unipc",
-    ),
+    "bad_choice": (["--sampling.sampler", "nope"], "allowed: " + ", ".join(sorted(SAMPLERS))),
     "bad_range": (["--optim.batch_size", "0"], "batch_size must be >= 1"),
     "bad_preset": (["--preset", "imagenet"], "invalid choice"),
     "unknown_model": (["--model.name", "resnet"], "bad value 'resnet' for model.name; allowed: dit_b2"),

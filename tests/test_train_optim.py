@@ -13,7 +13,7 @@ from jdiff.training.optim import ema_decay_at, ema_update, lr_schedule, make_opt
 
 def cfg(**kw):
     """The optimizer section of the digits preset with `kw` (config keys) changed."""
-    return apply_overrides(get_preset("digits"), kw.items()).optim
+    return apply_overrides(get_preset("digits"), {f"optim.{k}": v for k, v in kw.items()}.items()).optim
 
 
 def test_warmup_then_constant():
