@@ -1,10 +1,25 @@
 """Stopping cleanly: SIGTERM/SIGINT set a flag that the training loop reads between steps (standard library
-only, so that a command line can install it before anything heavy is imported)."""
+only, so that a command line can install it before anything heavy is imported).
+
+`signal_point(phase)` marks the start-up phases where an interrupt must be honoured ("import" in train.py,
+"setup" and "compile" in `jdiff.training.train`); with the environment variable JDIFF_TEST_SIGNAL_AT=PHASE[:N]
+the process sends itself N SIGINTs there (default 1), so that tests interrupt a named phase deterministically
+instead of after a sleep. Unset (always, outside tests) it does nothing."""
 
 import os
 import signal
 import threading
 from typing import Callable, Optional
+
+SIGNAL_AT_ENV = "JDIFF_TEST_SIGNAL_AT"
+
+
+def signal_point(phase: str) -> None:
+    """Sends this process N SIGINTs when JDIFF_TEST_SIGNAL_AT is `phase` or `phase:N` (a test hook, see above)."""
+    name, _, count = os.environ.get(SIGNAL_AT_ENV, "").partition(":")
+    if name == phase:
+        for _ in range(int(count or 1)):
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 class StopFlag:

@@ -135,11 +135,14 @@ def shared_once(tmp_path_factory, name, build):
     return path
 
 
-def start_train_py(args, *, cwd, devices=2):
-    """Starts train.py in a subprocess on `devices` virtual CPU devices (text pipes for stdout/stderr)."""
+def start_train_py(args, *, cwd, devices=2, env=None):
+    """Starts train.py in a subprocess on `devices` virtual CPU devices (text pipes for stdout/stderr); `env`:
+    more environment variables."""
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {})
+    )
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=cwd,

@@ -323,39 +323,37 @@ def test_two_processes_on_localhost_equal_one_process(tmp_path, tiny_config, mes
 
 @pytest.mark.subprocess
 def test_ctrl_c_at_any_moment_of_start_up_stops_cleanly(tmp_path):
-    """SIGINT while Python imports, during set-up/compilation, or twice: one interrupt stops with status 0 and
-    one line (never lost, never a segfault); a second exits at once with status 130 and one line."""
-
-    def start(name):
-        args = [*TINY_FLAGS, "--optim.steps", "100000", "--run.workdir", str(tmp_path / name)]
-        return start_train_py(args, cwd=tmp_path, devices=1)
-
-    cases = {"import": 0, "setup": 0, "twice": 130}
-    procs = {name: start(name) for name in cases}
-    time.sleep(1.0)  # train.py is importing jdiff and JAX
-    procs["import"].send_signal(signal.SIGINT)
-    time.sleep(3.0)  # set-up or compilation
-    procs["setup"].send_signal(signal.SIGINT)
-    # Twice: both while the train step compiles (one long C call) or runs.
-    while "jdiff: unet_small" not in (line := procs["twice"].stderr.readline()):
-        assert line, "train.py ended before training"
-    time.sleep(1.0)
-    procs["twice"].send_signal(signal.SIGINT)
-    time.sleep(0.1)
-    procs["twice"].send_signal(signal.SIGINT)
+    """SIGINT while Python imports, during set-up, or twice during the train step's compilation: one interrupt
+    stops with status 0 and one line (never lost, never a segfault); a second exits at once with status 130 and
+    one line. Each process interrupts itself at the named phase (`jdiff.signals.signal_point`, through
+    JDIFF_TEST_SIGNAL_AT), so the phase is the one named, not whatever a sleep happened to reach."""
+    cases = {"import": ("import", 0), "setup": ("setup", 0), "twice": ("compile:2", 130)}
+    procs = {
+        name: start_train_py(
+            [*TINY_FLAGS, "--optim.steps", "100000", "--run.workdir", str(tmp_path / name)],
+            cwd=tmp_path,
+            devices=1,
+            # no persistent cache: the compilation the second SIGINT interrupts is a real one
+            env={"JDIFF_TEST_SIGNAL_AT": phase, "JAX_ENABLE_COMPILATION_CACHE": "false"},
+        )
+        for name, (phase, _) in cases.items()
+    }
     try:
         out = {name: p.communicate(timeout=240) for name, p in procs.items()}
     finally:
         for p in procs.values():
             p.kill()
-    for name, code in cases.items():
+    for name, (_, code) in cases.items():
         err = out[name][1]
         assert procs[name].returncode == code, (name, err)
         assert "Traceback" not in err, (name, err)
-    assert "stopped by SIGINT" in out["import"][1] and "stopped by SIGINT" in out["setup"][1]
+    for name in ("import", "setup"):
+        assert "stopped by SIGINT before the first step" in out[name][1], out[name][1]
+        assert "compiled the train step" not in out[name][1], out[name][1]
     lines = out["twice"][1].strip().splitlines()
     assert lines[-1].startswith("train.py: error: interrupted twice"), out["twice"][1]
     assert sum("error" in line for line in lines) == 1, out["twice"][1]
+    assert "compiled the train step" not in out["twice"][1], out["twice"][1]  # it ended during the compilation
 
 
 def test_unreadable_images_are_skipped_with_one_warning_or_refused(tmp_path, capsys):

@@ -33,7 +33,7 @@ from jdiff.run import (
     save_run_config,
     workdir_lock,
 )
-from jdiff.signals import SignalCatcher, StopFlag
+from jdiff.signals import SignalCatcher, StopFlag, signal_point
 from jdiff.training.evaluate import evaluate_bpd
 from jdiff.training.fid import evaluate_fid
 from jdiff.training.metrics_log import MetricsWriter
@@ -248,6 +248,7 @@ def train(
     Raises:
       NonFiniteLossError, CheckpointError, ConfigError (bad dataset/model settings), ValueError.
     """
+    signal_point("setup")
     s = setup(config, devices)
     primary = jax.process_index() == 0
     workdir = config.run.workdir
@@ -290,6 +291,7 @@ def train(
             return TrainResult(start, None, loop.last_checkpoint, loop.sample_path)
         if not stop.requested:
             t0 = time.perf_counter()
+            signal_point("compile")
             _, memory = s.compile_step()  # jit keeps the executable for the first step
             log(f"compiled the train step in {time.perf_counter() - t0:.1f}s; {memory.line()}")
         return _run(loop, actions, batch_hook, progress and primary, stop)
