@@ -11,6 +11,7 @@ LAYERS = {
     "spec": 0,
     "signals": 0,
     "_logs": 0,
+    "flow": 0,  # the rectified-flow interpolant, shift, timestep densities (numpy/jax only; schedules use it)
     "schedules": 1,
     "forward": 2,
     "losses": 3,
