@@ -7,11 +7,21 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # sample.py subprocesses inherit it from this (controller) process, so the tiny models' train steps and
 # samplers, compiled again by many tests, are compiled once (a third less CPU on test_train_checkpoint.py
 # alone). Tests of the cache itself pass their own --cache-dir.
+_SESSION_CACHE = None  # the cache directory this process made (the controller's; workers inherit it)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jdiff-tests-xla-cache-")
+    _SESSION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jdiff-tests-xla-cache-")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_unconfigure(config):
+    """Removes the session's compilation cache (only in the process that made it, after the workers ended)."""
+    if _SESSION_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
