@@ -192,7 +192,7 @@ def test_flipped_bits_in_checkpoint_data_never_restore_silently(tmp_path, traine
         key=lambda p: p.stat().st_size,
     )
     raised = 0
-    for frac in (0.2, 0.4, 0.6, 0.8):
+    for frac in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
         wd = tmp_path / f"flip{frac}"
         shutil.copytree(trained_run.run.workdir, wd)
         target = wd / data.relative_to(trained_run.run.workdir)
@@ -211,7 +211,9 @@ def test_flipped_bits_in_checkpoint_data_never_restore_silently(tmp_path, traine
                 raised += 1
                 continue
             _assert_trees_equal(tree, good if not isinstance(tree, dict) else good.params)
-    assert raised >= 3  # the flip lands in array data (not the index or padding) in several of the 8 loads
+    # Not vacuous: flips land in array data (not the index or padding) in several of the 18 loads. Which arrays
+    # sit at a given offset varies with the asynchronous write order, so the count is not fixed.
+    assert raised >= 3
 
 
 def _one_line_error_text(msg, *fragments):
