@@ -8,8 +8,13 @@ batches of --batch, with each decoder at 1, 2 and os.cpu_count() workers:
   threads    `ImageFolderSource(folder, 256, workers=k).get(indices)`: what training runs (`data.workers`).
   processes  a `concurrent.futures.ProcessPoolExecutor(k)` (spawned once, warmed up) decoding contiguous chunks
              of each batch with the same `prepare(read_image(f))`, the arrays pickled back to the parent.
-  grain      grain's `MapDataset.source(files).map(decode).batch(B).to_iter_dataset().mp_prefetch(k workers)`,
-             when `import grain` works (it is not a jdiff dependency: `pip install grain`).
+  grain      grain's `MapDataset.source(files).map(decode).batch(B).to_iter_dataset(ReadOptions(num_threads=T))
+             .mp_prefetch(k workers)`, T = --grain-threads (default 1, so that k workers decode k images at a
+             time like the others; grain's own default is 16 threads per worker process), when `import grain`
+             works (it is not a jdiff dependency: `pip install grain`). A fresh iterator per pass, so that its
+             workers do not decode ahead while the others are timed; the worker start-up and one extra first
+             batch are not timed, and the files are decoded 3 times per pass, so that what the workers read
+             ahead during the first batch counts little.
 
 For the threads, "CPU s / wall s" is the CPU time of all the process's threads per wall second of decoding:
 above 1 the threads ran in parallel (the GIL was released), a figure that load from other jobs lowers less
@@ -45,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 SIZE = 256
+GRAIN_PASSES = 3  # grain decodes the files this many times per timed pass, so that its read-ahead counts little
 
 
 def load1() -> float:
@@ -101,8 +107,9 @@ def grain_decode(path: str) -> np.ndarray:
 class Decoder:
     """One variant at one worker count: `run()` decodes every image once, in batches."""
 
-    def __init__(self, kind: str, workers: int, folder: str, files: list[str], batch: int):
+    def __init__(self, kind: str, workers: int, folder: str, files: list[str], batch: int, grain_threads: int = 1):
         self.kind, self.workers, self.batch, self.files = kind, workers, batch, files
+        self.grain_threads = grain_threads
         self.pool, self.cpu_per_wall = None, []
         if kind == "threads":
             from jdiff.data import ImageFolderSource
@@ -129,15 +136,18 @@ class Decoder:
         """(images decoded in the timed part, its seconds)."""
         if self.kind == "grain":  # a fresh iterator per pass, so no worker decodes ahead while others are timed
             g, n = self.grain, 0
-            ds = g.MapDataset.source(self.files + self.files[: self.batch]).map(grain_decode).batch(self.batch)
-            iterator = iter(ds.to_iter_dataset().mp_prefetch(g.MultiprocessingOptions(num_workers=self.workers)))
+            files = self.files * GRAIN_PASSES + self.files[: self.batch]
+            ds = g.MapDataset.source(files).map(grain_decode).batch(self.batch)
+            read = g.ReadOptions(num_threads=self.grain_threads)  # grain's default: 16 threads per worker process
+            mp = g.MultiprocessingOptions(num_workers=self.workers)
+            iterator = iter(ds.to_iter_dataset(read_options=read).mp_prefetch(mp))
             next(iterator)  # worker start-up and the first (extra) batch are not timed
             t = time.perf_counter()
             for b in iterator:
                 n += len(b)
             t = time.perf_counter() - t
             del iterator
-            return n, t
+            return n // GRAIN_PASSES, t / GRAIN_PASSES
         t, n, cpu = time.perf_counter(), 0, _cpu_s()
         for lo in range(0, len(self.files), self.batch):
             if self.kind == "threads":
@@ -165,13 +175,13 @@ def bench_decode(args, out) -> list[dict]:
     except ImportError:
         print("grain not installed: its variant is skipped (pip install grain)", file=sys.stderr)
     kinds = [k for k in kinds if k in args.kinds]
-    counts = sorted({1, 2, os.cpu_count() or 1})
+    counts = sorted({int(w) for w in args.workers.split(",")} if args.workers else {1, 2, os.cpu_count() or 1})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         files = write_jpegs(tmp, args.images)
         print(f"wrote {len(files)} JPEGs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        decoders = {(k, w): Decoder(k, w, tmp, files, args.batch) for k in kinds for w in counts}
+        decoders = {(k, w): Decoder(k, w, tmp, files, args.batch, args.grain_threads) for k in kinds for w in counts}
         times: dict = {key: [] for key in decoders}
         loads: dict = {key: [] for key in decoders}
         try:
@@ -262,6 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--images", type=int, default=512, help="JPEGs to write and decode")
     p.add_argument("--batch", type=int, default=64, help="images per decoded batch")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,8 (default: 1, 2 and the cores)")
+    p.add_argument("--grain-threads", type=int, default=1, help="threads per grain worker process (grain: 16)")
     p.add_argument("--kinds", default="threads,processes,grain", help="decoders to measure (comma-separated)")
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--no-wait", action="store_true")
@@ -291,8 +303,8 @@ def _table(rows: list[dict]) -> str:
     dec = [r for r in rows if r["part"] == "decode"]
     if dec:
         lines += [
-            "| decoder | workers | 256x256 images/s | speed-up vs 1 worker | load (1 min) |",
-            "|---|---|---|---|---|",
+            "| decoder | workers | 256x256 images/s | speed-up vs 1 worker | CPU s / wall s | load (1 min) |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {r['decoder']} | {r['workers']} | {r['images_per_s']} | {r['speedup_vs_1']} | "
@@ -301,8 +313,11 @@ def _table(rows: list[dict]) -> str:
         ]
     wait = [r for r in rows if r["part"] == "input_wait"]
     if wait:
-        lines += ["", "| preset | batch | step s | input wait share |", "|---|---|---|---|"]
-        lines += [f"| {r['preset']} | {r['batch']} | {r['step_s']} | {100 * r['wait_share']:.1f}% |" for r in wait]
+        lines += ["", "| preset | batch | step s | input wait share | load (1 min) |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {r['preset']} | {r['batch']} | {r['step_s']} | {100 * r['wait_share']:.1f}% | {r['load1']} |"
+            for r in wait
+        ]
     return "\n".join(lines)
 
 

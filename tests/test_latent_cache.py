@@ -13,7 +13,7 @@ from PIL import Image
 
 from jdiff.cli import encode
 from jdiff.data import LatentCacheSource, make_source
-from jdiff.data.latent_cache import MANIFEST, chunk_dir
+from jdiff.data.latent_cache import MANIFEST
 from jdiff.pretrained.autoencoder import load_autoencoder_dir
 
 VAE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "pretrained", "vae")  # 8x8x3 -> 4x4x4
@@ -149,7 +149,14 @@ def test_training_refuses_a_mismatched_cache(made, tmp_path):
         ({"data.vae": None}, "is a latent cache: set data.vae"),
         ({"data.split": "test"}, "split 'test' is not the split"),
     ]
+    no_flip = tmp_path / "no_flip"
+    shutil.copytree(cache, no_flip)
+    manifest = json.loads((no_flip / MANIFEST).read_text())
+    (no_flip / MANIFEST).write_text(json.dumps({**manifest, "flips": False}))
     for over, message in cases:
         with pytest.raises(ConfigError, match=message) as e:
             setup(_train_config(tmp_path, cache, **over), devices)
         assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="random_flip needs the flipped posteriors"):
+        setup(_train_config(tmp_path, no_flip), devices)
+    assert setup(_train_config(tmp_path, no_flip, **{"data.random_flip": False}), devices).source.flips_stored is False

@@ -88,14 +88,14 @@ class Setup:
             "num_classes": self.num_classes,
             "image_shape": list(self.image_shape),
             "dataset_size": len(self.source),
-            **(
-                {"decoded_shape": list(getattr(self.source, "pixel_shape", self.source.image_shape))}
-                if self.vae
-                else {}
-            ),
+            **({"decoded_shape": list(self.decoded_shape())} if self.vae is not None else {}),
             **({"vae_fingerprint": self.vae.fingerprint} if self.vae is not None else {}),
             "jdiff_version": jdiff.__version__,
         }
+
+    def decoded_shape(self) -> tuple[int, ...]:
+        """The pixel shape of the data: the source's images, or the images a latent cache was encoded from."""
+        return tuple(getattr(self.source, "pixel_shape", self.source.image_shape))
 
     def run_info(self) -> RunInfo:
         """What the run's config.json records (`jdiff.run.open_run` of its workdir reads the same)."""
