@@ -67,7 +67,7 @@ def device_peak_tflops(device_kind: str, dtype: str) -> Optional[float]:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     for key, peaks in PEAK_TFLOPS:
         if key.lower() in device_kind.lower():
-            return peaks[DTYPES.index(dtype)]
+            return peaks[0 if dtype == "bfloat16" else 1]
     return None
 
 

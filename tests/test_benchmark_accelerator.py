@@ -2,12 +2,14 @@
 stand-in: dit_tiny + the tiny VAE, 2 sampler steps)."""
 
 import importlib.util
+import sys
 
 import pytest
 from conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("accelerator", REPO / "benchmarks" / "accelerator.py")
 accelerator = importlib.util.module_from_spec(_spec)  # the benchmark script (not part of the library)
+sys.modules["accelerator"] = accelerator  # its dataclasses look their module up
 _spec.loader.exec_module(accelerator)
 
 
@@ -40,7 +42,7 @@ def test_quickest_run_prints_the_table_and_mfu_from_jdiffs_flop_counter(capsys):
     import jax
 
     (row,) = accelerator.main(
-        ["--quick", "--workloads", "latent_sampler", "--dtypes", "float32", "--peak-tflops", "1", "--nfe", "2"]
+        ["--quick", "--workloads", "latent_sampler", "--dtypes", "float32", "--peak-tflops", "1", "--batch", "1"]
     )
     out = capsys.readouterr().out
     assert "| latent_sampler | dit_tiny | float32 |" in out and "sample MFU" in out
