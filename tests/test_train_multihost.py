@@ -153,3 +153,27 @@ def test_an_unreadable_image_on_one_process_stops_both_at_the_same_step(tmp_path
         "stopped at step 2 with a checkpoint"
     ), errs[0]
     _restorable(wd, 2)
+
+
+@pytest.mark.parametrize(
+    "flags, env, words",
+    [
+        (["--coordinator_address", "host0:1234"], {}, "needs --num_processes and --process_id"),
+        (["--coordinator_address", "host0:1234", "--num_processes", "2", "--process_id", "2"], {}, "in [0, 2), got 2"),
+        (
+            [],
+            {"JDIFF_COORDINATOR_ADDRESS": "auto", "JDIFF_NUM_PROCESSES": "2", "JDIFF_PROCESS_ID": "first"},
+            "JDIFF_PROCESS_ID must be an integer, got 'first'",
+        ),
+    ],
+)
+def test_bad_multi_host_settings_are_one_line(flags, env, words, monkeypatch, capsys, tmp_path):
+    from jdiff.cli import train as cli
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        cli.main([*flags, "--run.workdir", str(tmp_path / "w")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("train.py: error: distributed initialisation failed: ") and words in lines[0], lines
