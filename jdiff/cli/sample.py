@@ -61,7 +61,12 @@ def build_parser() -> Parser:
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, <= the model's T (default 50)")
-    p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep spacing")
+    p.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        default=None,
+        help="timestep spacing (default: flow for a flow schedule, else linspace)",
+    )
     opts = p.add_argument_group("sampler options (each applies to the samplers named)")
     for name, (spec, samplers) in all_options().items():
         opts.add_argument(
@@ -184,15 +189,16 @@ def _main(argv: Sequence[str]) -> int:
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
         model = jrun.build_model(config, run.num_classes)
         prediction = config.diffusion.prediction
+        vae = _run_vae(config, run.derived.get("vae_fingerprint"))
+        gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=vae)
+        drawn["spacing"] = gen.settings.spacing  # None resolved to the schedule's default
         print(
             f"{config.model.name} ({args.params} params) from {args.workdir}: {args.num} samples "
-            f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({args.spacing}"
+            f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({gen.settings.spacing}"
             + "".join(f", {k} {v}" for k, v in options.items())
             + f", prediction {prediction}), {len(devices)} device(s), batch {batch}",
             flush=True,
         )
-        vae = _run_vae(config, run.derived.get("vae_fingerprint"))
-        gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=vae)
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
         stats = gen.compile(abstract)  # validates the request before any weights are read
     except ValueError as e:
@@ -322,12 +328,13 @@ def _sample_pretrained(args) -> int:
         y = jrun.labels_for(args.num, pre.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
         gen = jrun.Generator.from_run(pre, settings, batch=batch, devices=devices)
+        drawn["spacing"] = gen.settings.spacing  # None resolved to the schedule's default
         _check_out(args, out_dir, gen.output_shape)
         print(
             f"{type(pre.model).__name__} from {args.pretrained}: {args.num} samples "
             f"{'x'.join(map(str, gen.output_shape))}"
             + (f" (latents {'x'.join(map(str, pre.sample_shape))} decoded by vae/)" if pre.vae is not None else "")
-            + f", {args.sampler} {args.steps} steps ({args.spacing}"
+            + f", {args.sampler} {args.steps} steps ({gen.settings.spacing}"
             + "".join(f", {k} {v}" for k, v in options.items())
             + f", prediction {pre.prediction}"
             + (", learned-variance output" if pre.variance == "learned" else "")
