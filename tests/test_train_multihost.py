@@ -177,3 +177,13 @@ def test_bad_multi_host_settings_are_one_line(flags, env, words, monkeypatch, ca
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("train.py: error: distributed initialisation failed: ") and words in lines[0], lines
+
+
+def test_one_process_votes_alone_and_a_data_error_outranks_a_signal():
+    from jdiff.training.stops import Stop, StopVote
+
+    vote = StopVote()
+    assert vote.count == 1
+    assert vote(3, None, False) is None
+    assert vote(3, "SIGINT", False) == Stop("SIGINT", 0, 3)
+    assert vote(4, "SIGTERM", True) == Stop("data", 0, 4)  # exit status 1, not a clean stop
