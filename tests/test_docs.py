@@ -78,7 +78,12 @@ def _python_command(argv):
     if argv[1] in ("train.py", "sample.py"):
         return argv[1][:-3], argv[2:]
     if argv[1] == "-m":
-        module = {"jdiff.cli.train": "train", "jdiff.cli.sample": "sample", "jdiff.cli.export": "export"}
+        module = {
+            "jdiff.cli.train": "train",
+            "jdiff.cli.sample": "sample",
+            "jdiff.cli.export": "export",
+            "jdiff.cli.encode": "encode",
+        }
         if argv[2] in module:
             return module[argv[2]], argv[3:]
         return ("pytest", argv[3:]) if argv[2] == "pytest" else ("skip", [])
@@ -116,6 +121,12 @@ def _check_export(args):
     build_parser().parse_args(args)
 
 
+def _check_encode(args):
+    from jdiff.cli.encode import parse_args
+
+    parse_args(args)
+
+
 def _check_pytest(args):
     takes_value = {"-k", "-m", "-n", "-p", "--maxfail", "--durations"}
     skip = False
@@ -151,6 +162,7 @@ CHECKS = {
     "train": _check_train,
     "sample": _check_sample,
     "export": _check_export,
+    "encode": _check_encode,
     "pytest": _check_pytest,
     "script": _check_script,
 }

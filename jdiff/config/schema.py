@@ -125,6 +125,9 @@ class DataConfig(_Section):
     on_bad_image: str = setting(
         "skip", "image folders: unreadable files are skipped with one warning, or refused", choices=("skip", "error")
     )
+    workers: Optional[int] = setting(
+        None, "threads decoding each batch of an image folder or tfds dataset (none: one per CPU core, at most 8)", ge=1
+    )
     random_flip: bool = setting(False, "random horizontal flips")
     class_conditional: bool = setting(True, "condition on labels when the dataset has them", fixed=True)
     label_dropout: float = setting(

@@ -18,6 +18,7 @@ save a checkpoint and stop.
 """
 
 from jdiff.data.image_ops import DataError
+from jdiff.data.latent_cache import LatentCacheSource
 from jdiff.data.pipeline import batch_at, iterate_batches, make_source
 from jdiff.data.prefetch import BatchIterator
 from jdiff.data.sources import ArraySource, DigitsSource, ImageFolderSource, Source
@@ -29,6 +30,7 @@ __all__ = [
     "DataError",
     "DigitsSource",
     "ImageFolderSource",
+    "LatentCacheSource",
     "Source",
     "TfdsSource",
     "batch_at",

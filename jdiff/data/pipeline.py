@@ -12,9 +12,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from jdiff.data import sampler
+from jdiff.data.latent_cache import LatentCacheSource, is_latent_cache
 from jdiff.data.prefetch import BatchIterator
 from jdiff.data.sources import BAD_IMAGE_POLICIES, DigitsSource, ImageFolderSource, Source
 from jdiff.data.tfds_source import TfdsSource
+from jdiff.data.workers import check_workers
 
 Batch = dict[str, np.ndarray]
 
@@ -27,11 +29,15 @@ def make_source(
     channels: int | None = None,
     data_dir: str | os.PathLike | None = None,
     on_bad_image: str = "skip",
+    workers: int | None = None,
 ) -> Source:
     """Builds a source from a name.
 
     * ``"digits"`` -> ``DigitsSource(split, image_size, channels)``
       (splits "train"/"test"/"all"; ``data_dir`` unused).
+    * a latent cache directory (``jdiff.cli.encode``'s output, holding
+      latent_cache.json) -> ``LatentCacheSource(name, split)`` (split must be
+      the encoded one; image_size/channels are checked by the training setup).
     * an existing directory or PNG/JPEG file -> ``ImageFolderSource(name,
       image_size, channels or 3, on_bad_image)``; ``image_size`` is required
       and ``split`` must be "train" or "all" (folders have no splits).
@@ -41,23 +47,31 @@ def make_source(
       channels)`` (e.g. "mnist", "fashion_mnist", "cifar10", "celeb_a"); the
       dataset must already be prepared as array_record.
 
+    ``workers``: threads that decode a batch of a folder or tfds source (None:
+    one per core, at most 8; ``jdiff.data.workers``); batches do not depend on it.
+
     Raises ValueError naming the offending argument.
     """
     if not isinstance(name, (str, os.PathLike)) or not os.fspath(name):
         raise ValueError(f"name must be 'digits', a path or a TFDS name, got {name!r}")
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+    check_workers(workers)
     if os.fspath(name) == "digits":
         return DigitsSource(split, image_size=image_size, channels=channels)
     path = os.path.expanduser(os.fspath(name))
+    if is_latent_cache(path):
+        return LatentCacheSource(path, split)
     if os.path.exists(path):
         if split not in ("train", "all"):
             raise ValueError(f"split must be 'train' or 'all' for an image folder, got {split!r}")
         if image_size is None:
             raise ValueError(f"image_size is required for an image folder/file (name={name!r})")
-        return ImageFolderSource(path, image_size, 3 if channels is None else channels, on_bad_image=on_bad_image)
+        return ImageFolderSource(
+            path, image_size, 3 if channels is None else channels, on_bad_image=on_bad_image, workers=workers
+        )
     try:
-        return TfdsSource(os.fspath(name), split, data_dir, image_size, channels)
+        return TfdsSource(os.fspath(name), split, data_dir, image_size, channels, workers=workers)
     except ValueError as e:
         if os.sep in path or path.startswith("."):
             raise ValueError(f"name {name!r} is neither an existing path nor an available TFDS dataset: {e}") from None
@@ -67,6 +81,8 @@ def make_source(
 def _gather(source: Source, step: int, rows: np.ndarray, global_batch_size: int, seed: int, random_flip: bool) -> Batch:
     """The global-batch ``rows`` at ``step``: image float32 (len(rows), H, W, C), label int32."""
     indices = sampler.indices_at(len(source), step * global_batch_size + rows, seed)
+    if random_flip and getattr(source, "handles_flips", False):  # e.g. a latent cache's stored flipped posteriors
+        return source.get(indices, flip=sampler.flip_mask(step, rows, global_batch_size=global_batch_size, seed=seed))
     batch = source.get(indices)
     if random_flip:
         flip = sampler.flip_mask(step, rows, global_batch_size=global_batch_size, seed=seed)

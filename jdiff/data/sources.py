@@ -4,7 +4,8 @@ Every source has ``num_classes`` (int, or None when unlabelled),
 ``image_shape`` ``(H, W, C)``, ``__len__`` and ``get(indices)`` returning
 ``{"image": float32 (n, H, W, C) in [-1, 1], "label": int32 (n,)}``
 (labels are all 0 for unlabelled sources). ``get`` is thread-safe: sources
-hold no mutable state after construction.
+hold no mutable state after construction. Sources that decode files
+(``ImageFolderSource``, ``TfdsSource``) decode a batch on ``workers`` threads.
 
 Errors: bad arguments and unusable data found at construction are
 ValueErrors. ``ImageFolderSource.get`` raises ``image_ops.DataError`` (a ValueError
@@ -29,6 +30,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from jdiff.data import image_ops
+from jdiff.data.workers import check_workers, decode_into
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DIGITS_SPLITS = ("train", "test", "all")
@@ -198,8 +200,10 @@ class ImageFolderSource:
     at all is a ValueError either way.
 
     Images are decoded lazily in ``get`` (nothing is cached, so memory stays
-    flat for large folders; the prefetch thread hides decode time); a file
-    that then fails to decode raises ``DataError``. Pixels are scaled by mode
+    flat for large folders), on ``workers`` threads (None: one per core, at
+    most 8; ``jdiff.data.workers``; the result does not depend on it), while
+    the prefetch thread overlaps whole batches with training; a file that then
+    fails to decode raises ``DataError`` (the first failing file in order). Pixels are scaled by mode
     (``image_ops``: 16-bit PNGs keep their range, alpha composited on black,
     EXIF orientation applied), converted to ``channels`` (1 grey, 3 RGB), the
     shorter side resized to ``image_size`` and centre-cropped -> float32
@@ -207,8 +211,16 @@ class ImageFolderSource:
     times the largest shorter side in the folder is a ValueError.
     """
 
-    def __init__(self, path: str | os.PathLike, image_size: int, channels: int = 3, on_bad_image: str = "skip"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_size: int,
+        channels: int = 3,
+        on_bad_image: str = "skip",
+        workers: int | None = None,
+    ):
         root = pathlib.Path(path).expanduser()
+        self.workers = check_workers(workers)
         if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
             raise ValueError(f"image_size must be a positive int for an image folder, got {image_size!r}")
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -266,6 +278,8 @@ class ImageFolderSource:
         """Decodes the files at ``indices``; DataError (naming the file) if one cannot be decoded."""
         idx = _as_indices(indices, len(self))
         images = np.empty((len(idx),) + self.image_shape, np.float32)
-        for out, i in zip(images, idx):
-            out[...] = image_ops.prepare(image_ops.read_image(self.files[i]), self.image_size, self.channels)
+        decode_into(images, [self.files[i] for i in idx], self._decode, self.workers)
         return {"image": images, "label": self._labels[idx]}
+
+    def _decode(self, path: pathlib.Path) -> np.ndarray:
+        return image_ops.prepare(image_ops.read_image(path), self.image_size, self.channels)

@@ -14,6 +14,7 @@ import numpy as np
 from jdiff._logs import quiet_absl
 from jdiff.data import image_ops
 from jdiff.data.sources import _as_indices, _check_channels, check_upscale
+from jdiff.data.workers import check_workers, decode_into
 
 
 def _prepare_hint(name: str, data_dir) -> str:
@@ -37,6 +38,8 @@ class TfdsSource:
         the shorter side (centre crop, e.g. celeb_a 218x178 -> 178) otherwise;
         at most ``MAX_UPSCALE`` (8) times the native shorter side.
       channels: 1 or 3; None -> native channel count (1 or 3).
+      workers: threads that read and decode a batch (None: one per core, at
+        most 8; the result does not depend on it).
 
     The image feature is "image" (else the only top-level Image feature); the
     label is "label" if it is a ClassLabel (``num_classes`` from its info),
@@ -53,9 +56,11 @@ class TfdsSource:
         data_dir: str | os.PathLike | None = None,
         image_size: int | None = None,
         channels: int | None = None,
+        workers: int | None = None,
     ):
         import tensorflow_datasets as tfds  # local: ~0.4 s import
 
+        self.workers = check_workers(workers)
         try:
             with quiet_absl():  # tfds warns about missing folders; the error below says it better
                 builder = tfds.builder(name, data_dir=data_dir)
@@ -112,11 +117,14 @@ class TfdsSource:
 
     def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         idx = _as_indices(indices, len(self))
-        examples = self._ds.__getitems__([int(i) for i in idx]) if len(idx) else []
         images = np.empty((len(idx),) + self.image_shape, np.float32)
         labels = np.zeros(len(idx), np.int32)
-        for k, ex in enumerate(examples):
-            images[k] = image_ops.prepare(np.asarray(ex[self.image_key]), self.image_size, self.channels)
+
+        def decode(k: int) -> np.ndarray:  # reads (tfds decodes the PNG/JPEG record) and prepares example k
+            ex = self._ds[int(idx[k])]
             if self.label_key:
                 labels[k] = ex[self.label_key]
+            return image_ops.prepare(np.asarray(ex[self.image_key]), self.image_size, self.channels)
+
+        decode_into(images, range(len(idx)), decode, self.workers)
         return {"image": images, "label": labels}

@@ -27,6 +27,7 @@ def build_source(config: TrainConfig):
             channels=d.channels,
             data_dir=d.data_dir,
             on_bad_image=d.on_bad_image,
+            workers=d.workers,
         )
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ConfigError(f"cannot open dataset {d.dataset!r}: {one_line(e)}") from None

@@ -88,10 +88,14 @@ class Setup:
             "num_classes": self.num_classes,
             "image_shape": list(self.image_shape),
             "dataset_size": len(self.source),
-            **({"decoded_shape": list(self.source.image_shape)} if self.vae is not None else {}),
+            **({"decoded_shape": list(self.decoded_shape())} if self.vae is not None else {}),
             **({"vae_fingerprint": self.vae.fingerprint} if self.vae is not None else {}),
             "jdiff_version": jdiff.__version__,
         }
+
+    def decoded_shape(self) -> tuple[int, ...]:
+        """The pixel shape of the data: the source's images, or the images a latent cache was encoded from."""
+        return tuple(getattr(self.source, "pixel_shape", self.source.image_shape))
 
     def run_info(self) -> RunInfo:
         """What the run's config.json records (`jdiff.run.open_run` of its workdir reads the same)."""
@@ -159,7 +163,12 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
     image_shape = tuple(int(d) for d in source.image_shape)
     vae, encode = None, None
     if config.data.vae:
-        vae, image_shape, encode = latent_space(config, image_shape, mesh)
+        vae, image_shape, encode = latent_space(config, image_shape, mesh, source)
+    elif getattr(source, "vae_fingerprint", None):
+        raise ConfigError(
+            f"data.dataset {config.data.dataset} is a latent cache: set data.vae to the VAE it was encoded with "
+            "(previews and sample.py decode through it)"
+        )
     model = with_remat(build_model(config, num_classes), config)
     return Setup(
         config,
@@ -194,11 +203,16 @@ def train_step_args(config: TrainConfig) -> dict[str, Any]:
 VAE_SEED_SALT = 0x7AE  # posterior draws of the latent batches use key(run.seed) folded with this, then the step
 
 
-def latent_space(config: TrainConfig, image_shape: tuple[int, int, int], mesh):
+def latent_space(config: TrainConfig, image_shape: tuple[int, int, int], mesh, source: Any = None):
     """Training on the latents of the AutoencoderKL in `config.data.vae` (the DiT paper's setting): (vae, latent
     shape, transform) where transform(step, batch) replaces batch["image"] by scaling_factor x a posterior draw
     of its VAE latents, with key fold_in(fold_in(key(seed), VAE_SEED_SALT), step) (a resumed run draws the same).
-    The draw runs on the sharded device batch in the data thread (`iterate_batches(transform=...)`)."""
+    The draw runs on the sharded device batch in the data thread (`iterate_batches(transform=...)`).
+
+    When `source` is a latent cache (`jdiff.data.LatentCacheSource`, made by `jdiff.cli.encode`) its batches
+    hold the stored posterior mean and std, and the draw is mean + std * eps with the same key and eps, so the
+    latents equal those of encoding on the fly (up to the cache's dtype). A cache made with another VAE
+    (fingerprint), or at another data.image_size / data.channels, is a ConfigError (one line)."""
     from jdiff.pretrained.autoencoder import load_autoencoder_dir
     from jdiff.pretrained.files import PretrainedError
 
@@ -206,6 +220,9 @@ def latent_space(config: TrainConfig, image_shape: tuple[int, int, int], mesh):
         vae = load_autoencoder_dir(config.data.vae)
     except PretrainedError as e:
         raise ConfigError(f"data.vae: {one_line(e)}") from None
+    base = jax.random.fold_in(jax.random.key(config.run.seed), VAE_SEED_SALT)
+    if getattr(source, "vae_fingerprint", None):
+        return vae, source.latent_shape, cached_latents(config, vae, source, base, mesh)
     f, want = vae.module.downsample_factor, vae.module.in_channels
     h, w, c = image_shape
     if c != want or h % f or w % f:
@@ -215,7 +232,6 @@ def latent_space(config: TrainConfig, image_shape: tuple[int, int, int], mesh):
         )
     rep = replicated(mesh)
     params = jax.device_put(vae.params, rep)
-    base = jax.random.fold_in(jax.random.key(config.run.seed), VAE_SEED_SALT)
     to_latents = jax.jit(
         lambda p, x, step: vae.encode_latents(p, x, jax.random.fold_in(base, step)), out_shardings=batch_sharding(mesh)
     )
@@ -224,6 +240,33 @@ def latent_space(config: TrainConfig, image_shape: tuple[int, int, int], mesh):
         return {**batch, "image": to_latents(params, batch["image"], step)}
 
     return vae, vae.latent_shape(image_shape), transform
+
+
+def cached_latents(config: TrainConfig, vae: Any, cache: Any, base: jax.Array, mesh: Any):
+    """The transform of a latent-cache run (see `latent_space`), after checking the cache against the config."""
+    d, (size, _, channels) = config.data, cache.pixel_shape
+    if cache.vae_fingerprint != vae.fingerprint:
+        raise ConfigError(
+            f"data.dataset {d.dataset} was encoded with another VAE than data.vae {d.vae} (fingerprint "
+            f"{cache.vae_fingerprint[:19]} != {vae.fingerprint[:19]}); encode it again with this VAE"
+        )
+    for key, want, have in (("image_size", d.image_size, size), ("channels", d.channels, channels)):
+        if want is not None and want != have:
+            raise ConfigError(f"data.{key}={want}, but the latent cache {d.dataset} was encoded at {key} {have}")
+    if d.random_flip and not cache.flips_stored:
+        raise ConfigError(f"data.random_flip needs the flipped posteriors, but {d.dataset} was encoded with --no-flip")
+    c, shift, scale = cache.latent_shape[2], vae.shift_factor or 0.0, vae.scaling_factor
+
+    @functools.partial(jax.jit, out_shardings=batch_sharding(mesh))
+    def draw(x, step):
+        mean, std = x[..., :c], x[..., c:]
+        z = mean + std * jax.random.normal(jax.random.fold_in(base, step), mean.shape, mean.dtype)
+        return (z - shift) * scale
+
+    def transform(step: int, batch: dict) -> dict:
+        return {**batch, "image": draw(batch["image"], step)}
+
+    return transform
 
 
 def sharded_init(init: Any, shapes: Any, model: Any, mesh: Any, min_size: int) -> tuple[Any, Any, Any]:
