@@ -16,16 +16,15 @@ import jdiff
 from jdiff import edm
 from jdiff.analytic import gaussian_eps_fn
 from jdiff.distill import consistency as cm
+from jdiff.distill.net import Net
 from jdiff.sampling import SAMPLERS, make_grid
 from jdiff.sampling.consistency import boundary_coefficients, consistency_function
-from jdiff.sampling.denoiser import Guidance, make_denoiser
 from jdiff.sampling.timesteps import level_fn
 
 LIN = jdiff.get_schedule("linear", 1000)
 MEAN = np.array([0.5, -0.3])
 VAR = np.array([0.25, 1.0])  # diagonal covariance
-NO_GUIDANCE = Guidance(None, None, None)
-TEACHER = make_denoiser(gaussian_eps_fn(LIN, MEAN, np.diag(VAR)), None, prediction="eps", guidance=NO_GUIDANCE)
+TEACHER = Net(gaussian_eps_fn(LIN, MEAN, np.diag(VAR)), None, "eps")
 LEVEL = level_fn(LIN)
 SIG_LO = float(np.sqrt((1 - LIN.alphas_cumprod[0]) / LIN.alphas_cumprod[0]))
 SIG_HI = float(np.sqrt((1 - LIN.alphas_cumprod[-1]) / LIN.alphas_cumprod[-1]))
@@ -49,7 +48,7 @@ def test_boundary_condition_is_exact():
         c_skip, c_out = boundary_coefficients(s, s)
         assert float(c_skip) == 1.0 and float(c_out) == 0.0
     # through a model: the consistency function of the Gaussian teacher at sigma_min returns its input
-    f = cm.consistency_fn(TEACHER, LEVEL, SIG_LO, 0.5)
+    f = cm.consistency_fn(TEACHER, None, LEVEL, SIG_LO, 0.5)
     xs = jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)
     out = f(xs, jnp.full((5,), SIG_LO, jnp.float32))
     assert np.array_equal(np.asarray(out), np.asarray(xs))
@@ -132,7 +131,7 @@ def test_cd_loss_is_zero_at_the_exact_consistency_function():
 
 def test_solver_step_is_the_samplers_step():
     """The CD teacher's one-step solver (heun from sigma_{i+1} to sigma_i) against the Heun rule written out."""
-    step = cm.solver_step(SAMPLERS["heun"], {}, TEACHER, LEVEL)
+    step = cm.solver_step(SAMPLERS["heun"], {}, TEACHER, None, LEVEL)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 2)) * 3, jnp.float32)
     s_from, s_to = jnp.asarray([3.0, 0.5, 10.0]), jnp.asarray([2.0, 0.3, 4.0])
     got = np.asarray(step(x, s_from, s_to))
@@ -173,13 +172,12 @@ def test_cd_trains_a_small_network_towards_the_exact_map():
     data's stds are 0.5 and 1), more than 10x below the start; at sigma = 1 below 0.05 (measured 0.025)."""
     init, apply = _mlp_eps_model()
     params = init(jax.random.key(1))
-    teacher_step = cm.solver_step(SAMPLERS["heun"], {}, TEACHER, LEVEL)
+    teacher_step = cm.solver_step(SAMPLERS["heun"], {}, TEACHER, None, LEVEL)
     kw = dict(sigma_min=SIG_LO, sigma_max=SIG_HI, max_levels=19, huber=cm.huber_c(2), teacher_step=teacher_step)
     tx = optax.adam(3e-3)
 
     def student(p):
-        denoise = make_denoiser(apply, p, prediction="x0", guidance=NO_GUIDANCE)
-        return cm.consistency_fn(denoise, LEVEL, SIG_LO, 0.5)
+        return cm.consistency_fn(Net(apply, p, "x0"), None, LEVEL, SIG_LO, 0.5)
 
     def loss_fn(p, x0, key):
         return cm.consistency_loss(student(p), x0, key, 18, **kw)[0]

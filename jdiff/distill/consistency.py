@@ -25,9 +25,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from jdiff.distill.net import Net, denoiser, per_example
 from jdiff.sampling.base import Noise, Sampler, Step
 from jdiff.sampling.consistency import consistency_function
-from jdiff.sampling.denoiser import Denoised
 from jdiff.sampling.timesteps import Grid
 
 Array = jax.Array
@@ -36,7 +36,6 @@ S0, S1 = 10, 1280  # iCT's curriculum: initial and final number of discretisatio
 HUBER_SCALE = 0.00054  # iCT: c = 0.00054 sqrt(d)
 
 Level = Callable[[Array], tuple[Array, Array, Array]]  # sigma_edm -> (t, alpha, sigma) (`timesteps.level_fn`)
-Denoise = Callable[[Array, Array, Array, Array], Denoised]
 
 
 def karras_level(i: Array, n: Array, sigma_min, sigma_max, rho: float = 7.0) -> Array:
@@ -74,38 +73,35 @@ def pseudo_huber(a: Array, b: Array, c) -> Array:
     return jnp.sqrt(sq + c**2) - c
 
 
-def _per_example(fn):
-    """fn(x (1, ...), *scalars) -> (1, ...) mapped over the batch: every example at its own noise level."""
-    return jax.vmap(lambda x, *s: fn(x[None], *s)[0])
+def consistency_fn(net: Net, labels: Optional[Array], level: Level, sigma_min, sigma_data) -> Callable:
+    """f(x_edm (B, ...), sigma (B,)) -> (B, ...): `jdiff.sampling.consistency.consistency_function` of `net`
+    (labels (B,) or None), each example at its own EDM level (its VP level from `level`)."""
+    denoise = denoiser(net, labels)
 
-
-def consistency_fn(denoise: Denoise, level: Level, sigma_min, sigma_data) -> Callable[[Array, Array], Array]:
-    """f(x_edm (B, ...), sigma (B,)) -> (B, ...): `jdiff.sampling.consistency.consistency_function` of the
-    model behind `denoise`, each example evaluated at its own EDM level (its VP level from `level`)."""
-
-    def one(x, sig):
-        t, a, s = level(sig)
+    def f(x, sig):
+        t, a, s, sig = (per_example(v, x) for v in (*level(sig), sig))
         return consistency_function(denoise(x * a, t, a, s).x0, x, sig, sigma_min, sigma_data)
 
-    return _per_example(one)
+    return f
 
 
-def solver_step(
-    sampler: Sampler, options: dict, denoise: Denoise, level: Level
-) -> Callable[[Array, Array, Array], Array]:
+def solver_step(sampler: Sampler, options: dict, net: Net, labels: Optional[Array], level: Level) -> Callable:
     """step(x_edm (B, ...), sigma_from (B,), sigma_to (B,)) -> x_edm at sigma_to: one step of a registered
-    (deterministic) sampler on the one-row grid sigma_from -> sigma_to, as its first step (a multistep solver
-    takes its first-order step; heun its full trapezoid). The CD teacher's ODE solver (CM Alg. 2)."""
+    (deterministic) sampler on the one-row grid sigma_from -> sigma_to (per example), as its first step (a
+    multistep solver takes its first-order step; heun its full trapezoid), with `net` (labels (B,) or None)
+    as the model. The CD teacher's ODE solver (CM Alg. 2)."""
+    denoise = denoiser(net, labels)
     noise_key = jax.random.key(0)  # a deterministic sampler never draws (ddim with eta = 0 multiplies by 0)
 
-    def one(x, s_from, s_to):
-        t, a, s = level(s_from)
-        t2, a2, s2 = level(s_to)
-        step = Step(jnp.int32(0), jnp.bool_(True), jnp.bool_(False), Grid(t, a, s, t2, a2, s2), 2, level)
-        out = sampler.output(sampler.step(denoise, sampler.init(x * a), step, Noise(noise_key, 0, False), options))
-        return out / a2
+    def step(x, s_from, s_to):
+        row = Grid(*(per_example(v, x) for v in (*level(s_from), *level(s_to))))
+        st = Step(jnp.int32(0), jnp.bool_(True), jnp.bool_(False), row, 2, level)
+        out = sampler.output(
+            sampler.step(denoise, sampler.init(x * row.alpha), st, Noise(noise_key, 0, False), options)
+        )
+        return out / row.alpha_next
 
-    return _per_example(one)
+    return step
 
 
 def consistency_loss(

@@ -17,11 +17,12 @@ grid and t'' row i + 1 of the N grid (the clean level after the last row). The s
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from jdiff.distill.net import Net, denoiser, per_example
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -89,7 +90,8 @@ def progressive_loss(
     return loss, {"mse": jnp.mean(per)}
 
 
-def x0_fn(denoise: Callable) -> X0Fn:
-    """x_hat(z (B, ...), t (B,), alpha (B,), sigma (B,)) from a `jdiff.sampling.denoiser` denoise, each example
-    at its own level (the model is called once on the batch, per-example levels by vmap)."""
-    return jax.vmap(lambda z, t, a, s: denoise(z[None], t, a, s).x0[0])
+def x0_fn(net: Net, labels: Optional[Array]) -> X0Fn:
+    """x_hat(z (B, ...), t (B,), alpha (B,), sigma (B,)) of `net` (labels (B,) or None), each example at its
+    own level."""
+    denoise = denoiser(net, labels)
+    return lambda z, t, a, s: denoise(z, *(per_example(v, z) for v in (t, a, s))).x0
