@@ -244,3 +244,21 @@ def test_multistep_sampler_matches_alg1_in_float64(steps):
     zs = [draw(n + 1) for n in range(steps)]
     want = _alg1_reference(draw(0), zs, make_grid(LIN, "trailing", steps), smin)
     np.testing.assert_allclose(np.asarray(out), want, rtol=2e-3, atol=2e-3)
+
+
+def test_flow_and_eps_teachers_give_one_consistency_function():
+    """Formulation-agnostic: the exact Gaussian flow-matching velocity (prediction flow) and the exact eps predictor
+    (prediction eps) give the same consistency function and the same one-step teacher solver."""
+    from jdiff.analytic import gaussian_velocity_fn
+
+    flow_net = Net(gaussian_velocity_fn(MEAN, np.diag(VAR)), None, "flow", 1000.0)
+    rng = np.random.default_rng(8)
+    sig = jnp.asarray([0.05, 0.5, 2.0, 20.0], jnp.float32)
+    x = jnp.asarray(MEAN + np.sqrt(VAR + np.asarray(sig)[:, None] ** 2) * rng.normal(size=(4, 2)), jnp.float32)
+    got = [np.asarray(cm.consistency_fn(n, None, LEVEL, 0.02, 0.5)(x, sig)) for n in (flow_net, TEACHER)]
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-3, atol=1e-3)
+    steps = [
+        np.asarray(cm.solver_step(SAMPLERS["euler"], {}, n, None, LEVEL)(x, sig, sig * 0.7))
+        for n in (flow_net, TEACHER)
+    ]
+    np.testing.assert_allclose(steps[0], steps[1], rtol=1e-3, atol=1e-3)

@@ -32,7 +32,7 @@ from jdiff.distill.net import Net
 from jdiff.models import drop_labels
 from jdiff.run.mesh import FSDP_RULES, fsdp_sharding
 from jdiff.sampling import SAMPLERS
-from jdiff.sampling.timesteps import level_fn
+from jdiff.sampling.timesteps import flow_times, level_fn
 from jdiff.spec import Spec
 from jdiff.training.optim import ema_update
 from jdiff.training.setup import Setup, setup, train_step_args
@@ -127,8 +127,14 @@ def edm_range(config: TrainConfig, d: DistillConfig, schedule: Any) -> tuple[flo
     and t = T - 1. ConfigError when the top level is infinite (a zero-terminal-SNR schedule)."""
     abar = np.asarray(schedule.alphas_cumprod, np.float64)
     lo = d.sigma_min if d.sigma_min is not None else float(np.sqrt((1 - abar[0]) / abar[0]))
-    hi = d.sigma_max if d.sigma_max is not None else float(np.sqrt((1 - abar[-1]) / max(abar[-1], 0.0) or np.inf))
-    if not np.isfinite(hi):
+    if d.sigma_max is not None:
+        hi = d.sigma_max
+    elif abar[-1] > 0:
+        hi = float(np.sqrt((1 - abar[-1]) / abar[-1]))
+    elif schedule.flow_shift is not None:  # a flow schedule: the first level of its flow_sigmas grid
+        s = float(flow_times(schedule, "flow_sigmas", 1)[0])
+        hi = s / (1.0 - s)
+    else:
         raise ConfigError("the schedule's last level has zero SNR (infinite EDM sigma); set --distill.sigma_max")
     if not lo < hi:
         raise ConfigError(f"distill.sigma_min ({lo}) must be below distill.sigma_max ({hi})")
@@ -192,7 +198,8 @@ def student_sampler(config: TrainConfig, d: DistillConfig, schedule: Any) -> dic
         }
     lo, _ = edm_range(config, d, schedule)
     options = {"sigma_min": lo, "sigma_data": d.sigma_data}
-    return {"sampler": "consistency", "steps": d.sample_steps, "spacing": "trailing", "options": options}
+    spacing = "flow_sigmas" if schedule.flow_shift is not None else "trailing"  # flow: its first level is s_max
+    return {"sampler": "consistency", "steps": d.sample_steps, "spacing": spacing, "options": options}
 
 
 # ---------------------------------------------------------------------------------------------------
