@@ -48,6 +48,7 @@ def _leaves_equal(a, b):
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_is_exact(teacher, tmp_path, method):
     """6 steps in one call == 3 steps, stop, resume for 3 (the whole state, teacher included, bitwise); progressive

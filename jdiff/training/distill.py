@@ -90,7 +90,9 @@ class DistillConfig:
         out = dataclasses.asdict(base or cls())
         for name, value in values.items():
             if name not in FIELDS:
-                raise ConfigError(f"unknown distill key {name!r}; allowed: {', '.join(f'distill.{k}' for k in FIELDS)}")
+                raise ConfigError(
+                    f"unknown distill key 'distill.{name}'; allowed: {', '.join(f'distill.{k}' for k in FIELDS)}"
+                )
             try:
                 out[name] = FIELDS[name].parse(f"distill.{name}", value)
             except ValueError as e:
