@@ -59,13 +59,18 @@ def build_parser() -> Parser:
         help="--pretrained DiT: time embedding of the DiT reference code (default) or of diffusers' DiT",
     )
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps, <= the model's T (default 50)")
+    p.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        default=None,
+        help="default: the sampler a distilled run records (with its steps, spacing and options), else ddim",
+    )
+    p.add_argument("--steps", type=int, default=None, help="sampling steps, <= the model's T (default 50)")
     p.add_argument(
         "--spacing",
         choices=SPACINGS,
         default=None,
-        help="timestep spacing (default: flow for a flow schedule, else linspace)",
+        help="timestep spacing (default: a distilled run's, else flow for a flow schedule, else linspace)",
     )
     opts = p.add_argument_group("sampler options (each applies to the samplers named)")
     for name, (spec, samplers) in all_options().items():
@@ -136,6 +141,22 @@ def _options(args) -> dict:
     return out
 
 
+DEFAULTS = {"sampler": "ddim", "steps": 50, "spacing": None}  # spacing None: the schedule's default
+
+
+def _fill_defaults(args, recorded: Optional[dict]) -> None:
+    """Sets the unset --sampler / --steps / --spacing and sampler options: from `recorded` (the sampler a
+    distilled student's config.json records, `jdiff.training.distill`) unless another sampler is asked for,
+    else from DEFAULTS."""
+    rec = recorded if recorded and args.sampler in (None, recorded.get("sampler")) else {}
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, rec.get(name, default))
+    for name, value in rec.get("options", {}).items():
+        if getattr(args, f"option:{name}", None) is None:
+            setattr(args, f"option:{name}", str(value))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (Ctrl-C: one line, status 130)."""
     try:
@@ -149,7 +170,7 @@ def _main(argv: Sequence[str]) -> int:
     if args.trajectory_every is not None and not args.trajectory:
         fail(PROG, "--trajectory-every needs --trajectory", 2)
     for name in ("num", "steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(PROG, f"--{name} must be >= 1, got {getattr(args, name)}", 2)
     if not 0 <= args.seed < 2**32:
         fail(PROG, f"--seed must be in [0, {2**32 - 1}], got {args.seed}", 2)
@@ -159,6 +180,7 @@ def _main(argv: Sequence[str]) -> int:
     if args.guidance is not None and not math.isfinite(args.guidance):
         fail(PROG, f"--guidance must be a finite number, got {args.guidance}", 2)
     if args.pretrained is not None:
+        _fill_defaults(args, None)
         return _sample_pretrained(args)
     args.params = args.params or "ema"
     if args.timestep_convention is not None:
@@ -172,6 +194,7 @@ def _main(argv: Sequence[str]) -> int:
     except jrun.RunError as e:
         fail(PROG, e, 1)
     config = run.config
+    _fill_defaults(args, run.derived.get("sampler"))
     out_dir = args.out or os.path.join(args.workdir, "samples")
     out_shape = tuple(run.derived.get("decoded_shape", run.image_shape))  # a latent run (data.vae) writes images
     _check_out(args, out_dir, out_shape)

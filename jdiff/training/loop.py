@@ -236,6 +236,7 @@ def train(
     stop: Optional[StopFlag] = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    build: Callable[..., Setup] = setup,
 ) -> TrainResult:
     """Trains (or resumes) the run described by `config` in `config.run.workdir`.
 
@@ -250,12 +251,13 @@ def train(
         requested before the first step ends the call before training; after, at the end of the step.
       progress: show a tqdm progress bar.
       log: receives one-line status messages.
+      build: (config, devices) -> the run's `Setup` (default `setup`; distillation: `jdiff.training.distill`).
 
     Raises:
       NonFiniteLossError, CheckpointError, ConfigError (bad dataset/model settings), ValueError.
     """
     signal_point("setup")
-    s = setup(config, devices)
+    s = build(config, devices)
     primary = jax.process_index() == 0
     workdir = config.run.workdir
     with contextlib.ExitStack() as stack:  # closed in reverse: metrics, checkpoints (waits for saves), lock
