@@ -30,10 +30,13 @@ from jdiff.pretrained.transformer import CLASSES as DIT_CLASSES
 from jdiff.pretrained.transformer import CONVENTION_KEY, config_from_dit, dit_from_config, dit_params, dit_tensors
 from jdiff.pretrained.unet2d import CLASS as UNET_CLASS
 from jdiff.pretrained.unet2d import config_from_unet, unet_from_config, unet_params, unet_tensors
+from jdiff.pretrained.unet_cond import CLASS as UNET_COND_CLASS
+from jdiff.pretrained.unet_cond import unet_cond_from_config, unet_cond_params
 from jdiff.schedules import Schedule
 
 DIFFUSERS_VERSION = "0.31.0"  # written into exported configs (the format, not a dependency)
 DIT_GUIDANCE = 4.0  # DiTPipeline's default guidance_scale
+SD_GUIDANCE = 7.5  # StableDiffusionPipeline's
 TMP_TAG = ".jdiff-tmp-"  # temporary siblings of an export in progress: .NAME.jdiff-tmp-PID[-old]
 
 
@@ -48,7 +51,11 @@ class Pretrained:
     ``variance`` "learned" when the model outputs [eps | v] (2x channels; jdiff's DDPM ``variance=learned``
     reads v as Improved DDPM's interpolation, diffusers' "learned_range") else "fixed"; ``num_classes``
     (None: unconditional; label ``num_classes`` is the null label of classifier-free guidance);
-    ``guidance``: the pipeline's default guidance scale (4.0 for DiT as in DiTPipeline, else None)."""
+    ``guidance``: the pipeline's default guidance scale (4.0 for DiT as in DiTPipeline, 7.5 for Stable Diffusion
+    as in StableDiffusionPipeline, else None). A text-to-image pipeline (kind "unet_cond": a `UNetCond` called
+    as ``model.apply({'params': params}, x, t, context)``) has its `text_encoder` and `tokenizer`
+    (`jdiff.pretrained.text`); ``scheduler`` is the scheduler config read (its timestep_spacing is the default
+    of `text_to_image`)."""
 
     model: Any
     params: Any
@@ -59,9 +66,12 @@ class Pretrained:
     sample_shape: tuple[int, int, int]
     vae: Any = None
     id2label: Optional[dict[int, str]] = None
-    kind: str = "unet"  # "unet" or "dit"
+    kind: str = "unet"  # "unet", "dit" or "unet_cond"
     guidance: Optional[float] = None
     config: dict = dataclasses.field(default_factory=dict)
+    text_encoder: Any = None
+    tokenizer: Any = None
+    scheduler: dict = dataclasses.field(default_factory=dict)
 
 
 def _named(index: dict, name: str) -> bool:
@@ -89,7 +99,53 @@ def _model_from(config: dict, tensors: dict, convention: Optional[str]):
     if cls in DIT_CLASSES:
         model, shape = dit_from_config(config, convention)
         return "dit", model, shape, dit_params(model, shape, tensors)
-    raise PretrainedError(f"model class {cls!r} is not supported; supported: {UNET_CLASS}, {', '.join(DIT_CLASSES)}")
+    if cls == UNET_COND_CLASS:
+        if convention is not None:
+            raise PretrainedUsageError(f"timestep_convention applies to DiT checkpoints only (this is a {cls})")
+        model, shape, linear = unet_cond_from_config(config)
+        return "unet_cond", model, shape, unet_cond_params(model, shape, tensors, linear)
+    supported = ", ".join((UNET_CLASS, *DIT_CLASSES, UNET_COND_CLASS))
+    raise PretrainedError(f"model class {cls!r} is not supported; supported: {supported}")
+
+
+UNSUPPORTED = {  # pipeline components jdiff cannot run -> what they are
+    "text_encoder_2": "SDXL's second text encoder",
+    "tokenizer_2": "SDXL's second tokenizer",
+    "controlnet": "a ControlNet",
+    "image_encoder": "an IP-Adapter image encoder",
+    "adapter": "a T2I-Adapter",
+    "prior": "a prior model",
+}
+
+
+def _check_runnable(root: Path, index: dict) -> None:
+    """One PretrainedError line for a pipeline jdiff cannot run as diffusers does (SDXL, ControlNet, LoRA...)."""
+    for name, what in UNSUPPORTED.items():
+        if _named(index, name):
+            raise PretrainedError(
+                f"pipeline {root} ({index.get('_class_name', '?')}) has {name} ({what}), which jdiff does not run; "
+                "supported: Stable Diffusion 1.x / 2.x text-to-image, UNet2DModel and DiT pipelines"
+            )
+
+
+def _check_no_lora(root: Path) -> None:
+    lora = sorted(p.name for p in root.glob("*.safetensors") if "lora" in p.name.lower())
+    if lora:
+        raise PretrainedError(
+            f"{root / lora[0]} is a LoRA weights file; jdiff loads whole pipelines and does not apply LoRA (merge it "
+            "into the UNet with diffusers' fuse_lora and save_pretrained first)"
+        )
+
+
+def _load_text(root: Path, index: dict):
+    """The text encoder and tokenizer a text-to-image pipeline names (both must be there)."""
+    from jdiff.pretrained.text import load_text_encoder, load_tokenizer
+
+    missing = [n for n in ("text_encoder", "tokenizer") if not _named(index, n)]
+    if missing:
+        raise PretrainedError(f"pipeline {root} has a UNet2DConditionModel but its model_index.json names no {missing}")
+    encoder = load_text_encoder(root / "text_encoder")
+    return encoder, load_tokenizer(root / "tokenizer", encoder.module.max_length)
 
 
 def _load_vae(path: Path):
@@ -111,9 +167,11 @@ def load(path: str | Path, *, timestep_convention: Optional[str] = None) -> Pret
     if not root.is_dir():
         raise PretrainedError(f"checkpoint directory {root} not found")
     scheduler: dict = {}
-    vae, id2label = None, None
+    vae, id2label, index = None, None, {}
+    _check_no_lora(root)
     if (root / "model_index.json").is_file():
         index = read_json(root / "model_index.json", "pipeline index")
+        _check_runnable(root, index)
         _, model_dir = _component(root, index)
         if _named(index, "scheduler"):
             scheduler = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
@@ -133,9 +191,15 @@ def load(path: str | Path, *, timestep_convention: Optional[str] = None) -> Pret
         raise PretrainedError(f"{root} is neither a diffusers pipeline (model_index.json) nor a model (config.json)")
     config, tensors = read_model_dir(model_dir)
     kind, model, shape, params = _model_from(config, tensors, timestep_convention)
+    text_encoder, tokenizer = _load_text(root, index) if kind == "unet_cond" and index else (None, None)
+    if text_encoder is not None and text_encoder.module.hidden != model.context_dim:
+        raise PretrainedError(
+            f"text encoder hidden_size={text_encoder.module.hidden} but the UNet's cross_attention_dim is "
+            f"{model.context_dim}"
+        )
     schedule, prediction = schedule_from_config(scheduler)
     c = shape[-1]
-    out_ch = (model.out_channels or c) * (2 if model.learn_sigma else 1)
+    out_ch = (model.out_channels or c) * (2 if getattr(model, "learn_sigma", False) else 1)
     latent_c = getattr(getattr(vae, "module", None), "latent_channels", c)
     if latent_c != c:
         raise PretrainedError(f"vae latent_channels={latent_c} but the {kind} samples {c} channels (in_channels)")
@@ -150,13 +214,16 @@ def load(path: str | Path, *, timestep_convention: Optional[str] = None) -> Pret
         schedule=schedule,
         prediction=prediction,
         variance="learned" if out_ch == 2 * c else "fixed",
-        num_classes=model.num_classes,
+        num_classes=getattr(model, "num_classes", None),
         sample_shape=shape,
         vae=vae,
         id2label=id2label,
         kind=kind,
-        guidance=DIT_GUIDANCE if kind == "dit" else None,
+        guidance={"dit": DIT_GUIDANCE, "unet_cond": SD_GUIDANCE}.get(kind),
         config=config,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
     )
 
 
