@@ -189,9 +189,13 @@ def load(path: str | Path, *, timestep_convention: Optional[str] = None) -> Pret
         model_dir = root
     else:
         raise PretrainedError(f"{root} is neither a diffusers pipeline (model_index.json) nor a model (config.json)")
+    text_encoder, tokenizer = None, None
+    if index.get("unet") == ["diffusers", UNET_COND_CLASS]:  # the text side first: its errors are cheap
+        text_encoder, tokenizer = _load_text(root, index)
     config, tensors = read_model_dir(model_dir)
     kind, model, shape, params = _model_from(config, tensors, timestep_convention)
-    text_encoder, tokenizer = _load_text(root, index) if kind == "unet_cond" and index else (None, None)
+    if kind == "unet_cond" and index and text_encoder is None:
+        text_encoder, tokenizer = _load_text(root, index)
     if text_encoder is not None and text_encoder.module.hidden != model.context_dim:
         raise PretrainedError(
             f"text encoder hidden_size={text_encoder.module.hidden} but the UNet's cross_attention_dim is "
