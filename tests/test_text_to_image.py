@@ -23,7 +23,7 @@ import pytest
 from jdiff.models.clip import CLIP_VIT_L, OPENCLIP_H, CLIPText
 from jdiff.models.stats import tree_size
 from jdiff.models.unet_cond import SD15, SD21, UNetCond
-from jdiff.pretrained import PretrainedError, PromptTruncatedWarning, load, text_to_image
+from jdiff.pretrained import PretrainedError, PromptTruncatedWarning, load, save, text_to_image
 from jdiff.pretrained.files import PretrainedUsageError
 from jdiff.pretrained.txt2img import _txt2img
 
@@ -240,3 +240,64 @@ def test_sample_py_text_flags_usage_errors(tmp_path, capsys):
             sample_cli.main([*argv, "--steps", "1", "--out", str(tmp_path / "out"), "--no-cache"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and words in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def export(p, name, out):
+    save(
+        out,
+        p.model,
+        p.params,
+        sample_shape=p.sample_shape,
+        schedule=p.schedule,
+        prediction=p.prediction,
+        vae_dir=FIX / name / "vae",
+        text_encoder=p.text_encoder,
+        tokenizer_dir=FIX / name / "tokenizer",
+        linear_projection=p.config["use_linear_projection"],
+    )
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_then_load_is_exact(loaded, name, tmp_path):
+    p = loaded[name]
+    q = load(export(p, name, tmp_path / "out"))
+    assert (q.model, q.prediction, q.sample_shape, q.text_encoder.module) == (
+        p.model,
+        p.prediction,
+        p.sample_shape,
+        p.text_encoder.module,
+    )
+    for a, b in [(p.params, q.params), (p.text_encoder.params, q.text_encoder.params), (p.vae.params, q.vae.params)]:
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    np.testing.assert_array_equal(np.asarray(q.schedule.betas), np.asarray(p.schedule.betas))
+    _, prompts = fixture_data(name)
+    np.testing.assert_array_equal(q.tokenizer(prompts["prompts"][:4]), p.tokenizer(prompts["prompts"][:4]))
+    one_line(
+        lambda: save(tmp_path / "x", p.model, p.params, sample_shape=(8, 8, 4), schedule=p.schedule), "text_encoder="
+    )
+
+
+def test_export_runs_in_stable_diffusion_pipeline(loaded, tmp_path):
+    """diffusers' StableDiffusionPipeline loads the export of sd2_tiny and reproduces the fixture's txt2img."""
+    torch = pytest.importorskip("torch", reason="needs the [bench] extra (torch + diffusers + transformers)")
+    diffusers = pytest.importorskip("diffusers", reason="needs the [bench] extra (torch + diffusers + transformers)")
+    d, prompts = fixture_data("sd2_tiny")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(export(loaded["sd2_tiny"], "sd2_tiny", tmp_path / "o"))
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=0)  # __init__ sets 1
+    object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)  # diffusers' clip_skip on transformers 5
+    with torch.no_grad():
+        latents = pipe(
+            prompt=prompts["txt2img"],
+            negative_prompt=prompts["negative"],
+            num_inference_steps=10,
+            guidance_scale=7.5,
+            latents=torch.from_numpy(d["x_T"].transpose(0, 3, 1, 2).copy()),
+            output_type="latent",
+            clip_skip=1,
+        ).images
+    close(latents.numpy().transpose(0, 2, 3, 1), d["latents"], atol=1e-6 * np.abs(d["latents"]).max())

@@ -31,7 +31,7 @@ from jdiff.pretrained.transformer import CONVENTION_KEY, config_from_dit, dit_fr
 from jdiff.pretrained.unet2d import CLASS as UNET_CLASS
 from jdiff.pretrained.unet2d import config_from_unet, unet_from_config, unet_params, unet_tensors
 from jdiff.pretrained.unet_cond import CLASS as UNET_COND_CLASS
-from jdiff.pretrained.unet_cond import unet_cond_from_config, unet_cond_params
+from jdiff.pretrained.unet_cond import config_from_unet_cond, unet_cond_from_config, unet_cond_params, unet_cond_tensors
 from jdiff.schedules import Schedule
 
 DIFFUSERS_VERSION = "0.31.0"  # written into exported configs (the format, not a dependency)
@@ -246,6 +246,9 @@ def save(
     vae_dir: str | Path | None = None,
     overwrite: bool = False,
     stop: Optional[Callable[[], bool]] = None,
+    text_encoder: Any = None,
+    tokenizer_dir: str | Path | None = None,
+    linear_projection: bool = False,
 ) -> Path:
     """Writes a jdiff `UNet` or `DiT` as a diffusers-format pipeline directory: ``model_index.json``,
     ``unet/`` or ``transformer/`` (config.json + diffusion_pytorch_model.safetensors) and
@@ -263,12 +266,25 @@ def save(
     The directory is written to a temporary sibling and renamed into place at the end. An existing non-empty
     ``path`` is refused unless ``overwrite`` (then it is replaced as a whole, nothing of it is kept).
     ``stop()``, if given, is asked between files: True removes the partial output and raises
-    KeyboardInterrupt. PretrainedError for a model diffusers cannot express or a path that cannot be written."""
+    KeyboardInterrupt. PretrainedError for a model diffusers cannot express or a path that cannot be written.
+
+    A `UNetCond` is written as a StableDiffusionPipeline: ``text_encoder`` (a `jdiff.pretrained.text.TextEncoder`)
+    into ``text_encoder/`` (CLIPTextModel), the files of ``tokenizer_dir`` copied into ``tokenizer/``, ``vae_dir``
+    (required) into ``vae/``, proj_in/proj_out as linear layers with ``linear_projection`` (SD 2.x) else as 1x1
+    convolutions, and a DDIMScheduler (steps_offset 0, set_alpha_to_one: jdiff's DDIM with "leading" spacing)."""
     from safetensors.numpy import save_file
 
-    from jdiff.models import DiT, UNet
+    from jdiff.models import DiT, UNet, UNetCond
 
-    if isinstance(model, UNet):
+    text = None
+    if isinstance(model, UNetCond):
+        if text_encoder is None or tokenizer_dir is None or vae_dir is None:
+            raise PretrainedError("save: a UNetCond (text-to-image) needs text_encoder=, tokenizer_dir= and vae_dir=")
+        name, pipeline = "unet", "StableDiffusionPipeline"
+        config = config_from_unet_cond(model, sample_shape, linear_projection)
+        tensors = unet_cond_tensors(model, sample_shape, params, linear_projection)
+        text = _text_parts(text_encoder, Path(tokenizer_dir))
+    elif isinstance(model, UNet):
         name, pipeline = "unet", "DDPMPipeline"
         config, tensors = config_from_unet(model, sample_shape), unet_tensors(model, sample_shape, params)
         if model.num_classes is not None:
@@ -290,6 +306,9 @@ def save(
     c = int(sample_shape[-1])
     learned = config["out_channels"] == 2 * c
     scheduler = config_from_schedule(schedule, prediction, learned_variance=learned)
+    if text is not None:
+        del scheduler["variance_type"]
+        scheduler.update(_class_name="DDIMScheduler", clip_sample=False, set_alpha_to_one=True, steps_offset=0)
     vae = read_model_dir(vae_dir) if vae_dir is not None else None  # checks it is a readable model directory
     root = Path(path)
     _check_target(root, overwrite)
@@ -309,7 +328,17 @@ def save(
         check_stop()
         write(tmp / "scheduler" / "scheduler_config.json", scheduler)
         index = {"_class_name": pipeline, name: ["diffusers", config["_class_name"]]}
-        index["scheduler"] = ["diffusers", "DDPMScheduler"]
+        index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+        if text is not None:
+            text_config, text_tensors, tokenizer_files = text
+            (tmp / "text_encoder").mkdir()
+            (tmp / "text_encoder" / "config.json").write_text(json.dumps(text_config, indent=2) + "\n")
+            save_file(text_tensors, str(tmp / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "tokenizer").mkdir()
+            for f in tokenizer_files:
+                shutil.copyfile(f, tmp / "tokenizer" / f.name)
+            index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+            index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         if vae is not None:
             vae_config, vae_tensors = vae
             (tmp / "vae").mkdir()
@@ -326,6 +355,33 @@ def save(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; the partial output otherwise
     return root
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _text_parts(text_encoder: Any, tokenizer_dir: Path) -> tuple[dict, dict, list[Path]]:
+    """(text_encoder config.json, its tensors, the tokenizer files to copy) of a text-to-image export; the
+    tokenizer directory must load (`load_tokenizer`)."""
+    from jdiff.pretrained.text import load_tokenizer, text_encoder_tensors
+
+    m = text_encoder.module
+    load_tokenizer(tokenizer_dir, m.max_length)  # one line now rather than a directory that does not load
+    config = {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden,
+        "num_hidden_layers": m.layers,
+        "num_attention_heads": m.heads,
+        "intermediate_size": m.intermediate,
+        "max_position_embeddings": m.max_length,
+        "hidden_act": m.act,
+        "layer_norm_eps": m.eps,
+        "torch_dtype": "float32",
+    }
+    files = [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
+    return config, text_encoder_tensors(m, text_encoder.params), files
 
 
 def _warn(message: str) -> None:
