@@ -67,7 +67,8 @@ def build_parser() -> Parser:
         "--spacing",
         choices=SPACINGS,
         default=None,
-        help="timestep spacing (default linspace; text-to-image: the scheduler config's, else leading)",
+        help="timestep spacing (default: flow for a flow schedule, else linspace; text-to-image: the scheduler "
+        "config's, else leading)",
     )
     opts = p.add_argument_group("sampler options (each applies to the samplers named)")
     for name, (spec, samplers) in all_options().items():
@@ -176,7 +177,7 @@ def _main(argv: Sequence[str]) -> int:
         return _sample_pretrained(args, text_flags)
     if text_flags:
         fail(PROG, f"{text_flags[0]} applies to --pretrained text-to-image (Stable Diffusion) pipelines only", 2)
-    args.num, args.spacing = args.num or 64, args.spacing or "linspace"
+    args.num = args.num or 64
     args.params = args.params or "ema"
     if args.timestep_convention is not None:
         fail(PROG, "--timestep-convention applies to --pretrained DiT checkpoints only", 2)
@@ -206,15 +207,16 @@ def _main(argv: Sequence[str]) -> int:
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
         model = jrun.build_model(config, run.num_classes)
         prediction = config.diffusion.prediction
+        vae = _run_vae(config, run.derived.get("vae_fingerprint"))
+        gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=vae)
+        drawn["spacing"] = gen.settings.spacing  # None resolved to the schedule's default
         print(
             f"{config.model.name} ({args.params} params) from {args.workdir}: {args.num} samples "
-            f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({args.spacing}"
+            f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({gen.settings.spacing}"
             + "".join(f", {k} {v}" for k, v in options.items())
             + f", prediction {prediction}), {len(devices)} device(s), batch {batch}",
             flush=True,
         )
-        vae = _run_vae(config, run.derived.get("vae_fingerprint"))
-        gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=vae)
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
         stats = gen.compile(abstract)  # validates the request before any weights are read
     except ValueError as e:
@@ -342,7 +344,7 @@ def _sample_pretrained(args, text_flags: list[str]) -> int:
         return _sample_text(args, pre)
     if text_flags:
         fail(PROG, f"{text_flags[0]} applies to text-to-image pipelines; {args.pretrained} has no text encoder", 2)
-    args.num, args.spacing = args.num or 64, args.spacing or "linspace"
+    args.num = args.num or 64
     out_dir = args.out or os.path.join(args.pretrained, "samples")
     labels = (args.class_,) if args.class_ is not None else args.labels
     guidance = args.guidance if args.guidance is not None else (pre.guidance if pre.num_classes else None)
@@ -356,12 +358,13 @@ def _sample_pretrained(args, text_flags: list[str]) -> int:
         y = jrun.labels_for(args.num, pre.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
         gen = jrun.Generator.from_run(pre, settings, batch=batch, devices=devices)
+        drawn["spacing"] = gen.settings.spacing  # None resolved to the schedule's default
         _check_out(args, out_dir, gen.output_shape)
         print(
             f"{type(pre.model).__name__} from {args.pretrained}: {args.num} samples "
             f"{'x'.join(map(str, gen.output_shape))}"
             + (f" (latents {'x'.join(map(str, pre.sample_shape))} decoded by vae/)" if pre.vae is not None else "")
-            + f", {args.sampler} {args.steps} steps ({args.spacing}"
+            + f", {args.sampler} {args.steps} steps ({gen.settings.spacing}"
             + "".join(f", {k} {v}" for k, v in options.items())
             + f", prediction {pre.prediction}"
             + (", learned-variance output" if pre.variance == "learned" else "")

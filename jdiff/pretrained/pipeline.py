@@ -253,7 +253,8 @@ def save(
     """Writes a jdiff `UNet` or `DiT` as a diffusers-format pipeline directory: ``model_index.json``,
     ``unet/`` or ``transformer/`` (config.json + diffusion_pytorch_model.safetensors) and
     ``scheduler/scheduler_config.json`` (a DDPMScheduler; ``schedule`` is a jdiff Schedule, written as its
-    trained_betas, or a dict of diffusers keys from `jdiff.pretrained.scheduler.named_schedule`).
+    trained_betas, or a dict of diffusers keys from `jdiff.pretrained.scheduler.named_schedule`; for
+    prediction "flow" a FlowMatchEulerDiscreteScheduler with the flow schedule's shift).
     ``sample_shape`` (H, W, C) is what the model samples. ``vae_dir``: a diffusers AutoencoderKL directory whose
     latents the model samples, copied into ``vae/``. `load` reads the directory back exactly.
 
