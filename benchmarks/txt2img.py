@@ -9,7 +9,8 @@ empty negative prompt (classifier-free guidance 7.5: the UNet on a batch of 2), 
   run      median of later calls (jdiff: the compiled program; diffusers: eager PyTorch, after a warm-up)
 
 and the ratio diffusers run / jdiff run (> 1: jdiff faster). The figures are CPU-bound and shared-machine
-sensitive: compare ratios within one run, never absolute seconds across machines.
+sensitive: compare ratios within one run, never absolute seconds across machines. On a machine busy with other
+work, run with OMP_NUM_THREADS=1: PyTorch's spinning worker threads otherwise lose most of their time to it.
 
     /work/venv-bench/bin/python benchmarks/txt2img.py                         # tiny, 10 steps
     /work/venv-bench/bin/python benchmarks/txt2img.py --config sd15 --steps 2 --reps 1
@@ -122,8 +123,8 @@ def main() -> None:
     run()
     first = time.perf_counter() - t0
     ours = median_s(run, args.reps, warmup=0)
-    print(f"{args.config}: batch 1, DDIM {args.steps} steps, guidance {GUIDANCE}, image {run().shape[1:3]}")
-    print(f"  jdiff     first call {first:8.2f} s (trace + compile + run)   run {ours:8.3f} s")
+    print(f"{args.config}: batch 1, DDIM {args.steps} steps, guidance {GUIDANCE}, image {run().shape[1:3]}"
+    print(f"  jdiff     first call {first:8.2f} s (trace + compile + run)   run {ours:8.3f} s"
     if args.no_torch:
         return
     import torch
@@ -133,8 +134,8 @@ def main() -> None:
     theirs = median_s(
         lambda: pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=GUIDANCE, output_type="np"), args.reps
     )
-    print(f"  diffusers run {theirs:8.3f} s ({torch.get_num_threads()} torch threads)")
-    print(f"  ratio diffusers / jdiff (run): {theirs / ours:.2f}")
+    print(f"  diffusers run {theirs:8.3f} s ({torch.get_num_threads()} torch threads)"
+    print(f"  ratio diffusers / jdiff (run): {theirs / ours:.2f}"
 
 
 if __name__ == "__main__":

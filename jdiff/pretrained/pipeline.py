@@ -4,7 +4,10 @@ A pipeline directory holds ``model_index.json``, ``unet/`` (UNet2DModel) or ``tr
 ``vae/`` (AutoencoderKL: the model then samples its latents) and ``scheduler/scheduler_config.json``. A single
 model directory (``config.json`` + safetensors) also loads; its schedule is then diffusers' DDPMScheduler
 default (linear 1e-4..0.02, T=1000, epsilon prediction). A pipeline's components are those model_index.json
-names: a ``vae/`` or ``scheduler/`` directory it does not name is not read.
+names: a ``vae/`` or ``scheduler/`` directory it does not name is not read. A StableDiffusionPipeline (``unet/``
+a UNet2DConditionModel) also has ``text_encoder/`` (CLIPTextModel) and ``tokenizer/``, read before the UNet;
+the components and files jdiff cannot run (SDXL's second text encoder, ControlNet, adapters, LoRA weights) are
+one `PretrainedError` line.
 
 `save` writes the whole directory into a temporary sibling (``.NAME.jdiff-tmp-PID``) and renames it into place
 at the end, so an interrupted export leaves no partial directory (a temporary left by a killed process is
