@@ -123,8 +123,8 @@ def main() -> None:
     run()
     first = time.perf_counter() - t0
     ours = median_s(run, args.reps, warmup=0)
-    print(f"{args.config}: batch 1, DDIM {args.steps} steps, guidance {GUIDANCE}, image {run().shape[1:3]}"
-    print(f"  jdiff     first call {first:8.2f} s (trace + compile + run)   run {ours:8.3f} s"
+    print(f"{args.config}: batch 1, DDIM {args.steps} steps, guidance {GUIDANCE}, image {run().shape[1:3]}", flush=True)
+    print(f"  jdiff     first call {first:8.2f} s (trace + compile + run)   run {ours:8.3f} s", flush=True)
     if args.no_torch:
         return
     import torch
@@ -134,8 +134,8 @@ def main() -> None:
     theirs = median_s(
         lambda: pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=GUIDANCE, output_type="np"), args.reps
     )
-    print(f"  diffusers run {theirs:8.3f} s ({torch.get_num_threads()} torch threads)"
-    print(f"  ratio diffusers / jdiff (run): {theirs / ours:.2f}"
+    print(f"  diffusers run {theirs:8.3f} s ({torch.get_num_threads()} torch threads)")
+    print(f"  ratio diffusers / jdiff (run): {theirs / ours:.2f}")
 
 
 if __name__ == "__main__":
