@@ -177,6 +177,24 @@ def test_missing_tokenizer_files_and_text_encoder(sd_dir):
     one_line(lambda: load(sd_dir), "names no", "tokenizer")
 
 
+def test_sharded_text_encoder_reads_like_one_file(loaded, sd_dir):
+    from safetensors.numpy import load_file, save_file
+
+    te = sd_dir / "text_encoder"
+    tensors = load_file(te / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, te / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (te / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (te / "model.safetensors").unlink()
+    from jdiff.pretrained.text import load_text_encoder
+
+    got = load_text_encoder(te)
+    jax.tree.map(np.testing.assert_array_equal, got.params, loaded["sd_tiny"].text_encoder.params)
+
+
 def test_missing_tokenizers_package_names_the_extra(sd_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails as if not installed
     one_line(lambda: load(sd_dir), "jdiff[text]")
