@@ -111,6 +111,10 @@ def test_negative_prompts_default_to_the_empty_prompt(loaded):
     np.testing.assert_array_equal(np.asarray(none), np.asarray(empty))
     blurry = text_to_image(loaded["sd_tiny"], prompts["txt2img"], negative_prompts="blurry", **kw)
     assert np.abs(np.asarray(blurry) - np.asarray(none)).max() > 1e-3
+    # guidance <= 1: StableDiffusionPipeline runs the prompts alone; the negative prompt then changes nothing
+    kw["guidance_scale"] = 0.5
+    low = [text_to_image(loaded["sd_tiny"], prompts["txt2img"], negative_prompts=n, **kw) for n in ("", "blurry")]
+    np.testing.assert_array_equal(np.asarray(low[0]), np.asarray(low[1]))
 
 
 def test_published_configs_have_diffusers_parameter_counts():

@@ -3,7 +3,9 @@ diffusers' StableDiffusionPipeline computes it, in one jitted program (text enco
 
 Classifier-free guidance (Ho & Salimans 2022) exactly as StableDiffusionPipeline: the UNet runs on the batch
 of the prompts' states and the negative prompts' states ("" when none are given),
-``out = uncond + w (cond - uncond)`` on the raw UNet output (eps or v), every step, for every ``w``. The guidance
+``out = uncond + w (cond - uncond)`` on the raw UNet output (eps or v), every step, for ``w > 1``; for ``w <= 1``
+diffusers runs no guidance and takes the prompts' output, and so does jdiff (the batch of both is still
+evaluated, so that ``w`` stays a traced value). The guidance
 scale, prompts, start latents and key are traced: changing them never recompiles; the sampler, its steps, the
 prompt count and ``clip_skip`` are static.
 """
@@ -26,7 +28,8 @@ from jdiff.sampling import sample as run_sampler
 @dataclasses.dataclass(frozen=True)
 class GuidedUNet:
     """``(params, x (N, h, w, c), t (N,)) -> out``: the UNet on [x; x] with ``params["context"]`` (2N, L, D) =
-    [prompt states; negative-prompt states], combined as ``uncond + params["guidance"] (cond - uncond)``.
+    [prompt states; negative-prompt states], combined as ``uncond + w (cond - uncond)`` for ``w =
+    params["guidance"] > 1`` and ``cond`` otherwise (StableDiffusionPipeline's ``guidance_scale > 1`` rule).
     Hashable (a static argument of `jdiff.sample`)."""
 
     model: Any
@@ -37,7 +40,8 @@ class GuidedUNet:
             {"params": params["unet"]}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), params["context"]
         )
         cond, uncond = out[:n], out[n:]
-        return uncond + params["guidance"] * (cond - uncond)
+        w = params["guidance"]  # StableDiffusionPipeline guides only for w > 1, else takes the prompts' output
+        return jnp.where(w > 1, uncond + w * (cond - uncond), cond)
 
 
 STATIC = ("unet", "text", "vae", "latent_scale", "sampler", "num_steps", "static_options", "spacing", "prediction")
@@ -118,7 +122,8 @@ def text_to_image(
       negative_prompts: None (the empty prompt for every image), one string for all, or a list of N.
       sampler / num_steps / options: any registered jdiff sampler (`jdiff.sampling.SAMPLERS`), its steps and
         options (e.g. ``{"eta": 0.0}`` for ddim).
-      guidance_scale: classifier-free guidance scale w (traced; 1 gives the conditional prediction).
+      guidance_scale: classifier-free guidance scale w (traced); w <= 1: the prompts' prediction alone, as
+        StableDiffusionPipeline.
       rng: PRNG key of the start latents (unless ``x_init``) and of stochastic samplers.
       x_init: (N, h, w, c) start latents x_T in place of x_T ~ N(0, I).
       spacing: timestep spacing; None: the scheduler config's timestep_spacing ("leading" when it has none, the
