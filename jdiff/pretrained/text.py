@@ -95,6 +95,8 @@ def load_tokenizer(path: str | Path, text_max_length: int) -> Tokenizer:
             backend = Backend.from_file(str(d / "tokenizer.json"))
         except Exception as e:  # the library's own error types
             raise PretrainedError(f"tokenizer file {d / 'tokenizer.json'} cannot be read ({e})") from None
+        backend.no_padding()  # padding and truncation are `Tokenizer.__call__`'s, as the pipeline asks for them
+        backend.no_truncation()
     else:
         missing = [n for n in ("vocab.json", "merges.txt") if not (d / n).is_file()]
         if missing:
