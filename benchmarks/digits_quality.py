@@ -79,7 +79,7 @@ def sample_checkpoint(
     seed: int = 0,
     labels: str = "balanced",
     guidance: float | None = None,
-    spacing: str = "linspace",
+    spacing: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """(images (num, 8, 8, 1) in [-1, 1], asked-for labels or None, info dict) drawn from a run's EMA params
     with `jdiff.run.Generator` (what sample.py uses). ValueError if the run cannot be loaded or is not digits.
@@ -127,7 +127,7 @@ def sample_checkpoint(
         "step": step or "latest",
         "sampler": sampler,
         "steps": steps,
-        "spacing": spacing,
+        "spacing": gen.settings.spacing,
         "eta": eta,
         "variance": variance,
         "prediction": run.config.diffusion.prediction,
@@ -239,7 +239,7 @@ def sweep(
 
                 row.update(
                     sampler=sampler,
-                    spacing=spacing,
+                    spacing=info["spacing"],
                     nfe=nfe,
                     actual_nfe=get_sampler(sampler).nfe(steps),
                     steps=steps,
@@ -248,7 +248,8 @@ def sweep(
                 )
                 rows.append(row)
                 log(
-                    f"{sampler} {spacing} NFE {row['actual_nfe']} ({steps} steps): Frechet {row['frechet']:.2f} "
+                    f"{sampler} {info['spacing']} NFE {row['actual_nfe']} ({steps} steps): "
+                    f"Frechet {row['frechet']:.2f} "
                     f"({row['frechet_over_floor']:.2f}x floor)"
                 )
     return {
@@ -399,7 +400,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--num", type=int, default=None, help="number of samples (default 500; --npz: all)")
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--spacing", default=None, help="timestep spacing (default linspace; --sweep: comma list)")
+    p.add_argument(
+        "--spacing",
+        default=None,
+        help="timestep spacing (default: the run's schedule's, flow or linspace; --sweep: comma list)",
+    )
     p.add_argument(
         "--sweep",
         action="store_true",
@@ -442,7 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 seed=args.seed,
                 labels=args.labels,
                 guidance=args.guidance,
-                spacing=args.spacing or "linspace",
+                spacing=args.spacing,
             )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -474,7 +479,7 @@ def _main_sweep(p: argparse.ArgumentParser, args) -> int:
     if args.npz:
         p.error("--sweep samples a --workdir run; it does not take --npz")
     samplers = sorted(SAMPLERS) if args.samplers is None else [x.strip() for x in args.samplers.split(",") if x.strip()]
-    spacings = [x.strip() for x in (args.spacing or "linspace").split(",") if x.strip()]
+    spacings = [x.strip() for x in args.spacing.split(",") if x.strip()] if args.spacing else [None]
     try:
         nfes = [int(x) for x in args.nfes.split(",") if x.strip()]
     except ValueError:

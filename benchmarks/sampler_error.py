@@ -17,8 +17,14 @@ With --diffusers (needs torch + diffusers: `pip install -e .[bench]`), diffusers
 names run the same exact predictor (a numpy/torch wrapper) from the same x_T with the same NFE, on their
 default spacing and with use_karras_sigmas where they have it.
 
+With --schedule flow (flow matching, `jdiff.flow`; --shift, default 1): the same data sets as a flow model,
+the exact velocity v* = E[eps - x0 | x_s] at x_s = (1 - s) x0 + s eps, called through jdiff's "flow" prediction
+(`jdiff.sampling.denoiser`), on the flow schedule's grids. Deterministic references: the closed form for (a),
+a 2,000-step float64 RK4 solve of dx_s/ds = v*(x_s, s) for (b). Grids that start at s = 1 (zero SNR) run only
+the samplers that can start there; karras has no finite sigma_max there and is skipped.
+
     python benchmarks/sampler_error.py [--samples 4096] [--nfes 5,10,20,50] [--samplers heun,exp_heun]
-        [--diffusers] [--json out.jsonl]
+        [--diffusers] [--json out.jsonl] [--spacings flow,flow_sigmas] [--schedule flow --shift 3]
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ from jdiff.analytic import gaussian_ode_solution
 from jdiff.metrics import frechet_distance_from_stats, gaussian_stats
 from jdiff.sampling import SAMPLERS, SPACINGS, Grid, Step, check_options, make_grid
 from jdiff.sampling.base import Noise
-from jdiff.sampling.denoiser import Denoised
+from jdiff.sampling.denoiser import Denoised, Guidance, make_denoiser
 
 DIM = 16
 NUM_MODES, MODE_STD = 4, 0.05
 REF_STEPS, REF_SIGMA_MIN = 400, 1e-4
+FLOW_REF_STEPS = 2000
 STOCHASTIC_SPACINGS = ("trailing", "karras")
+FLOW_STOCHASTIC_SPACINGS = ("flow", "flow_sigmas")
 
 
 def stochastic_options(name: str) -> dict:
@@ -87,6 +95,28 @@ class Mixture:
     def model(params, x, t):
         abar = jdiff.alpha_bar_at(LIN, t)[:, None]
         return Mixture._x0_eps(params, x, jnp.sqrt(abar), jnp.sqrt(1.0 - abar))[1]
+
+    @staticmethod
+    def velocity(params, x, t):
+        """The exact velocity v* = E[eps | x_s] - E[x0 | x_s] of a flow model at x_s, s = t / 1000."""
+        s = (t / 1000.0)[:, None]
+        a = 1.0 - s
+        diff = x[:, None, :] - a[..., None] * params["means"][None]  # (B, K, d)
+        z = jnp.einsum("bkd,kde->bke", diff, params["u"])
+        var = a[..., None] ** 2 * params["lam"][None] + s[..., None] ** 2
+        logp = params["logw"] - 0.5 * jnp.sum(z**2 / var + jnp.log(var), -1)
+        resp = jax.nn.softmax(logp, axis=1)[..., None]
+        eps = s * jnp.sum(resp * jnp.einsum("bke,kde->bkd", z / var, params["u"]), 1)
+        # E[x0 | x] = sum_k r_k (mu_k + a S_k C_k^{-1} (x - a mu_k)): finite at s = 1 (a = 0), unlike (x - s eps)/a
+        x0 = jnp.sum(
+            resp
+            * (
+                params["means"][None]
+                + a[..., None] * jnp.einsum("bke,kde->bkd", z * params["lam"][None] / var, params["u"])
+            ),
+            1,
+        )
+        return eps - x0
 
     def denoise64(self, x, t, a, s):
         p = {k: jnp.asarray(v, jnp.float64) for k, v in (("means", self.means), ("lam", self.lam), ("u", self.u))}
@@ -146,20 +176,46 @@ def fine_ode_solution(mix: Mixture, x_T: np.ndarray, alpha0: float) -> np.ndarra
         return np.asarray(smp.output(carry))
 
 
-class References:
-    """Per data set, the ODE solution from x_T for each distinct first level (cached)."""
+def flow_ode_solution(mix: Mixture, x_T: np.ndarray, alpha0: float, sigma0: float) -> np.ndarray:
+    """The flow ODE dx_s/ds = v*(x_s, s) from the VP state x_T at (alpha0, sigma0), i.e. x_s = x_T/(alpha0 +
+    sigma0) at s0 = sigma0/(alpha0 + sigma0), to s = 0, float64: FLOW_REF_STEPS uniform steps of classical RK4."""
+    with jax.enable_x64(True):
+        p = {k: jnp.asarray(v, jnp.float64) for k, v in (("means", mix.means), ("lam", mix.lam), ("u", mix.u))}
+        p["logw"] = jnp.log(jnp.asarray(mix.weights, jnp.float64))
+        s0 = sigma0 / (alpha0 + sigma0)
+        ds = -s0 / FLOW_REF_STEPS
+        f = lambda x, s: Mixture.velocity(p, x, jnp.full((x.shape[0],), 1000.0 * s))  # noqa: E731
 
-    def __init__(self, data, x_T):
-        self.data, self.x_T, self.cache = data, np.asarray(x_T, np.float64), {}
+        def body(x, i):
+            s = s0 + i * ds
+            k1 = f(x, s)
+            k2 = f(x + 0.5 * ds * k1, s + 0.5 * ds)
+            k3 = f(x + 0.5 * ds * k2, s + 0.5 * ds)
+            k4 = f(x + ds * k3, s + ds)
+            return x + ds / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4), None
+
+        x = jnp.asarray(x_T, jnp.float64) / (alpha0 + sigma0)
+        x, _ = jax.jit(lambda x: jax.lax.scan(body, x, jnp.arange(FLOW_REF_STEPS, dtype=jnp.float64)))(x)
+        return np.asarray(x)
+
+
+class References:
+    """Per data set, the ODE solution from x_T for each distinct first level (cached); `flow`: the mixture's
+    reference is `flow_ode_solution` (it starts at s = 1, where the VP reference's sigma/alpha is infinite)."""
+
+    def __init__(self, data, x_T, flow: bool = False):
+        self.data, self.x_T, self.cache, self.flow = data, np.asarray(x_T, np.float64), {}, flow
 
     def __call__(self, name: str, alpha0: float, sigma0: float) -> np.ndarray:
-        key = (name, round(alpha0, 9))
+        key = (name, round(alpha0, 9), round(sigma0, 9))
         if key not in self.cache:
             mix = self.data[name]
             if name == "gaussian":
                 self.cache[key] = gaussian_ode_solution(
                     mix.means[0], (mix.u[0] * mix.lam[0]) @ mix.u[0].T, self.x_T, alpha0, sigma0
                 )
+            elif self.flow:
+                self.cache[key] = flow_ode_solution(mix, self.x_T, alpha0, sigma0)
             else:
                 self.cache[key] = fine_ode_solution(mix, self.x_T, alpha0)
         return self.cache[key]
@@ -187,21 +243,27 @@ def steps_for(name: str, nfe: int) -> int:
 # --- jdiff ------------------------------------------------------------------------------------------------------
 
 
-def step_program(name: str, options: dict):
+def step_program(name: str, options: dict, schedule=LIN):
     """Sampler `name`'s registered step, jitted once with the grid row, step index, step count, key and the
     traced options as arguments: one program serves every spacing, NFE and data set (`jdiff.sample` runs the
-    same step in one lax.scan, a program per spacing x N)."""
+    same step in one lax.scan, a program per spacing x N). For the flow schedule the predictor is the exact
+    velocity, converted by jdiff's "flow" denoiser."""
     smp = SAMPLERS[name]
     opts = check_options(name, options)
     static = {k: v for k, v in opts.items() if smp.options[k].static}
     traced = {k: jnp.asarray(v, jnp.float32) for k, v in opts.items() if not smp.options[k].static}
-    level = jdiff.sampling.timesteps.level_fn(LIN)
+    level = jdiff.sampling.timesteps.level_fn(schedule)
+    flow = schedule.flow_shift is not None
 
     @jax.jit
     def step(params, carry, row, i, n, key, traced):
         def denoise(x, t, alpha, sigma):
             x0, eps = Mixture._x0_eps(params, x, alpha, sigma)
             return Denoised(x0, eps, None)
+
+        if flow:
+            no_guidance = Guidance(None, None, None)
+            denoise = make_denoiser(Mixture.velocity, params, prediction="flow", guidance=no_guidance)
 
         s = Step(i, i == 0, i == n - 1, row, n, level)
         return smp.step(denoise, carry, s, Noise(key, i, False), {**static, **traced})
@@ -217,7 +279,17 @@ def run_grid(program, smp, params, grid, x, key):
     return np.asarray(smp.output(carry), np.float64)
 
 
-def run_jdiff(data, refs, x_T, nfes, rows, log, only=None):
+def runnable(smp, schedule, spacing: str, grid) -> bool:
+    """Whether `jdiff.sample` runs this sampler on this grid: a zero-SNR schedule has no karras grid, and a grid
+    that starts at alpha = 0 needs a sampler that can start there."""
+    zero_snr = float(schedule.alphas_cumprod[-1]) == 0.0
+    if zero_snr and spacing == "karras":
+        return False
+    return smp.zero_terminal_snr or float(grid.alpha[0]) > 0.0
+
+
+def run_jdiff(data, refs, x_T, nfes, rows, log, only=None, schedule=LIN, spacings_only=None):
+    flow = schedule.flow_shift is not None
     for name in sorted(SAMPLERS if only is None else set(only) | {"ddim"}):  # ddim: the baseline of the summary
         smp = SAMPLERS[name]
         stochastic_runs = (
@@ -225,11 +297,16 @@ def run_jdiff(data, refs, x_T, nfes, rows, log, only=None):
         )
         for stochastic in stochastic_runs:
             opts = stochastic_options(name) if stochastic else {}
-            program = step_program(name, opts)
-            for spacing in STOCHASTIC_SPACINGS if stochastic else SPACINGS:
+            program = step_program(name, opts, schedule)
+            spacings = (FLOW_STOCHASTIC_SPACINGS if flow else STOCHASTIC_SPACINGS) if stochastic else SPACINGS
+            for spacing in spacings:
+                if spacings_only and spacing not in spacings_only:
+                    continue
                 for nfe in nfes:
                     n = steps_for(name, nfe)
-                    g = make_grid(LIN, spacing, n)
+                    g = make_grid(schedule, spacing, n)
+                    if not runnable(smp, schedule, spacing, g):
+                        continue
                     for dname, mix in data.items():
                         if stochastic:
                             k0, k1 = jax.random.split(jax.random.key(2))
@@ -427,7 +504,15 @@ def main(argv=None) -> int:
         help="comma-separated jdiff samplers to run (default: every registered one; ddim always runs)",
     )
     p.add_argument("--json", default=None, help="also write JSON lines here (one per measurement, as they come)")
+    p.add_argument("--spacings", type=lambda v: v.split(","), default=None, help="comma-separated subset of spacings")
+    p.add_argument("--schedule", choices=("linear", "flow"), default="linear", help="flow: exact velocities")
+    p.add_argument("--shift", type=float, default=1.0, help="the flow schedule's shift (with --schedule flow)")
     args = p.parse_args(argv)
+    if args.schedule == "flow" and (args.diffusers or args.diffusers_only):
+        p.error("--diffusers runs the linear schedule; drop it with --schedule flow")
+    if not args.shift > 0:
+        p.error(f"--shift must be > 0, got {args.shift}")
+    schedule = LIN if args.schedule == "linear" else jdiff.get_schedule("flow", 1000, shift=args.shift)
     try:
         nfes = sorted(int(v) for v in args.nfes.split(","))
     except ValueError:
@@ -447,17 +532,18 @@ def main(argv=None) -> int:
     log = lambda s: print(f"[{time.time() - t0:6.0f} s] {s}", file=sys.stderr, flush=True)  # noqa: E731
     data = make_data(np.random.default_rng(0))
     x_T = jax.random.normal(jax.random.key(1), (args.samples, DIM))
-    refs = References(data, x_T)
+    refs = References(data, x_T, flow=args.schedule == "flow")
     rows = Rows(args.json)
     if not args.diffusers_only:
-        run_jdiff(data, refs, x_T, nfes, rows, log, only=args.samplers)
+        run_jdiff(data, refs, x_T, nfes, rows, log, only=args.samplers, schedule=schedule, spacings_only=args.spacings)
     if args.diffusers or args.diffusers_only:
         run_diffusers(data, refs, x_T, nfes, rows, log, only=args.diffusers_names)
     args.diffusers = args.diffusers or args.diffusers_only
     rng = np.random.default_rng(1)
     floor = stochastic_metric("gaussian", data["gaussian"].draw(rng, args.samples), data["gaussian"])
     floor_w = mode_weight_error(data["gmm"].draw(rng, args.samples), data["gmm"])
-    print(f"schedule=linear, T=1000, {DIM} dims, {args.samples} samples, exact predictors\n")
+    what = "linear" if args.schedule == "linear" else f"flow (shift {args.shift:g}), exact velocities"
+    print(f"schedule={what}, T=1000, {DIM} dims, {args.samples} samples, exact predictors\n")
     libs = ["jdiff"] + (["diffusers"] if args.diffusers else [])
     for data_name, title in (("gaussian", "(a) Gaussian data"), ("gmm", "(b) narrow, well-separated Gaussian mixture")):
         for lib in libs:

@@ -112,7 +112,7 @@ def _check_sample(args):
 
     ns = build_parser().parse_args(args)
     options = {k.split(":", 1)[1]: v for k, v in vars(ns).items() if k.startswith("option:") and v is not None}
-    check_options(ns.sampler, options)  # each option exists for this sampler and has a valid value
+    check_options(ns.sampler or "ddim", options)  # each option exists for this sampler (default ddim) and is valid
 
 
 def _check_export(args):

@@ -108,10 +108,10 @@ def _peer_v(x, s):
         ("euler", "ddim", "flow"),
         ("euler_shift1", "euler", "flow"),
         ("heun", "flow_heun", "flow"),
-        # Open: both differ from diffusers by 5.5e-4 (max abs, outputs ~1.8) on the same grid and integer model
-        # timesteps (checked below), in float32 and float64 alike; strict, so a fix shows up here.
-        pytest.param("dpmpp_2m", "dpmpp_2m", "flow_sigmas", marks=pytest.mark.xfail(strict=True, reason="5.5e-4 off")),
-        pytest.param("unipc", "unipc", "flow_sigmas", marks=pytest.mark.xfail(strict=True, reason="5.5e-4 off")),
+        # flow_sigmas starts at s_0 < 1: x_T is the flow state there (diffusers' start), not the VP x (which
+        # differs by the factor alpha_0 + sigma_0 and left these 5.5e-4 off before `start_scale`).
+        ("dpmpp_2m", "dpmpp_2m", "flow_sigmas"),
+        ("unipc", "unipc", "flow_sigmas"),
     ],
 )
 def test_samplers_equal_diffusers_flow_schedulers(case, sampler, spacing):
@@ -145,6 +145,11 @@ def test_samplers_equal_diffusers_flow_schedulers(case, sampler, spacing):
 # --- every sampler on exact velocity fields ------------------------------------------------------------------
 
 
+# `consistency` (multistep consistency sampling) samples consistency models; on a plain denoiser it returns
+# posterior means (tests/test_distill_consistency.py checks it against Alg. 1).
+ODE_AND_SDE_SAMPLERS = sorted(set(SAMPLERS) - {"consistency"})
+
+
 @pytest.fixture(scope="module")
 def gaussian_runs():
     """Every registered sampler at 100 steps on the flow schedule (shift 3) with the exact velocity of N(MU, COV):
@@ -152,8 +157,8 @@ def gaussian_runs():
     sch = jdiff.get_schedule("flow", 1000, shift=3.0)
     v = analytic.gaussian_velocity_fn(MU, COV)
     out = {}
-    for name, smp in sorted(SAMPLERS.items()):
-        spacing = "flow" if smp.zero_terminal_snr else "flow_sigmas"
+    for name in ODE_AND_SDE_SAMPLERS:
+        spacing = "flow" if SAMPLERS[name].zero_terminal_snr else "flow_sigmas"
         x = jdiff.sample(
             v, sch, (4000, 2), jax.random.key(1), sampler=name, num_steps=100, prediction="flow", spacing=spacing
         )
@@ -161,7 +166,7 @@ def gaussian_runs():
     return out
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", ODE_AND_SDE_SAMPLERS)
 def test_every_sampler_samples_a_flow_model(name, gaussian_runs):
     x = gaussian_runs[name]
     assert np.all(np.isfinite(x))
@@ -364,3 +369,28 @@ def test_flow_match_euler_configs_load_as_the_flow_schedule():
     ]:
         with pytest.raises(PretrainedError, match=match):
             schedule_from_config(bad)
+
+
+def test_flow_start_state_is_the_flow_state_and_inversion_returns_it():
+    """x_T (drawn or x_init) is the flow state x_s at the first level: the VP state is (alpha_0 + sigma_0) x_T,
+    and ddim_invert returns x_T in the same variable: one step of it is the flow state (1 - s_0) x0 + s_0 eps_hat
+    with eps_hat from the velocity at level 0 on the state x0, and inverting then sampling returns x0 up to the
+    inversion's O(1/N) error."""
+    sch = jdiff.get_schedule("flow", 1000, shift=3.0)
+    g = make_grid(sch, "flow_sigmas", 16)
+    s0 = float(flow.from_vp(g.alpha[0], g.sigma[0])[0])
+    scale = float(jdiff.sampling.api.start_scale(sch, g))
+    assert scale == pytest.approx(1.0 / np.sqrt((1 - s0) ** 2 + s0**2), rel=1e-6) and scale != pytest.approx(1.0)
+    assert float(jdiff.sampling.api.start_scale(jdiff.get_schedule("linear", 1000), g)) == 1.0
+    v = analytic.gaussian_velocity_fn(MU, COV)
+    x0 = jnp.asarray(np.random.default_rng(0).multivariate_normal(MU, COV, 6), jnp.float32)
+    one = jdiff.ddim_invert(v, sch, x0, num_steps=1, prediction="flow", spacing="flow_sigmas")
+    g1 = make_grid(sch, "flow_sigmas", 1)
+    s1 = float(flow.from_vp(g1.alpha[0], g1.sigma[0])[0])
+    x_s = x0 / float(jdiff.sampling.api.start_scale(sch, g1))  # the VP state x0 read as level 0's flow state
+    eps_hat = x_s + (1 - s1) * v(x_s, jnp.full((6,), 1000.0 * s1))  # eps = x_s + (1 - s) v
+    np.testing.assert_allclose(np.asarray(one), (1 - s1) * np.asarray(x0) + s1 * np.asarray(eps_hat), rtol=1e-5)
+    kw = dict(num_steps=200, prediction="flow", spacing="flow_sigmas")
+    x_t = jdiff.ddim_invert(v, sch, x0, **kw)
+    back = jdiff.sample(v, sch, x0.shape, None, sampler="ddim", x_init=x_t, sample_keys=_keys(6), **kw)
+    np.testing.assert_allclose(np.asarray(back), np.asarray(x0), atol=0.03)

@@ -22,6 +22,7 @@ LAYERS = {
     "models": 4,
     "data": 4,
     "metrics": 5,
+    "distill": 5,  # the losses of few-step students (consistency, progressive distillation)
     "config": 6,
     "run": 7,
     "pretrained": 6,  # diffusers-format checkpoints in/out (run, training and cli use it)

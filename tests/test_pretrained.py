@@ -336,6 +336,34 @@ def test_export_then_load_is_exact(tmp_path, model, shape):
     )
 
 
+@pytest.mark.filterwarnings("ignore::jdiff.pretrained.PretrainedWarning")
+def test_flow_dit_export_then_load_is_exact(tmp_path):
+    """A flow-matching DiT (SiT-style) goes out with a FlowMatchEulerDiscreteScheduler config (its shift) and
+    comes back as the same flow schedule, prediction "flow" and weights; a flow prediction over a VP schedule
+    or with learned variance is refused."""
+    model = DIT.clone(learn_sigma=False)
+    params = random_params(model, (4, 4, 4))
+    schedule = jdiff.get_schedule("flow", 1000, shift=3.0)
+    save(tmp_path / "flow", model, params, sample_shape=(4, 4, 4), schedule=schedule, prediction="flow")
+    sch_cfg = json.loads((tmp_path / "flow" / "scheduler" / "scheduler_config.json").read_text())
+    assert (sch_cfg["_class_name"], sch_cfg["shift"], sch_cfg["num_train_timesteps"]) == (
+        "FlowMatchEulerDiscreteScheduler",
+        3.0,
+        1000,
+    )
+    index = json.loads((tmp_path / "flow" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    pre = load(tmp_path / "flow")
+    assert pre.prediction == "flow" and float(pre.schedule.flow_shift) == 3.0
+    np.testing.assert_array_equal(np.asarray(pre.schedule.betas), np.asarray(schedule.betas))
+    jax.tree.map(np.testing.assert_array_equal, pre.params, params)
+    for sch, mdl in [(jdiff.get_schedule("linear", 10), model), (schedule, DIT)]:
+        one_line_error(
+            lambda: save(tmp_path / "bad", mdl, params, sample_shape=(4, 4, 4), schedule=sch, prediction="flow"),
+            "flow schedule",
+        )
+
+
 def test_export_refuses_what_diffusers_cannot_express(tmp_path):
     sch = jdiff.get_schedule("linear", 10)
     for model, words in [

@@ -1,6 +1,8 @@
 """sample.py: draw samples from a trained jdiff run, `python sample.py --workdir runs/digits`, or from a
 diffusers-format checkpoint, `python sample.py --pretrained ddpm-cifar10-32` (jdiff.pretrained; a DiT pipeline's
-latents are decoded by its vae/, classifier-free guidance 4 by default as in diffusers' DiTPipeline).
+latents are decoded by its vae/, classifier-free guidance 4 by default as in diffusers' DiTPipeline), or from a
+Stable Diffusion 1.x/2.x pipeline, `python sample.py --pretrained DIR --prompt "a photo of a cat"` (guidance 7.5
+and the negative prompt as in StableDiffusionPipeline; `jdiff.pretrained.text_to_image`).
 
 Loads the run's checkpoint (EMA parameters by default; config.json gives the model, image shape, prediction
 type and noise schedule), samples in batches sharded over all devices, and writes a PNG grid and an .npz of
@@ -58,10 +60,21 @@ def build_parser() -> Parser:
         default=None,
         help="--pretrained DiT: time embedding of the DiT reference code (default) or of diffusers' DiT",
     )
-    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps, <= the model's T (default 50)")
-    p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep spacing")
+    p.add_argument("--num", type=int, default=None, help="number of samples (default 64; with prompts: one each)")
+    p.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        default=None,
+        help="default: the sampler a distilled run records (with its steps, spacing and options), else ddim",
+    )
+    p.add_argument("--steps", type=int, default=None, help="sampling steps, <= the model's T (default 50)")
+    p.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        default=None,
+        help="timestep spacing (default: a distilled run's; text-to-image: the scheduler config's, else leading; "
+        "else flow for a flow schedule, else linspace)",
+    )
     opts = p.add_argument_group("sampler options (each applies to the samplers named)")
     for name, (spec, samplers) in all_options().items():
         opts.add_argument(
@@ -86,6 +99,17 @@ def build_parser() -> Parser:
         help="class labels, cycled over the samples (default: 0..C-1 repeated)",
     )
     lab.add_argument("--class", dest="class_", type=int, default=None, metavar="C", help="one class for all samples")
+    text = p.add_argument_group("text-to-image (--pretrained Stable Diffusion pipelines)")
+    text.add_argument(
+        "--prompt", action="append", default=None, metavar="TEXT", help="a prompt (repeat for several; cycled)"
+    )
+    text.add_argument(*both("--prompts-file"), default=None, metavar="FILE", help="prompts, one per line")
+    text.add_argument(
+        *both("--negative-prompt"), default=None, metavar="TEXT", help='negative prompt for every image (default "")'
+    )
+    text.add_argument(
+        *both("--clip-skip"), type=int, default=None, metavar="N", help="text-encoder layers left out (default 0)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         *both("--batch-size"),
@@ -131,6 +155,22 @@ def _options(args) -> dict:
     return out
 
 
+DEFAULTS = {"sampler": "ddim", "steps": 50, "spacing": None}  # spacing None: the schedule's default
+
+
+def _fill_defaults(args, recorded: Optional[dict]) -> None:
+    """Sets the unset --sampler / --steps / --spacing and sampler options: from `recorded` (the sampler a
+    distilled student's config.json records, `jdiff.training.distill`) unless another sampler is asked for,
+    else from DEFAULTS."""
+    rec = recorded if recorded and args.sampler in (None, recorded.get("sampler")) else {}
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, rec.get(name, default))
+    for name, value in rec.get("options", {}).items():
+        if getattr(args, f"option:{name}", None) is None:
+            setattr(args, f"option:{name}", str(value))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (Ctrl-C: one line, status 130)."""
     try:
@@ -144,7 +184,7 @@ def _main(argv: Sequence[str]) -> int:
     if args.trajectory_every is not None and not args.trajectory:
         fail(PROG, "--trajectory-every needs --trajectory", 2)
     for name in ("num", "steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(PROG, f"--{name} must be >= 1, got {getattr(args, name)}", 2)
     if not 0 <= args.seed < 2**32:
         fail(PROG, f"--seed must be in [0, {2**32 - 1}], got {args.seed}", 2)
@@ -153,8 +193,13 @@ def _main(argv: Sequence[str]) -> int:
 
     if args.guidance is not None and not math.isfinite(args.guidance):
         fail(PROG, f"--guidance must be a finite number, got {args.guidance}", 2)
+    text_flags = _text_flags(args)
     if args.pretrained is not None:
-        return _sample_pretrained(args)
+        _fill_defaults(args, None)
+        return _sample_pretrained(args, text_flags)
+    if text_flags:
+        fail(PROG, f"{text_flags[0]} applies to --pretrained text-to-image (Stable Diffusion) pipelines only", 2)
+    args.num = args.num or 64
     args.params = args.params or "ema"
     if args.timestep_convention is not None:
         fail(PROG, "--timestep-convention applies to --pretrained DiT checkpoints only", 2)
@@ -167,6 +212,7 @@ def _main(argv: Sequence[str]) -> int:
     except jrun.RunError as e:
         fail(PROG, e, 1)
     config = run.config
+    _fill_defaults(args, run.derived.get("sampler"))
     out_dir = args.out or os.path.join(args.workdir, "samples")
     out_shape = tuple(run.derived.get("decoded_shape", run.image_shape))  # a latent run (data.vae) writes images
     _check_out(args, out_dir, out_shape)
@@ -184,15 +230,16 @@ def _main(argv: Sequence[str]) -> int:
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
         model = jrun.build_model(config, run.num_classes)
         prediction = config.diffusion.prediction
+        vae = _run_vae(config, run.derived.get("vae_fingerprint"))
+        gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=vae)
+        drawn["spacing"] = gen.settings.spacing  # None resolved to the schedule's default
         print(
             f"{config.model.name} ({args.params} params) from {args.workdir}: {args.num} samples "
-            f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({args.spacing}"
+            f"{'x'.join(map(str, run.image_shape))}, {args.sampler} {args.steps} steps ({gen.settings.spacing}"
             + "".join(f", {k} {v}" for k, v in options.items())
             + f", prediction {prediction}), {len(devices)} device(s), batch {batch}",
             flush=True,
         )
-        vae = _run_vae(config, run.derived.get("vae_fingerprint"))
-        gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=vae)
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=run.num_classes is not None)
         stats = gen.compile(abstract)  # validates the request before any weights are read
     except ValueError as e:
@@ -294,7 +341,14 @@ def _write_samples(args, gen, params, y, labels, num_classes, out_dir, meta, pre
     return 0
 
 
-def _sample_pretrained(args) -> int:
+def _text_flags(args) -> list[str]:
+    """The text-to-image flags given."""
+    named = (("--prompt", args.prompt), ("--prompts-file", args.prompts_file))
+    named += (("--negative-prompt", args.negative_prompt), ("--clip-skip", args.clip_skip))
+    return [flag for flag, value in named if value is not None]
+
+
+def _sample_pretrained(args, text_flags: list[str]) -> int:
     """sample.py --pretrained PATH: a diffusers-format checkpoint (jdiff.pretrained.load); a latent model's
     samples are decoded by its vae/. A bad directory exits 1 with one line, a request that does not fit 2."""
     for flag, value in (("--step", args.step), ("--params", args.params)):
@@ -309,6 +363,11 @@ def _sample_pretrained(args) -> int:
         fail(PROG, f"--pretrained {args.pretrained}: {e}", 2)
     except PretrainedError as e:
         fail(PROG, f"--pretrained {args.pretrained}: {e}", 1)
+    if pre.kind == "unet_cond":
+        return _sample_text(args, pre)
+    if text_flags:
+        fail(PROG, f"{text_flags[0]} applies to text-to-image pipelines; {args.pretrained} has no text encoder", 2)
+    args.num = args.num or 64
     out_dir = args.out or os.path.join(args.pretrained, "samples")
     labels = (args.class_,) if args.class_ is not None else args.labels
     guidance = args.guidance if args.guidance is not None else (pre.guidance if pre.num_classes else None)
@@ -322,12 +381,13 @@ def _sample_pretrained(args) -> int:
         y = jrun.labels_for(args.num, pre.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
         gen = jrun.Generator.from_run(pre, settings, batch=batch, devices=devices)
+        drawn["spacing"] = gen.settings.spacing  # None resolved to the schedule's default
         _check_out(args, out_dir, gen.output_shape)
         print(
             f"{type(pre.model).__name__} from {args.pretrained}: {args.num} samples "
             f"{'x'.join(map(str, gen.output_shape))}"
             + (f" (latents {'x'.join(map(str, pre.sample_shape))} decoded by vae/)" if pre.vae is not None else "")
-            + f", {args.sampler} {args.steps} steps ({args.spacing}"
+            + f", {args.sampler} {args.steps} steps ({gen.settings.spacing}"
             + "".join(f", {k} {v}" for k, v in options.items())
             + f", prediction {pre.prediction}"
             + (", learned-variance output" if pre.variance == "learned" else "")
@@ -341,6 +401,93 @@ def _sample_pretrained(args) -> int:
     print(f"compile: {stats.describe(cache_dir)}", flush=True)
     meta = dict(drawn, pretrained=os.path.abspath(args.pretrained))
     return _write_samples(args, gen, pre.params, y, labels, pre.num_classes, out_dir, meta, pre.prediction, options)
+
+
+def _sample_text(args, pre) -> int:
+    """sample.py --pretrained SD_PIPELINE --prompt TEXT: `jdiff.pretrained.text_to_image` batch by batch (prompts
+    cycled over --num); writes the PNG grid and the .npz (images in [-1, 1], prompts, settings)."""
+    from jdiff import run as jrun
+    from jdiff.pretrained import text_to_image
+    from jdiff.pretrained.text import read_prompts_file
+
+    for flag, given in (("--labels", args.labels), ("--class", args.class_), ("--trajectory", args.trajectory or None)):
+        if given is not None:
+            fail(PROG, f"{flag} does not apply to a text-to-image pipeline (use --prompt)", 2)
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        try:
+            prompts += read_prompts_file(args.prompts_file)
+        except ValueError as e:
+            fail(PROG, e, 2)
+    if not prompts:
+        fail(PROG, f"{args.pretrained} is a text-to-image pipeline: give --prompt TEXT or --prompts-file FILE", 2)
+    num = args.num = args.num or len(prompts)
+    prompts = [prompts[i % len(prompts)] for i in range(num)]
+    guidance = args.guidance if args.guidance is not None else pre.guidance
+    out_dir = args.out or os.path.join(args.pretrained, "samples")
+    image_shape = (pre.sample_shape[0] * 2 ** (len(pre.vae.module.block_out_channels) - 1),) * 2 + (3,)
+    _check_out(args, out_dir, image_shape)
+    _compilation_cache(args)
+    import jax
+
+    try:
+        options = _options(args)
+        batch = jrun.auto_batch(num, 1, args.batch_size)
+    except ValueError as e:
+        fail(PROG, e, 2)
+    negative = args.negative_prompt if args.negative_prompt is not None else ""
+    clip_skip = args.clip_skip or 0
+    print(
+        f"{type(pre.model).__name__} from {args.pretrained}: {num} images for {len(set(prompts))} prompt(s), "
+        f"{args.sampler} {args.steps} steps, guidance {guidance:g}, prediction {pre.prediction}, batch {batch}",
+        flush=True,
+    )
+    images = []
+    try:
+        for start in range(0, num, batch):
+            chunk = prompts[start : start + batch]
+            chunk += [chunk[-1]] * (batch - len(chunk))  # the last batch padded: one compiled program
+            out = text_to_image(
+                pre,
+                chunk,
+                negative_prompts=negative,
+                sampler=args.sampler,
+                num_steps=args.steps,
+                guidance_scale=guidance,
+                rng=jax.random.fold_in(jax.random.key(args.seed), start),
+                options=options,
+                spacing=args.spacing,
+                clip_skip=clip_skip,
+            )
+            images.append(np.asarray(out)[: num - start])
+    except ValueError as e:
+        fail(PROG, e, 2)
+    images = np.concatenate(images)
+    if not np.isfinite(images).all():
+        fail(PROG, f"{int((~np.isfinite(images)).sum())} image values are not finite; nothing written", 1)
+    stem = os.path.join(out_dir, f"{args.sampler}_{args.steps}steps_seed{args.seed}_g{guidance:g}")
+    try:
+        up = jrun.upscale_for(images.shape[1:])
+        columns = math.ceil(math.sqrt(min(len(images), GRID_MAX)))
+        written = [jrun.save_png(jrun.image_grid(images[:GRID_MAX], columns=columns, upscale=up), stem + ".png")]
+        np.savez(
+            stem + ".npz",
+            images=images,
+            prompts=np.asarray(prompts),
+            negative_prompt=np.asarray(negative),
+            guidance=np.float32(guidance),
+            sampler=args.sampler,
+            steps=args.steps,
+            seed=args.seed,
+            clip_skip=clip_skip,
+            pretrained=os.path.abspath(args.pretrained),
+        )
+        written.append(stem + ".npz")
+    except OSError as e:
+        fail(PROG, f"cannot write to {out_dir}: {e}", 1)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 def _run_vae(config, fingerprint):

@@ -62,8 +62,10 @@ Examples:
   python train.py --preset mnist --optim.steps 1000 --optim.lr 1e-4 --model.ch 64
   python train.py --optim.batch_size 64 --model.dropout 0.1 --run.workdir runs/try1
 Multi-host: --coordinator_address HOST:PORT --num_processes N --process_id I (or the environment variables
-JDIFF_COORDINATOR_ADDRESS, JDIFF_NUM_PROCESSES, JDIFF_PROCESS_ID); every host runs the same command and
-reads its own slice of each global batch.
+JDIFF_COORDINATOR_ADDRESS, JDIFF_NUM_PROCESSES, JDIFF_PROCESS_ID), or --coordinator_address auto on a Cloud
+TPU pod or under SLURM srun; every host runs the same command and reads its own slice of each global batch.
+A SIGTERM/SIGINT or an unreadable image on any process stops every process at the same step, with one
+checkpoint, and all exit with the same status.
 
 config keys:
 {keys}"""
@@ -106,7 +108,9 @@ def build_parser() -> Parser:
     )
     p.add_argument(*both("--print_config"), action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument(*both("--no_progress"), action="store_true", help="no progress bar (log lines instead)")
-    p.add_argument(*both("--coordinator_address"), metavar="HOST:PORT", help="multi-host: the coordinator")
+    p.add_argument(
+        *both("--coordinator_address"), metavar="HOST:PORT", help="multi-host: the coordinator ('auto': TPU pod, SLURM)"
+    )
     p.add_argument(*both("--num_processes"), type=int, metavar="N", help="multi-host: number of processes")
     p.add_argument(*both("--process_id"), type=int, metavar="I", help="multi-host: this process's index")
     return p

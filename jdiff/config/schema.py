@@ -323,7 +323,9 @@ class SamplingConfig(_Section):
     columns: int = setting(10, "columns of the sample grid", ge=1)
     sampler: str = setting("ddim", "sampler of the grid", choices=_sampler_names)
     steps: int = setting(100, "sampling steps of the grid", ge=1)
-    spacing: str = setting("linspace", "timestep spacing of the grid", choices=_spacings)
+    spacing: Optional[str] = setting(
+        None, "timestep spacing of the grid (none: flow for the flow schedule, else linspace)", choices=_spacings
+    )
     guidance_scale: Optional[float] = setting(
         None, "classifier-free guidance scale for the grid (none: plain conditional)"
     )

@@ -1,4 +1,6 @@
-"""Model zoo: DDPM/ADM U-Net, DiT, embeddings, a registry of named configs and model stats.
+"""Model zoo: DDPM/ADM U-Net, DiT, embeddings, a registry of named configs and model stats; the Stable Diffusion
+cross-attention U-Net (`UNetCond`, called with text-encoder states instead of labels, so outside the registry's
+protocol) and CLIP text encoder (`CLIPText`).
 
 Every registered model follows the model protocol (`jdiff.models.registry`): a Flax Linen module with the
 fields num_classes, learn_sigma, dtype, remat and remat_policy and a pure ``apply``:
@@ -7,6 +9,7 @@ with NHWC float ``x``, (B,) float timesteps ``t`` and optional (B,) int32 labels
 ``y``; the output is float32 NHWC.
 """
 
+from jdiff.models.clip import CLIPText
 from jdiff.models.dit import DiT, DiTBlock
 from jdiff.models.embeddings import (
     LabelEmbedder,
@@ -28,9 +31,12 @@ from jdiff.models.registry import (
 )
 from jdiff.models.stats import abstract_params, count_params, forward_flops, tree_size
 from jdiff.models.unet import UNet
+from jdiff.models.unet_cond import UNetCond
 
 __all__ = [
     "UNet",
+    "UNetCond",
+    "CLIPText",
     "DiT",
     "DiTBlock",
     "get_model",

@@ -37,14 +37,15 @@ def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> 
     return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False) -> jax.Array:
     """Softmax attention (Vaswani et al. 2017, Eq. 1): `jax.nn.dot_product_attention`, which runs cuDNN's fused
     (flash) attention on GPUs where it applies and XLA's otherwise; logits and softmax in float32 for any input
-    dtype (the mixed-precision policy: bf16 compute, float32 softmax).
+    dtype (the mixed-precision policy: bf16 compute, float32 softmax). ``is_causal``: query i attends to keys
+    0..i only (a text encoder's causal mask).
 
     q: (B, Lq, heads, head_dim), k, v: (B, Lk, heads, head_dim) -> (B, Lq, heads, head_dim) in q's dtype.
     """
-    return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
 
 
 class MultiHeadSelfAttention(nn.Module):

@@ -119,11 +119,12 @@ def _read_bf16(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def read_model_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+def read_model_dir(path: str | Path, weights: str = WEIGHTS) -> tuple[dict, dict[str, np.ndarray]]:
     """``(config, tensors)`` of a diffusers model directory (e.g. ``unet/``, ``transformer/``, ``vae/``).
 
     The directory holds ``config.json`` and either ``diffusion_pytorch_model.safetensors`` or the sharded
-    ``diffusion_pytorch_model.safetensors.index.json`` with its shards. Raises ``PretrainedError`` (one line)
+    ``diffusion_pytorch_model.safetensors.index.json`` with its shards (``weights``: another file name, e.g.
+    transformers' ``model.safetensors``). Raises ``PretrainedError`` (one line)
     for a missing directory or file, invalid JSON, corrupted/truncated weights, a shard index naming a
     missing tensor, or a directory with only a pickled ``.bin``.
     """
@@ -131,26 +132,27 @@ def read_model_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not d.is_dir():
         raise PretrainedError(f"model directory {d} not found")
     config = read_json(d / "config.json", "model config")
-    if os.path.lexists(d / WEIGHTS):  # a symlink, directory or FIFO in its place: one line saying so
-        return config, read_safetensors(d / WEIGHTS)
-    if os.path.lexists(d / INDEX):
-        index = read_json(d / INDEX, "safetensors shard index")
+    index_name = weights + ".index.json"
+    if os.path.lexists(d / weights):  # a symlink, directory or FIFO in its place: one line saying so
+        return config, read_safetensors(d / weights)
+    if os.path.lexists(d / index_name):
+        index = read_json(d / index_name, "safetensors shard index")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise PretrainedError(f"safetensors shard index {d / INDEX} has no 'weight_map' object")
+            raise PretrainedError(f"safetensors shard index {d / index_name} has no 'weight_map' object")
         bad = [v for v in weight_map.values() if not isinstance(v, str) or not v]
         if bad:
             raise PretrainedError(
-                f"safetensors shard index {d / INDEX}: weight_map values must be shard file names, got {bad[0]!r}"
+                f"safetensors shard index {d / index_name}: weight_map values must be shard file names, got {bad[0]!r}"
             )
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             if Path(shard).name != shard:
-                raise PretrainedError(f"safetensors shard index {d / INDEX} names shard {shard!r} outside {d}")
+                raise PretrainedError(f"safetensors shard index {d / index_name} names shard {shard!r} outside {d}")
             tensors.update(read_safetensors(d / shard))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
-            raise PretrainedError(f"shards of {d / INDEX} lack tensor(s) named in its weight_map: {missing[:5]}")
+            raise PretrainedError(f"shards of {d / index_name} lack tensor(s) named in its weight_map: {missing[:5]}")
         return config, tensors
     bins = sorted(d.glob("*.bin"))
     if bins:
@@ -160,4 +162,4 @@ def read_model_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         )
     others = sorted(p.name for p in d.glob("*.safetensors"))
     hint = f" (found {others}; diffusers weight variants such as fp16 are not read, rename one)" if others else ""
-    raise PretrainedError(f"{d} has neither {WEIGHTS} nor {INDEX}{hint}")
+    raise PretrainedError(f"{d} has neither {weights} nor {index_name}{hint}")

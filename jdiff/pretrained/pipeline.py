@@ -4,7 +4,10 @@ A pipeline directory holds ``model_index.json``, ``unet/`` (UNet2DModel) or ``tr
 ``vae/`` (AutoencoderKL: the model then samples its latents) and ``scheduler/scheduler_config.json``. A single
 model directory (``config.json`` + safetensors) also loads; its schedule is then diffusers' DDPMScheduler
 default (linear 1e-4..0.02, T=1000, epsilon prediction). A pipeline's components are those model_index.json
-names: a ``vae/`` or ``scheduler/`` directory it does not name is not read.
+names: a ``vae/`` or ``scheduler/`` directory it does not name is not read. A StableDiffusionPipeline (``unet/``
+a UNet2DConditionModel) also has ``text_encoder/`` (CLIPTextModel) and ``tokenizer/``, read before the UNet;
+the components and files jdiff cannot run (SDXL's second text encoder, ControlNet, adapters, LoRA weights) are
+one `PretrainedError` line.
 
 `save` writes the whole directory into a temporary sibling (``.NAME.jdiff-tmp-PID``) and renames it into place
 at the end, so an interrupted export leaves no partial directory (a temporary left by a killed process is
@@ -30,10 +33,13 @@ from jdiff.pretrained.transformer import CLASSES as DIT_CLASSES
 from jdiff.pretrained.transformer import CONVENTION_KEY, config_from_dit, dit_from_config, dit_params, dit_tensors
 from jdiff.pretrained.unet2d import CLASS as UNET_CLASS
 from jdiff.pretrained.unet2d import config_from_unet, unet_from_config, unet_params, unet_tensors
+from jdiff.pretrained.unet_cond import CLASS as UNET_COND_CLASS
+from jdiff.pretrained.unet_cond import config_from_unet_cond, unet_cond_from_config, unet_cond_params, unet_cond_tensors
 from jdiff.schedules import Schedule
 
 DIFFUSERS_VERSION = "0.31.0"  # written into exported configs (the format, not a dependency)
 DIT_GUIDANCE = 4.0  # DiTPipeline's default guidance_scale
+SD_GUIDANCE = 7.5  # StableDiffusionPipeline's
 TMP_TAG = ".jdiff-tmp-"  # temporary siblings of an export in progress: .NAME.jdiff-tmp-PID[-old]
 
 
@@ -48,7 +54,11 @@ class Pretrained:
     ``variance`` "learned" when the model outputs [eps | v] (2x channels; jdiff's DDPM ``variance=learned``
     reads v as Improved DDPM's interpolation, diffusers' "learned_range") else "fixed"; ``num_classes``
     (None: unconditional; label ``num_classes`` is the null label of classifier-free guidance);
-    ``guidance``: the pipeline's default guidance scale (4.0 for DiT as in DiTPipeline, else None)."""
+    ``guidance``: the pipeline's default guidance scale (4.0 for DiT as in DiTPipeline, 7.5 for Stable Diffusion
+    as in StableDiffusionPipeline, else None). A text-to-image pipeline (kind "unet_cond": a `UNetCond` called
+    as ``model.apply({'params': params}, x, t, context)``) has its `text_encoder` and `tokenizer`
+    (`jdiff.pretrained.text`); ``scheduler`` is the scheduler config read (its timestep_spacing is the default
+    of `text_to_image`)."""
 
     model: Any
     params: Any
@@ -59,9 +69,12 @@ class Pretrained:
     sample_shape: tuple[int, int, int]
     vae: Any = None
     id2label: Optional[dict[int, str]] = None
-    kind: str = "unet"  # "unet" or "dit"
+    kind: str = "unet"  # "unet", "dit" or "unet_cond"
     guidance: Optional[float] = None
     config: dict = dataclasses.field(default_factory=dict)
+    text_encoder: Any = None
+    tokenizer: Any = None
+    scheduler: dict = dataclasses.field(default_factory=dict)
 
 
 def _named(index: dict, name: str) -> bool:
@@ -89,7 +102,53 @@ def _model_from(config: dict, tensors: dict, convention: Optional[str]):
     if cls in DIT_CLASSES:
         model, shape = dit_from_config(config, convention)
         return "dit", model, shape, dit_params(model, shape, tensors)
-    raise PretrainedError(f"model class {cls!r} is not supported; supported: {UNET_CLASS}, {', '.join(DIT_CLASSES)}")
+    if cls == UNET_COND_CLASS:
+        if convention is not None:
+            raise PretrainedUsageError(f"timestep_convention applies to DiT checkpoints only (this is a {cls})")
+        model, shape, linear = unet_cond_from_config(config)
+        return "unet_cond", model, shape, unet_cond_params(model, shape, tensors, linear)
+    supported = ", ".join((UNET_CLASS, *DIT_CLASSES, UNET_COND_CLASS))
+    raise PretrainedError(f"model class {cls!r} is not supported; supported: {supported}")
+
+
+UNSUPPORTED = {  # pipeline components jdiff cannot run -> what they are
+    "text_encoder_2": "SDXL's second text encoder",
+    "tokenizer_2": "SDXL's second tokenizer",
+    "controlnet": "a ControlNet",
+    "image_encoder": "an IP-Adapter image encoder",
+    "adapter": "a T2I-Adapter",
+    "prior": "a prior model",
+}
+
+
+def _check_runnable(root: Path, index: dict) -> None:
+    """One PretrainedError line for a pipeline jdiff cannot run as diffusers does (SDXL, ControlNet, LoRA...)."""
+    for name, what in UNSUPPORTED.items():
+        if _named(index, name):
+            raise PretrainedError(
+                f"pipeline {root} ({index.get('_class_name', '?')}) has {name} ({what}), which jdiff does not run; "
+                "supported: Stable Diffusion 1.x / 2.x text-to-image, UNet2DModel and DiT pipelines"
+            )
+
+
+def _check_no_lora(root: Path) -> None:
+    lora = sorted(p.name for p in root.glob("*.safetensors") if "lora" in p.name.lower())
+    if lora:
+        raise PretrainedError(
+            f"{root / lora[0]} is a LoRA weights file; jdiff loads whole pipelines and does not apply LoRA (merge it "
+            "into the UNet with diffusers' fuse_lora and save_pretrained first)"
+        )
+
+
+def _load_text(root: Path, index: dict):
+    """The text encoder and tokenizer a text-to-image pipeline names (both must be there)."""
+    from jdiff.pretrained.text import load_text_encoder, load_tokenizer
+
+    missing = [n for n in ("text_encoder", "tokenizer") if not _named(index, n)]
+    if missing:
+        raise PretrainedError(f"pipeline {root} has a UNet2DConditionModel but its model_index.json names no {missing}")
+    encoder = load_text_encoder(root / "text_encoder")
+    return encoder, load_tokenizer(root / "tokenizer", encoder.module.max_length)
 
 
 def _load_vae(path: Path):
@@ -111,9 +170,11 @@ def load(path: str | Path, *, timestep_convention: Optional[str] = None) -> Pret
     if not root.is_dir():
         raise PretrainedError(f"checkpoint directory {root} not found")
     scheduler: dict = {}
-    vae, id2label = None, None
+    vae, id2label, index = None, None, {}
+    _check_no_lora(root)
     if (root / "model_index.json").is_file():
         index = read_json(root / "model_index.json", "pipeline index")
+        _check_runnable(root, index)
         _, model_dir = _component(root, index)
         if _named(index, "scheduler"):
             scheduler = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
@@ -131,11 +192,21 @@ def load(path: str | Path, *, timestep_convention: Optional[str] = None) -> Pret
         model_dir = root
     else:
         raise PretrainedError(f"{root} is neither a diffusers pipeline (model_index.json) nor a model (config.json)")
+    text_encoder, tokenizer = None, None
+    if index.get("unet") == ["diffusers", UNET_COND_CLASS]:  # the text side first: its errors are cheap
+        text_encoder, tokenizer = _load_text(root, index)
     config, tensors = read_model_dir(model_dir)
     kind, model, shape, params = _model_from(config, tensors, timestep_convention)
+    if kind == "unet_cond" and index and text_encoder is None:
+        text_encoder, tokenizer = _load_text(root, index)
+    if text_encoder is not None and text_encoder.module.hidden != model.context_dim:
+        raise PretrainedError(
+            f"text encoder hidden_size={text_encoder.module.hidden} but the UNet's cross_attention_dim is "
+            f"{model.context_dim}"
+        )
     schedule, prediction = schedule_from_config(scheduler)
     c = shape[-1]
-    out_ch = (model.out_channels or c) * (2 if model.learn_sigma else 1)
+    out_ch = (model.out_channels or c) * (2 if getattr(model, "learn_sigma", False) else 1)
     latent_c = getattr(getattr(vae, "module", None), "latent_channels", c)
     if latent_c != c:
         raise PretrainedError(f"vae latent_channels={latent_c} but the {kind} samples {c} channels (in_channels)")
@@ -150,13 +221,16 @@ def load(path: str | Path, *, timestep_convention: Optional[str] = None) -> Pret
         schedule=schedule,
         prediction=prediction,
         variance="learned" if out_ch == 2 * c else "fixed",
-        num_classes=model.num_classes,
+        num_classes=getattr(model, "num_classes", None),
         sample_shape=shape,
         vae=vae,
         id2label=id2label,
         kind=kind,
-        guidance=DIT_GUIDANCE if kind == "dit" else None,
+        guidance={"dit": DIT_GUIDANCE, "unet_cond": SD_GUIDANCE}.get(kind),
         config=config,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
     )
 
 
@@ -175,11 +249,15 @@ def save(
     vae_dir: str | Path | None = None,
     overwrite: bool = False,
     stop: Optional[Callable[[], bool]] = None,
+    text_encoder: Any = None,
+    tokenizer_dir: str | Path | None = None,
+    linear_projection: bool = False,
 ) -> Path:
     """Writes a jdiff `UNet` or `DiT` as a diffusers-format pipeline directory: ``model_index.json``,
     ``unet/`` or ``transformer/`` (config.json + diffusion_pytorch_model.safetensors) and
     ``scheduler/scheduler_config.json`` (a DDPMScheduler; ``schedule`` is a jdiff Schedule, written as its
-    trained_betas, or a dict of diffusers keys from `jdiff.pretrained.scheduler.named_schedule`).
+    trained_betas, or a dict of diffusers keys from `jdiff.pretrained.scheduler.named_schedule`; for
+    prediction "flow" a FlowMatchEulerDiscreteScheduler with the flow schedule's shift).
     ``sample_shape`` (H, W, C) is what the model samples. ``vae_dir``: a diffusers AutoencoderKL directory whose
     latents the model samples, copied into ``vae/``. `load` reads the directory back exactly.
 
@@ -192,12 +270,25 @@ def save(
     The directory is written to a temporary sibling and renamed into place at the end. An existing non-empty
     ``path`` is refused unless ``overwrite`` (then it is replaced as a whole, nothing of it is kept).
     ``stop()``, if given, is asked between files: True removes the partial output and raises
-    KeyboardInterrupt. PretrainedError for a model diffusers cannot express or a path that cannot be written."""
+    KeyboardInterrupt. PretrainedError for a model diffusers cannot express or a path that cannot be written.
+
+    A `UNetCond` is written as a StableDiffusionPipeline: ``text_encoder`` (a `jdiff.pretrained.text.TextEncoder`)
+    into ``text_encoder/`` (CLIPTextModel), the files of ``tokenizer_dir`` copied into ``tokenizer/``, ``vae_dir``
+    (required) into ``vae/``, proj_in/proj_out as linear layers with ``linear_projection`` (SD 2.x) else as 1x1
+    convolutions, and a DDIMScheduler (steps_offset 0, set_alpha_to_one: jdiff's DDIM with "leading" spacing)."""
     from safetensors.numpy import save_file
 
-    from jdiff.models import DiT, UNet
+    from jdiff.models import DiT, UNet, UNetCond
 
-    if isinstance(model, UNet):
+    text = None
+    if isinstance(model, UNetCond):
+        if text_encoder is None or tokenizer_dir is None or vae_dir is None:
+            raise PretrainedError("save: a UNetCond (text-to-image) needs text_encoder=, tokenizer_dir= and vae_dir=")
+        name, pipeline = "unet", "StableDiffusionPipeline"
+        config = config_from_unet_cond(model, sample_shape, linear_projection)
+        tensors = unet_cond_tensors(model, sample_shape, params, linear_projection)
+        text = _text_parts(text_encoder, Path(tokenizer_dir))
+    elif isinstance(model, UNet):
         name, pipeline = "unet", "DDPMPipeline"
         config, tensors = config_from_unet(model, sample_shape), unet_tensors(model, sample_shape, params)
         if model.num_classes is not None:
@@ -219,6 +310,9 @@ def save(
     c = int(sample_shape[-1])
     learned = config["out_channels"] == 2 * c
     scheduler = config_from_schedule(schedule, prediction, learned_variance=learned)
+    if text is not None:
+        del scheduler["variance_type"]
+        scheduler.update(_class_name="DDIMScheduler", clip_sample=False, set_alpha_to_one=True, steps_offset=0)
     vae = read_model_dir(vae_dir) if vae_dir is not None else None  # checks it is a readable model directory
     root = Path(path)
     _check_target(root, overwrite)
@@ -238,7 +332,17 @@ def save(
         check_stop()
         write(tmp / "scheduler" / "scheduler_config.json", scheduler)
         index = {"_class_name": pipeline, name: ["diffusers", config["_class_name"]]}
-        index["scheduler"] = ["diffusers", "DDPMScheduler"]
+        index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+        if text is not None:
+            text_config, text_tensors, tokenizer_files = text
+            (tmp / "text_encoder").mkdir()
+            (tmp / "text_encoder" / "config.json").write_text(json.dumps(text_config, indent=2) + "\n")
+            save_file(text_tensors, str(tmp / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "tokenizer").mkdir()
+            for f in tokenizer_files:
+                shutil.copyfile(f, tmp / "tokenizer" / f.name)
+            index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+            index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         if vae is not None:
             vae_config, vae_tensors = vae
             (tmp / "vae").mkdir()
@@ -255,6 +359,33 @@ def save(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; the partial output otherwise
     return root
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _text_parts(text_encoder: Any, tokenizer_dir: Path) -> tuple[dict, dict, list[Path]]:
+    """(text_encoder config.json, its tensors, the tokenizer files to copy) of a text-to-image export; the
+    tokenizer directory must load (`load_tokenizer`)."""
+    from jdiff.pretrained.text import load_tokenizer, text_encoder_tensors
+
+    m = text_encoder.module
+    load_tokenizer(tokenizer_dir, m.max_length)  # one line now rather than a directory that does not load
+    config = {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden,
+        "num_hidden_layers": m.layers,
+        "num_attention_heads": m.heads,
+        "intermediate_size": m.intermediate,
+        "max_position_embeddings": m.max_length,
+        "hidden_act": m.act,
+        "layer_norm_eps": m.eps,
+        "torch_dtype": "float32",
+    }
+    files = [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
+    return config, text_encoder_tensors(m, text_encoder.params), files
 
 
 def _warn(message: str) -> None:

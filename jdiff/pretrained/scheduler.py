@@ -221,7 +221,16 @@ def schedule_from_config(config: dict) -> tuple[Schedule, str]:
 def config_from_schedule(schedule: Schedule | dict, prediction: str, *, learned_variance: bool) -> dict:
     """A DDPMScheduler config for a jdiff schedule: a `Schedule` is written as its ``trained_betas`` (exact);
     a dict of diffusers keys (e.g. from `named_schedule`) is written as given, after checking that jdiff reads
-    it back."""
+    it back. Prediction "flow" (the flow schedule, `jdiff.flow`) is written as a FlowMatchEulerDiscreteScheduler
+    config with the schedule's shift."""
+    if prediction == "flow":
+        if not isinstance(schedule, Schedule) or schedule.flow_shift is None or learned_variance:
+            raise PretrainedError(
+                "prediction 'flow' is exported with the flow schedule (get_schedule('flow', T, shift=...)) and "
+                "no learned variance"
+            )
+        t = int(schedule.num_timesteps)
+        return {"_class_name": FLOW_SCHEDULER, "num_train_timesteps": t, "shift": float(schedule.flow_shift)}
     inverse = {v: k for k, v in PREDICTIONS.items()}
     if prediction not in inverse:
         raise PretrainedError(f"prediction {prediction!r} is not supported; supported: {list(inverse)}")

@@ -19,7 +19,7 @@ import numpy as np
 
 import jdiff
 from jdiff.run.mesh import batch_sharding, check_batch_size, make_mesh, replicated
-from jdiff.sampling import split_options
+from jdiff.sampling import default_spacing, split_options
 
 TRAJECTORY_SAMPLES = 8  # samples kept in a trajectory (strip / GIF)
 DEFAULT_BATCH = 256
@@ -30,11 +30,13 @@ class Settings:
     """How to draw: sampler, its steps, spacing and options (e.g. {"eta": 1.0}), classifier-free guidance
     scale (None: plain conditional), clipping to [-1, 1] (of x0 at every step in pixel space; of the decoded
     images when a Generator decodes latents, whose values are not bounded), and trajectory_every=k to also
-    keep every k-th state of the first `TRAJECTORY_SAMPLES` samples."""
+    keep every k-th state of the first `TRAJECTORY_SAMPLES` samples. spacing None: the schedule's default
+    (`jdiff.sampling.default_spacing`: "flow" for the flow schedule, else "linspace"); a Generator's
+    `settings` hold the resolved name."""
 
     sampler: str = "ddim"
     steps: int = 50
-    spacing: str = "linspace"
+    spacing: Optional[str] = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     guidance: Optional[float] = None
     clip: bool = True
@@ -130,6 +132,8 @@ class Generator:
         decode: Optional[Callable[[Any, jax.Array], jax.Array]] = None,
         decode_params: Any = None,
     ):
+        if settings.spacing is None:
+            settings = dataclasses.replace(settings, spacing=default_spacing(schedule))
         s = settings
         self.mesh = make_mesh(devices)
         check_batch_size(batch, self.mesh.devices.size)

@@ -194,32 +194,57 @@ def local_copy(tree: Any) -> Any:
     return jax.tree.unflatten(treedef, [one(x) for x in leaves])
 
 
+AUTO = "auto"  # --coordinator_address auto: jax.distributed.initialize() detects the cluster
+
+
 def maybe_initialize_distributed(
     coordinator_address: Optional[str] = None, num_processes: Optional[int] = None, process_id: Optional[int] = None
 ) -> bool:
     """Calls `jax.distributed.initialize` when a coordinator address is given (argument or env var
     JDIFF_COORDINATOR_ADDRESS, with JDIFF_NUM_PROCESSES / JDIFF_PROCESS_ID). Must run before any other JAX
-    call. Returns whether it initialised. On CPU it selects the gloo collectives so that cross-process
-    all-reduces work."""
+    call. Returns whether it initialised.
+
+    The address "auto" lets JAX detect the cluster and fill in what is not given: Cloud TPU pods (one command
+    per host), SLURM (`srun`: SLURM_PROCID, SLURM_NTASKS, the first node of SLURM_STEP_NODELIST), Open MPI
+    and Kubernetes; ValueError (one line) when none is detected. On CPU it selects the gloo collectives so
+    that cross-process all-reduces work. JAX's preemption notifier is turned off: it would take SIGTERM from
+    the Python handler through which `jdiff.training.stops` makes every process stop at the same step."""
     addr = coordinator_address or os.environ.get("JDIFF_COORDINATOR_ADDRESS")
     if not addr:
         return False
     n = num_processes if num_processes is not None else _env_int("JDIFF_NUM_PROCESSES")
     pid = process_id if process_id is not None else _env_int("JDIFF_PROCESS_ID")
-    if n is None or pid is None:
+    if addr != AUTO and (n is None or pid is None):
         raise ValueError(
-            "--coordinator_address needs --num_processes and --process_id (or JDIFF_NUM_PROCESSES / JDIFF_PROCESS_ID)"
+            "--coordinator_address needs --num_processes and --process_id (or JDIFF_NUM_PROCESSES / "
+            "JDIFF_PROCESS_ID), or is 'auto' on a TPU pod or under SLURM"
         )
-    if not 0 <= pid < n:
+    if n is not None and n < 1:
+        raise ValueError(f"num_processes must be >= 1, got {n}")
+    if n is not None and pid is not None and not 0 <= pid < n:
         raise ValueError(f"process_id must be in [0, {n}), got {pid}")
     try:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # noqa: BLE001 - option absent in some builds; GPUs/TPUs do not need it
         pass
-    jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
+    jax.config.update("jax_enable_preemption_service", False)
+    try:
+        jax.distributed.initialize(coordinator_address=None if addr == AUTO else addr, num_processes=n, process_id=pid)
+    except ValueError as e:
+        if addr != AUTO:
+            raise
+        raise ValueError(
+            f"--coordinator_address auto found no cluster (Cloud TPU pod, SLURM srun, Open MPI, Kubernetes): {e} "
+            "Pass HOST:PORT with --num_processes and --process_id"
+        ) from None
     return True
 
 
 def _env_int(name: str) -> Optional[int]:
     v = os.environ.get(name)
-    return None if v in (None, "") else int(v)
+    if v in (None, ""):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {v!r}") from None

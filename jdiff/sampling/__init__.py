@@ -18,7 +18,7 @@ from jdiff.sampling.base import (
     register,
     split_options,
 )
-from jdiff.sampling.timesteps import SPACINGS, Grid, discrete_timesteps, karras_sigmas, make_grid
+from jdiff.sampling.timesteps import SPACINGS, Grid, default_spacing, discrete_timesteps, karras_sigmas, make_grid
 
 _INFRASTRUCTURE = {"api", "base", "corrector", "denoiser", "multistep", "timesteps"}
 for _module in pkgutil.iter_modules(__path__):
@@ -38,6 +38,7 @@ __all__ = [
     "split_options",
     "all_options",
     "SPACINGS",
+    "default_spacing",
     "discrete_timesteps",
     "karras_sigmas",
     "make_grid",

@@ -169,6 +169,7 @@ def _sample_jit(
     if x_init is None:
         per_example = sample_keys is not None
         x_init = Noise(sample_keys, 0, True)(shape) if per_example else jax.random.normal(init_key, shape, jnp.float32)
+    x_init = x_init * start_scale(schedule, grid)
     opts = {**dict(static_options), **traced_options}
     carry = sampler.init(x_init)
     if trajectory_every is None:
@@ -249,8 +250,9 @@ def sample(
       clip_x0: (lo, hi) to clip the predicted x0 to (e.g. (-1, 1) for images), or None.
       dynamic_threshold: Imagen's percentile p in (0, 1) (e.g. 0.995), or None.
       karras_rho: rho of the Karras spacing.
-      x_init: optional x_T of `shape` instead of drawing it from rng.
-      return_trajectory_every: k >= 1 to also return the states every k steps.
+      x_init: optional x_T of `shape` instead of drawing it from rng. Like the drawn x_T it is in the
+        schedule's state variable: the VP x, or the flow state x_s for the flow schedule (`start_scale`).
+      return_trajectory_every: k >= 1 to also return the (VP) states every k steps.
       sample_keys: optional (B,) typed PRNG keys, one per example (traced): example j's x_T (unless x_init is
         given) is normal(fold_in(sample_keys[j], 0)) and its noise at step i normal(fold_in(sample_keys[j], i + 1)),
         so sample j does not depend on the other examples, the batch size or the device count.
@@ -323,7 +325,17 @@ def _invert_jit(model_fn, params, schedule, x0, guidance, *, num_steps, predicti
         return grid.alpha[i] * x0 + grid.sigma[i] * d.eps, None
 
     x, _ = lax.scan(body, x0, num_steps - 1 - lax.iota(jnp.int32, num_steps))
-    return x
+    return x / start_scale(schedule, grid)
+
+
+def start_scale(schedule: Schedule, grid) -> Array:
+    """The VP state of x_T is start_scale * x_T: x_T ~ N(0, I) is drawn (or given as x_init) in the schedule's
+    own state variable. That is the VP x (scale 1) for a VP schedule and the flow state x_s = x/(alpha + sigma)
+    at the grid's first level for the flow schedule (scale alpha_0 + sigma_0), as diffusers' flow-matching
+    pipelines start from x_s = eps; the two differ where the grid starts below s = 1 (e.g. "flow_sigmas")."""
+    if schedule.flow_shift is None:
+        return jnp.float32(1.0)
+    return grid.alpha[0] + grid.sigma[0]
 
 
 def ddim_invert(
@@ -343,7 +355,8 @@ def ddim_invert(
     from which `sample(..., sampler="ddim", eta=0, x_init=x_T)` with the same grid returns ~x0.
 
     Uses the grid of `sample`; the model at level i is evaluated on the state of level i+1 (the usual
-    approximation, exact as N -> T). Arguments as in `sample`. Returns x_T, float32 (B, ...).
+    approximation, exact as N -> T). Arguments as in `sample`. Returns x_T, float32 (B, ...), in the variable
+    of `sample`'s x_init (`start_scale`).
     """
     x0 = jnp.asarray(x0, jnp.float32)
     spacing = default_spacing(schedule) if spacing is None and isinstance(schedule, Schedule) else spacing

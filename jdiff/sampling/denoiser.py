@@ -63,7 +63,8 @@ def make_denoiser(
     threshold_percentile: Optional[Array] = None,
     flow_time_scale: float = 1000.0,
 ) -> Callable[[Array, Array, Array, Array], Denoised]:
-    """Builds denoise(x (B, ...), t () float32, alpha (), sigma ()) -> Denoised.
+    """Builds denoise(x (B, ...), t () float32, alpha (), sigma ()) -> Denoised. t, alpha and sigma may also be
+    per example, shaped (B, 1, ..., 1) like x (the distillation losses: `jdiff.distill.net`).
 
     model_fn is called as model_fn([params,] x, t_batch[, y]) with t_batch a (B,) float32 array of
     training-timestep indices; `params` is passed first when it is not None. For an EDM prediction it is
@@ -87,7 +88,7 @@ def make_denoiser(
             x_in, t_in = coef.c_in * x_edm, coef.c_noise
         elif prediction in FLOW_PREDICTIONS:
             x_in, t_in = x / (alpha + sigma), flow_time_scale * sigma / (alpha + sigma)
-        tb = jnp.full((b,), t_in, jnp.float32)
+        tb = jnp.broadcast_to(jnp.reshape(t_in, (-1,)), (b,)).astype(jnp.float32)  # one level, or one per example
         if guidance.scale is not None:
             null = jnp.full((b,), guidance.null_label, jnp.int32)
             xx = jnp.concatenate([x_in, x_in])

@@ -1,10 +1,13 @@
 """The training loop: set up (`jdiff.training.setup`), then step, and after each step run the periodic
-actions (log metrics, save a checkpoint, write a preview grid) and the stop checks (SIGTERM/SIGINT,
-`stop_after`). Adding a periodic action (an evaluation, say) is one function `action(loop)` that returns
-early unless `loop.due(every)`, passed in `train(..., actions=ACTIONS + (action,))`.
+actions (log metrics, save a checkpoint, write a preview grid). Before each step the processes agree whether
+to stop (`jdiff.training.stops`: a SIGTERM/SIGINT or an unreadable batch on any process stops all of them at
+that step, with one checkpoint); `stop_after` ends the call after that many steps. Adding a periodic action
+(an evaluation, say) is one function `action(loop)` that returns early unless `loop.due(every)`, passed in
+`train(..., actions=ACTIONS + (action,))`.
 
 The hot loop never waits for the device except every `run.log_every` steps (metrics are summed on device),
-before a checkpoint (finiteness check) and before a preview grid.
+before a checkpoint (finiteness check), before a preview grid and, with several processes, at the stop vote
+of each step.
 """
 
 import contextlib
@@ -40,6 +43,7 @@ from jdiff.training.metrics_log import MetricsWriter
 from jdiff.training.setup import Setup, setup
 from jdiff.training.state import TrainState, tree_all_finite
 from jdiff.training.step import init_accumulator
+from jdiff.training.stops import PeerDataError, Stop, StopVote
 
 PREVIEW_SEED_SALT = 0x5EED  # preview grids use seed run.seed + this, apart from the training noise
 _all_finite = jax.jit(tree_all_finite)
@@ -85,7 +89,8 @@ class Loop:
     primary: bool
     log: Callable[[str], None]
     bar: Any = None
-    stopping: bool = False
+    stopping: bool = False  # the run stops after this step (every process agreed)
+    logged_at: int = -1  # the step of the last metrics record
     sample_path: Optional[str] = None
     window: tuple[float, int] = (0.0, 0)  # (start time, steps) of the throughput window
     waited: float = 0.0  # seconds of the window spent waiting for the next batch (input pipeline)
@@ -179,6 +184,7 @@ def log_metrics(loop: Loop) -> None:
         "time": time.time(),
     }
     loop.writer.write(rec)
+    loop.logged_at = loop.done
     post = {"loss": f"{rec['loss']:.4f}"}
     if rec["images_per_sec"]:
         post["img/s"] = f"{rec['images_per_sec']:.0f}"
@@ -230,6 +236,7 @@ def train(
     stop: Optional[StopFlag] = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    build: Callable[..., Setup] = setup,
 ) -> TrainResult:
     """Trains (or resumes) the run described by `config` in `config.run.workdir`.
 
@@ -244,12 +251,13 @@ def train(
         requested before the first step ends the call before training; after, at the end of the step.
       progress: show a tqdm progress bar.
       log: receives one-line status messages.
+      build: (config, devices) -> the run's `Setup` (default `setup`; distillation: `jdiff.training.distill`).
 
     Raises:
       NonFiniteLossError, CheckpointError, ConfigError (bad dataset/model settings), ValueError.
     """
     signal_point("setup")
-    s = setup(config, devices)
+    s = build(config, devices)
     primary = jax.process_index() == 0
     workdir = config.run.workdir
     with contextlib.ExitStack() as stack:  # closed in reverse: metrics, checkpoints (waits for saves), lock
@@ -297,30 +305,35 @@ def train(
         return _run(loop, actions, batch_hook, progress and primary, stop)
 
 
-def _next_batch(loop: Loop, batches) -> dict:
-    """The next batch; a data error (an unreadable file, say) first saves the steps already taken."""
+def _next_batch(batches) -> tuple[Any, Optional[Exception]]:
+    """(the next batch, None), or (None, the exception) when this process cannot read it (an unreadable file,
+    say): the error is raised once every process has agreed to stop and the steps taken are saved."""
     try:
-        return next(batches)
-    except Exception:
-        loop.save()
-        loop.ckpt.wait()
-        raise
+        return next(batches), None
+    except Exception as e:  # noqa: BLE001 - re-raised after the agreed stop and save
+        return None, e
 
 
 def _run(loop: Loop, actions, batch_hook, progress: bool, flag: StopFlag) -> TrainResult:
     start, end = loop.done, loop.config.optim.steps
-    if flag.requested:  # during start-up: nothing new to save
+    vote = StopVote()
+    if flag.requested and vote.count == 1:  # during start-up: nothing new to save (several processes: voted below)
         loop.log(f"stopped by {flag.reason} before the first step (step {start})")
         return TrainResult(start, flag.reason, loop.last_checkpoint, None)
     batches = loop.setup.batches(start, loop.stop_at - start)
     loop.bar = _progress(end, start, False)  # replaced by a live bar once the step has compiled
     stopped_by = "stop_after" if loop.stop_at < end else None
+    agreed: Optional[Stop] = None
+    error: Optional[Exception] = None
     t_start = time.perf_counter()
     try:
         for step in range(start, loop.stop_at):
             t_wait = time.perf_counter()
-            batch = _next_batch(loop, batches)
+            batch, error = _next_batch(batches)
             loop.waited += time.perf_counter() - t_wait
+            agreed = vote(step, flag.reason, error is not None)  # every process stops at the same step
+            if agreed is not None:
+                break
             if batch_hook is not None:
                 batch = batch_hook(step, batch)
             loop.state, loop.acc = loop.setup.step_fn(loop.state, batch, loop.setup.schedule, loop.acc)
@@ -332,14 +345,26 @@ def _run(loop: Loop, actions, batch_hook, progress: bool, flag: StopFlag) -> Tra
                 loop.window, loop.waited = (time.perf_counter(), 0), 0.0
                 loop.bar = _progress(end, start, progress)
             loop.bar.update(1)
-            loop.stopping = flag.requested
             for action in actions:
                 action(loop)
-            if flag.requested:
-                stopped_by = flag.reason
-                break
+        where = f" (on process {agreed.process})" if agreed is not None and vote.count > 1 else ""
+        if agreed is not None and agreed.reason != "data":
+            stopped_by = agreed.reason
+            if loop.done == start:
+                loop.log(f"stopped by {stopped_by}{where} before the first step (step {start})")
+                return TrainResult(start, stopped_by, loop.last_checkpoint, None)
+        if agreed is not None and loop.done > start and loop.logged_at != loop.done:
+            loop.stopping = True  # the metrics of the last window
+            log_metrics(loop)
         loop.save()
         loop.ckpt.wait()
+        if agreed is not None and agreed.reason == "data":
+            if error is not None:
+                raise error
+            raise PeerDataError(
+                f"process {agreed.process} could not read its batch for step {agreed.step} (its log names the "
+                f"file); every process stopped at step {loop.done} with a checkpoint"
+            )
         if stopped_by is None:
             loop.preview()
             loop.log(
@@ -348,7 +373,8 @@ def _run(loop: Loop, actions, batch_hook, progress: bool, flag: StopFlag) -> Tra
             )
         else:
             loop.log(
-                f"stopped by {stopped_by} at step {loop.done}: saved checkpoint {loop.done} in {loop.ckpt.directory}"
+                f"stopped by {stopped_by}{where} at step {loop.done}: saved checkpoint {loop.done} in "
+                f"{loop.ckpt.directory}"
             )
         return TrainResult(loop.done, stopped_by, loop.last_checkpoint, loop.sample_path)
     finally:
