@@ -172,6 +172,7 @@ def test_training_refuses_a_mismatched_cache(made, tmp_path):
         ({"data.image_size": 16}, "was encoded at image_size 8"),
         ({"data.vae": None}, "is a latent cache: set data.vae"),
         ({"data.split": "test"}, "split 'test' is not the split"),
+        ({"run.eval_every": 2, "data.eval_split": "train"}, "run.eval_every encodes held-out pixel images"),
     ]
     no_flip = tmp_path / "no_flip"
     shutil.copytree(cache, no_flip)
