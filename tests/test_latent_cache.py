@@ -123,9 +123,10 @@ def test_encode_refuses_a_cache_made_differently(made, tmp_path, capsys):
             _encode("--dataset", folder, "--out", out, *extra)
         err = capsys.readouterr().err
         assert e.value.code == 1 and message in err and err.count("\n") == 1, err
-    with pytest.raises(SystemExit) as e:
-        _encode("--dataset", folder, "--out", out, "--batch", 0)
-    assert e.value.code == 2
+    for bad in (["--batch", 0], ["--workers", 0], ["--process_id", 2, "--num_processes", 2], ["--process_id", 0]):
+        with pytest.raises(SystemExit) as e:
+            _encode("--dataset", folder, "--out", out, *bad)
+        assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
 def _train_config(tmp_path, dataset, **more):
