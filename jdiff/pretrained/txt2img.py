@@ -44,7 +44,9 @@ class GuidedUNet:
         return jnp.where(w > 1, uncond + w * (cond - uncond), cond)
 
 
+SD_STEPS_OFFSET = 1  # StableDiffusionPipeline.__init__ rewrites any other scheduler steps_offset to 1
 STATIC = ("unet", "text", "vae", "latent_scale", "sampler", "num_steps", "static_options", "spacing", "prediction")
+STATIC += ("steps_offset", "final_level")
 
 
 @functools.partial(jax.jit, static_argnames=(*STATIC, "clip_skip"))
@@ -67,6 +69,8 @@ def _txt2img(
     static_options,
     spacing,
     prediction,
+    steps_offset,
+    final_level,
     clip_skip,
 ):
     cond = text.apply({"params": params["text"]}, ids, skip=clip_skip)
@@ -83,6 +87,8 @@ def _txt2img(
         prediction=prediction,
         params=unet_params,
         spacing=spacing,
+        steps_offset=steps_offset,
+        final_level=final_level,
         x_init=x_init,
     )
     scaling, shift = latent_scale
@@ -127,7 +133,10 @@ def text_to_image(
       rng: PRNG key of the start latents (unless ``x_init``) and of stochastic samplers.
       x_init: (N, h, w, c) start latents x_T in place of x_T ~ N(0, I).
       spacing: timestep spacing; None: the scheduler config's timestep_spacing ("leading" when it has none, the
-        default of DDIMScheduler and PNDMScheduler).
+        default of DDIMScheduler and PNDMScheduler). "leading" runs with steps_offset 1, the value
+        StableDiffusionPipeline.__init__ writes into every scheduler config; with sampler "ddim" the last step
+        ends where the config's ``set_alpha_to_one`` (default true) says: alpha 1, or with false the first
+        training level alphas_cumprod[0] (`jdiff.sampling.make_grid`'s final_level), as DDIMScheduler.
       clip_skip: text-encoder layers left out from the end for the prompts' states (diffusers' ``clip_skip``;
         0: the last layer).
       return_latents: also return the final latents (N, h, w, c).
@@ -155,6 +164,8 @@ def text_to_image(
     if spacing is None:
         spacing = p.scheduler.get("timestep_spacing", "leading")
         spacing = spacing if spacing in SPACINGS else "leading"
+    steps_offset = SD_STEPS_OFFSET if spacing == "leading" else 0
+    to_one = bool(p.scheduler.get("set_alpha_to_one", True))
     shape = (n, *p.sample_shape)
     if x_init is not None and tuple(jnp.shape(x_init)) != shape:
         raise ValueError(
@@ -186,6 +197,8 @@ def text_to_image(
         static_options=tuple(sorted(static_opts.items())),
         spacing=spacing,
         prediction=p.prediction,
+        steps_offset=steps_offset,
+        final_level="first" if smp.name == "ddim" and not to_one else "clean",
         clip_skip=clip_skip,
     )
     return (images, latents) if return_latents else images
