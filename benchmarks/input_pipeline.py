@@ -258,7 +258,7 @@ def bench_wait(args, out) -> list[dict]:
         if data == tmp:
             cifar["data.image_size"] = 32
         cases.append(("cifar10", cifar))
-        for preset, over in cases:
+        for preset, over in [c for c in cases if c[0] in args.presets.split(",")]:
             over = {**over, "run.workdir": os.path.join(tmp, "run_" + preset)}
             r = input_wait(preset, over, args.steps)
             rows.append(dict(part="input_wait", preset=preset, batch=over["optim.batch_size"], steps=args.steps, **r))
@@ -278,6 +278,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--no-wait", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per preset (input-wait part)")
+    p.add_argument("--presets", default="digits,cifar10", help="presets of the input-wait part")
     p.add_argument("--digits-batch", type=int, default=128)
     p.add_argument("--cifar-batch", type=int, default=8)
     p.add_argument("--cifar-data", default=None, help="a prepared cifar10 (tfds name) instead of written PNGs")

@@ -41,20 +41,33 @@ def made(tmp_path_factory):
     return folder, root / "cache"
 
 
-def test_cache_holds_the_encoders_posteriors(made):
+@pytest.fixture(scope="module")
+def posteriors(made):
+    """{flip: (mean, logvar)} of the VAE encoder for the folder's images (file order), flipped or not, and
+    "label": their labels."""
+    folder, _ = made
+    vae = load_autoencoder_dir(VAE_DIR)
+    pixels, labels = make_source(str(folder), image_size=8).get(np.arange(N)).values()
+    return {"label": labels} | {
+        f: tuple(map(np.asarray, vae.encode(jax.numpy.asarray(pixels[:, :, ::-1] if f else pixels))))
+        for f in (False, True)
+    }
+
+
+def test_cache_holds_the_encoders_posteriors(made, posteriors):
     folder, cache = made
     vae = load_autoencoder_dir(VAE_DIR)
-    pixels = make_source(str(folder), image_size=8).get(np.arange(N))
+    labels = posteriors["label"]
     src = make_source(str(cache))
     assert isinstance(src, LatentCacheSource) and len(src) == N and src.num_classes == 2
     assert src.latent_shape == (4, 4, 4) and src.pixel_shape == (8, 8, 3) and src.image_shape == (4, 4, 8)
     for flip in (False, True):
-        images = pixels["image"][:, :, ::-1] if flip else pixels["image"]
-        mean, logvar = map(np.asarray, vae.encode(jax.numpy.asarray(images)))
+        mean, logvar = posteriors[flip]
         got = src.get(np.arange(N), flip=np.full(N, flip))
         np.testing.assert_allclose(got["image"][..., :4], mean, atol=1e-5)
         np.testing.assert_allclose(got["image"][..., 4:], np.exp(0.5 * logvar), rtol=1e-5, atol=1e-7)
-        np.testing.assert_array_equal(got["label"], pixels["label"])
+        np.testing.assert_array_equal(got["label"], labels)
+    assert np.abs(posteriors[True][0] - posteriors[False][0]).max() > 1e-3  # flips are not the same posterior
     m = json.loads((cache / MANIFEST).read_text())
     assert m["vae_fingerprint"] == vae.fingerprint and m["resolution"] == 8 and m["flips"] is True
     assert m["dataset"]["count"] == N and m["dataset"]["dataset"] == str(folder) and "files_sha256" in m["dataset"]
@@ -110,9 +123,10 @@ def test_encode_refuses_a_cache_made_differently(made, tmp_path, capsys):
             _encode("--dataset", folder, "--out", out, *extra)
         err = capsys.readouterr().err
         assert e.value.code == 1 and message in err and err.count("\n") == 1, err
-    with pytest.raises(SystemExit) as e:
-        _encode("--dataset", folder, "--out", out, "--batch", 0)
-    assert e.value.code == 2
+    for bad in (["--batch", 0], ["--workers", 0], ["--process_id", 2, "--num_processes", 2], ["--process_id", 0]):
+        with pytest.raises(SystemExit) as e:
+            _encode("--dataset", folder, "--out", out, *bad)
+        assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
 def _train_config(tmp_path, dataset, **more):
@@ -122,19 +136,30 @@ def _train_config(tmp_path, dataset, **more):
     return make_tiny_config(tmp_path / "run", **{**over, **more})
 
 
-def test_training_from_the_cache_draws_the_on_the_fly_latents(made, tmp_path):
-    from jdiff.training.setup import setup
+def test_training_from_the_cache_draws_the_on_the_fly_latents(made, posteriors, tmp_path):
+    """Setup.batches of a cache run equal what encoding on the fly draws (tests/test_vae.py checks that
+    formula against the on-the-fly transform): scaling x (mean + exp(logvar / 2) eps) of each example's
+    (flipped, where the step's flip mask says so) image, eps from key fold_in(fold_in(key(seed), 0x7AE), step),
+    on a batch sharded over 2 devices."""
+    from jdiff.data import sampler
+    from jdiff.training.setup import VAE_SEED_SALT, setup
 
-    folder, cache = made
-    devices = jax.devices()[:2]
-    fly = setup(_train_config(tmp_path, folder, **{"data.image_size": 8}), devices)
-    cached = setup(_train_config(tmp_path, cache), devices)
-    assert cached.image_shape == fly.image_shape == (4, 4, 4)
-    assert cached.derived()["decoded_shape"] == [8, 8, 3] and len(cached.source) == N
-    with fly.batches(2, 2) as a, cached.batches(2, 2) as b:
-        for x, y in zip(a, b):  # steps 2, 3: flips and epoch boundaries included (batch 8 of 11)
-            np.testing.assert_allclose(np.asarray(y["image"]), np.asarray(x["image"]), atol=2e-5)
-            np.testing.assert_array_equal(np.asarray(y["label"]), np.asarray(x["label"]))
+    _, cache = made
+    s = setup(_train_config(tmp_path, cache), jax.devices()[:2])
+    assert s.image_shape == (4, 4, 4) and s.derived()["decoded_shape"] == [8, 8, 3] and len(s.source) == N
+    seed = s.config.run.seed
+    with s.batches(2, 2) as it:
+        for step, got in zip((2, 3), it):  # batch 8 of 11: step 2 spans the epoch boundary
+            rows = np.arange(8)
+            idx = sampler.indices_at(N, step * 8 + rows, seed)
+            flip = sampler.flip_mask(step, rows, global_batch_size=8, seed=seed)
+            assert flip.any() and not flip.all()
+            mean = np.where(flip[:, None, None, None], posteriors[True][0][idx], posteriors[False][0][idx])
+            logvar = np.where(flip[:, None, None, None], posteriors[True][1][idx], posteriors[False][1][idx])
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), VAE_SEED_SALT), step)
+            want = (mean + np.exp(0.5 * logvar) * np.asarray(jax.random.normal(key, mean.shape))) * 0.18215
+            np.testing.assert_allclose(np.asarray(got["image"]), want, atol=2e-5)
+            np.testing.assert_array_equal(np.asarray(got["label"]), posteriors["label"][idx])
 
 
 def test_training_refuses_a_mismatched_cache(made, tmp_path):
@@ -148,6 +173,7 @@ def test_training_refuses_a_mismatched_cache(made, tmp_path):
         ({"data.image_size": 16}, "was encoded at image_size 8"),
         ({"data.vae": None}, "is a latent cache: set data.vae"),
         ({"data.split": "test"}, "split 'test' is not the split"),
+        ({"run.eval_every": 2, "data.eval_split": "train"}, "run.eval_every encodes held-out pixel images"),
     ]
     no_flip = tmp_path / "no_flip"
     shutil.copytree(cache, no_flip)

@@ -56,8 +56,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     for flag in ("batch", "chunk_size"):
         if getattr(ns, flag) < 1:
             p.error(f"--{flag} must be a positive int, got {getattr(ns, flag)}")
-    if ns.image_size is not None and ns.image_size < 1:
-        p.error(f"--image_size must be a positive int, got {ns.image_size}")
+    for flag in ("image_size", "workers"):
+        if getattr(ns, flag) is not None and getattr(ns, flag) < 1:
+            p.error(f"--{flag} must be a positive int, got {getattr(ns, flag)}")
     env = lambda k: int(os.environ[k]) if os.environ.get(k) else None  # noqa: E731
     ns.process_id = ns.process_id if ns.process_id is not None else env("JDIFF_PROCESS_ID")
     ns.num_processes = ns.num_processes if ns.num_processes is not None else env("JDIFF_NUM_PROCESSES")

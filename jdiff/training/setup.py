@@ -253,6 +253,10 @@ def cached_latents(config: TrainConfig, vae: Any, cache: Any, base: jax.Array, m
     for key, want, have in (("image_size", d.image_size, size), ("channels", d.channels, channels)):
         if want is not None and want != have:
             raise ConfigError(f"data.{key}={want}, but the latent cache {d.dataset} was encoded at {key} {have}")
+    if config.run.eval_every:
+        raise ConfigError(
+            "run.eval_every encodes held-out pixel images, but a latent cache holds posteriors; set run.eval_every 0"
+        )
     if d.random_flip and not cache.flips_stored:
         raise ConfigError(f"data.random_flip needs the flipped posteriors, but {d.dataset} was encoded with --no-flip")
     c, shift, scale = cache.latent_shape[2], vae.shift_factor or 0.0, vae.scaling_factor
