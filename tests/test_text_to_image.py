@@ -26,7 +26,7 @@ from jdiff.models.stats import tree_size
 from jdiff.models.unet_cond import SD15, SD21, UNetCond
 from jdiff.pretrained import PretrainedError, PromptTruncatedWarning, load, save, text_to_image
 from jdiff.pretrained.files import PretrainedUsageError
-from jdiff.pretrained.txt2img import _txt2img
+from jdiff.pretrained.txt2img import _txt2img, grid_options
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "pretrained"
@@ -102,6 +102,19 @@ def test_txt2img_matches_stable_diffusion_pipeline(loaded, name):
     other = text_to_image(loaded[name], prompts["txt2img"], guidance_scale=3.0, **kw)
     assert _txt2img._cache_size() == compiled
     assert np.abs(np.asarray(other) - np.asarray(images)).max() > 1e-2
+
+
+def test_grid_options_are_what_stable_diffusion_pipeline_runs():
+    """steps_offset 1 on leading (StableDiffusionPipeline's rewrite); DDIM's last step goes to alphas_cumprod[0]
+    with set_alpha_to_one false, and also with true when T // N == 1 (DDIMScheduler.step from timestep 1 to
+    1 - 1 = 0: checked with diffusers 0.42.1, 600 of 1000 steps ends at alphas_cumprod[0], 10 steps at 1)."""
+    published, default = {"set_alpha_to_one": False}, {}
+    assert grid_options(published, "ddim", "leading", 10, 1000) == (1, "first")
+    assert grid_options(default, "ddim", "leading", 10, 1000) == (1, "clean")
+    assert grid_options(default, "ddim", "leading", 600, 1000) == (1, "first")
+    assert grid_options(default, "ddim", "leading", 500, 1000) == (1, "clean")
+    assert grid_options(published, "ddim", "trailing", 10, 1000) == (0, "first")
+    assert grid_options(published, "euler", "leading", 10, 1000) == (1, "clean")  # only DDIM reads it
 
 
 def test_negative_prompts_default_to_the_empty_prompt(loaded):

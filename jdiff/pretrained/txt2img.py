@@ -96,6 +96,23 @@ def _txt2img(
     return jnp.clip(images, -1.0, 1.0), latents
 
 
+def grid_options(
+    scheduler: Mapping[str, Any], sampler: str, spacing: str, num_steps: int, num_timesteps: int
+) -> tuple[int, str]:
+    """(steps_offset, final_level) of `jdiff.sample` that StableDiffusionPipeline runs with this scheduler config:
+    steps_offset 1 on "leading" (its ``__init__`` rewrites the config's to 1); for "ddim", DDIMScheduler.step's
+    last step goes from timestep steps_offset to steps_offset - T // N, which is timestep 0 when T // N == 1 and
+    otherwise its final alpha: alphas_cumprod[0] (final_level "first") unless ``set_alpha_to_one`` (default
+    true: "clean")."""
+    steps_offset = SD_STEPS_OFFSET if spacing == "leading" else 0
+    if sampler != "ddim":
+        return steps_offset, "clean"
+    valid = isinstance(num_steps, (int, np.integer)) and 1 <= num_steps <= num_timesteps
+    lands_on_zero = valid and steps_offset == num_timesteps // num_steps
+    to_one = bool(scheduler.get("set_alpha_to_one", True))
+    return steps_offset, "first" if lands_on_zero or not to_one else "clean"
+
+
 def _prompt_list(value: Any, name: str) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -164,8 +181,6 @@ def text_to_image(
     if spacing is None:
         spacing = p.scheduler.get("timestep_spacing", "leading")
         spacing = spacing if spacing in SPACINGS else "leading"
-    steps_offset = SD_STEPS_OFFSET if spacing == "leading" else 0
-    to_one = bool(p.scheduler.get("set_alpha_to_one", True))
     shape = (n, *p.sample_shape)
     if x_init is not None and tuple(jnp.shape(x_init)) != shape:
         raise ValueError(
@@ -177,6 +192,7 @@ def text_to_image(
     from jdiff.sampling.base import get_sampler, split_options
 
     smp = get_sampler(sampler)
+    steps_offset, final_level = grid_options(p.scheduler, smp.name, spacing, num_steps, p.schedule.num_timesteps)
     static_opts, traced_opts = split_options(smp.name, dict(options or {}))
     params = {"unet": p.params, "text": p.text_encoder.params, "vae": p.vae.params}
     images, latents = _txt2img(
@@ -198,7 +214,7 @@ def text_to_image(
         spacing=spacing,
         prediction=p.prediction,
         steps_offset=steps_offset,
-        final_level="first" if smp.name == "ddim" and not to_one else "clean",
+        final_level=final_level,
         clip_skip=clip_skip,
     )
     return (images, latents) if return_latents else images
