@@ -52,6 +52,8 @@ def _lowered_text(sampler, num_steps, **kw):
         num_steps=num_steps,
         prediction="eps",
         spacing=kw.get("spacing", "linspace"),
+        steps_offset=0,
+        final_level="clean",
         static_options=tuple(static_options.items()),
         rho=7.0,
         trajectory_every=None,

@@ -51,6 +51,67 @@ def test_full_grid_and_karras_sigmas():
         np.testing.assert_allclose(grid.alpha**2 + grid.sigma**2, 1.0, atol=1e-6)
 
 
+# diffusers DDIMScheduler(num_train_timesteps=1000, steps_offset=1).set_timesteps(N).timesteps (diffusers 0.42.1)
+LEADING_OFFSET_1 = {
+    1: [1],
+    3: [667, 334, 1],
+    7: [853, 711, 569, 427, 285, 143, 1],
+    10: [901, 801, 701, 601, 501, 401, 301, 201, 101, 1],
+}
+SD = jdiff.get_schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+
+
+@pytest.mark.parametrize("n", sorted(LEADING_OFFSET_1))
+def test_leading_steps_offset_matches_diffusers_set_timesteps(n):
+    np.testing.assert_array_equal(discrete_timesteps("leading", n, 1000, steps_offset=1), LEADING_OFFSET_1[n])
+    g = make_grid(SD, "leading", n, steps_offset=1)
+    np.testing.assert_array_equal(np.asarray(g.t), LEADING_OFFSET_1[n])
+    np.testing.assert_array_equal(np.asarray(g.t_next), LEADING_OFFSET_1[n][1:] + [-1])
+    np.testing.assert_array_equal(np.asarray(discrete_timesteps("leading", 999, 1000, 1))[[0, -1]], [999, 1])
+    with pytest.raises(ValueError, match="beyond T-1=999"):
+        discrete_timesteps("leading", 1000, 1000, 1)  # diffusers would index alphas_cumprod[1000]
+
+
+def test_final_level_first_ends_at_the_first_training_level():
+    """final_level="first": the last row goes to t = 0, alpha^2 = alphas_cumprod[0] (float64 from the betas),
+    every other row is unchanged."""
+    clean, first = (make_grid(SD, "leading", 10, steps_offset=1, final_level=f) for f in ("clean", "first"))
+    abar0 = 1.0 - np.asarray(SD.betas, np.float64)[0]
+    np.testing.assert_allclose(
+        [float(first.t_next[-1]), float(first.alpha_next[-1]), float(first.sigma_next[-1])],
+        [0.0, np.sqrt(abar0), np.sqrt(1.0 - abar0)],
+        rtol=1e-6,
+    )
+    assert (float(clean.t_next[-1]), float(clean.alpha_next[-1]), float(clean.sigma_next[-1])) == (-1.0, 1.0, 0.0)
+    for a, b in zip(clean, first):
+        np.testing.assert_array_equal(np.asarray(a)[:-1], np.asarray(b)[:-1])
+
+
+def _toy_eps(x, t):
+    return jnp.sin(x) * (0.5 + t[:, None] / 1000.0)
+
+
+@pytest.mark.parametrize("n", [7, 10])
+def test_ddim_steps_offset_and_final_level_equal_diffusers_step_in_float64(n):
+    """diffusers' DDIMScheduler.step (eta 0, steps_offset 1, set_alpha_to_one=False) written out in float64:
+    prev_t = t - T // N; abar_prev = alphas_cumprod[prev_t] if prev_t >= 0 else alphas_cumprod[0];
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps. The output is x at abar[0], not x0."""
+    abar = np.cumprod(1.0 - np.asarray(SD.betas, np.float64))
+    x_T = np.asarray(jax.random.normal(jax.random.key(1), (8, 3)), np.float64)
+    x = x_T.copy()
+    for t in LEADING_OFFSET_1[n]:
+        eps = np.sin(x) * (0.5 + t / 1000.0)
+        x0 = (x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t])
+        prev = t - 1000 // n
+        a_prev = abar[prev] if prev >= 0 else abar[0]
+        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+    kw = dict(num_steps=n, spacing="leading", x_init=jnp.asarray(x_T, jnp.float32))
+    got = jdiff.sample(_toy_eps, SD, x_T.shape, jax.random.key(0), steps_offset=1, final_level="first", **kw)
+    np.testing.assert_allclose(np.asarray(got, np.float64), x, rtol=1e-5, atol=1e-5)
+    clean = jdiff.sample(_toy_eps, SD, x_T.shape, jax.random.key(0), **kw)
+    assert np.abs(np.asarray(clean, np.float64) - x).max() > 1e-2  # offset 0 and alpha 1 are really different
+
+
 @pytest.mark.parametrize("sampler", ALL)
 @pytest.mark.parametrize("spacing", ["linspace", "trailing", "karras"])
 def test_single_point_data_is_recovered_exactly(sampler, spacing):
@@ -297,6 +358,11 @@ def test_params_are_passed_to_model_fn():
         (dict(dynamic_threshold=1.5), "dynamic_threshold"),
         (dict(return_trajectory_every=0), "return_trajectory_every"),
         (dict(shape=(4, 0)), "shape"),
+        (dict(steps_offset=1), "steps_offset applies to spacing 'leading' only"),
+        (dict(steps_offset=-1, spacing="leading"), "steps_offset must be an int >= 0"),
+        (dict(num_steps=1000, steps_offset=1, spacing="leading"), "beyond T-1=999"),
+        (dict(final_level="x0"), "final_level"),
+        (dict(sampler="euler", final_level="first"), "applies to sampler 'ddim' only"),
     ],
 )
 def test_bad_input_is_rejected_before_tracing(kwargs, match):

@@ -4,9 +4,10 @@ StableDiffusionPipeline directory and text_to_image, against diffusers' and tran
 Fixtures (tests/fixtures/make_sd_fixtures.py, run with torch + diffusers + transformers) are tiny random-weight
 pipelines: sd_tiny (SD 1.x options, the published directories' layout) and sd2_tiny (SD 2.x options: linear
 projections, a head count per level, v-prediction, gelu CLIP, pad token '!', clip_skip 1; transformers 5's
-layout). Weights are stored in float16 and upcast. Tolerance float32: states and UNet outputs measured within
-~1.1e-6 of values ~1-2.5; the 10-step txt2img latents (|x| up to ~30 with a random UNet at guidance 7.5) within
-1e-6 of their scale, the decoded images within 2e-5.
+layout); both with the published SD schedulers' DDIM settings (steps_offset 1, set_alpha_to_one false), run by
+StableDiffusionPipeline unchanged. Weights are stored in float16 and upcast. Tolerance float32: states and UNet
+outputs measured within ~1.1e-6 of values ~1-2.5; the 10-step txt2img latents (|x| up to ~30 with a random UNet
+at guidance 7.5) within 1.2e-6 of their scale (3.6e-5 at 30.5), the decoded images within 5e-6.
 """
 
 import json
@@ -25,7 +26,7 @@ from jdiff.models.stats import tree_size
 from jdiff.models.unet_cond import SD15, SD21, UNetCond
 from jdiff.pretrained import PretrainedError, PromptTruncatedWarning, load, save, text_to_image
 from jdiff.pretrained.files import PretrainedUsageError
-from jdiff.pretrained.txt2img import _txt2img
+from jdiff.pretrained.txt2img import _txt2img, grid_options
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "pretrained"
@@ -101,6 +102,19 @@ def test_txt2img_matches_stable_diffusion_pipeline(loaded, name):
     other = text_to_image(loaded[name], prompts["txt2img"], guidance_scale=3.0, **kw)
     assert _txt2img._cache_size() == compiled
     assert np.abs(np.asarray(other) - np.asarray(images)).max() > 1e-2
+
+
+def test_grid_options_are_what_stable_diffusion_pipeline_runs():
+    """steps_offset 1 on leading (StableDiffusionPipeline's rewrite); DDIM's last step goes to alphas_cumprod[0]
+    with set_alpha_to_one false, and also with true when T // N == 1 (DDIMScheduler.step from timestep 1 to
+    1 - 1 = 0: checked with diffusers 0.42.1, 600 of 1000 steps ends at alphas_cumprod[0], 10 steps at 1)."""
+    published, default = {"set_alpha_to_one": False}, {}
+    assert grid_options(published, "ddim", "leading", 10, 1000) == (1, "first")
+    assert grid_options(default, "ddim", "leading", 10, 1000) == (1, "clean")
+    assert grid_options(default, "ddim", "leading", 600, 1000) == (1, "first")
+    assert grid_options(default, "ddim", "leading", 500, 1000) == (1, "clean")
+    assert grid_options(published, "ddim", "trailing", 10, 1000) == (0, "first")
+    assert grid_options(published, "euler", "leading", 10, 1000) == (1, "clean")  # only DDIM reads it
 
 
 def test_negative_prompts_default_to_the_empty_prompt(loaded):
@@ -310,7 +324,6 @@ def test_export_runs_in_stable_diffusion_pipeline(loaded, tmp_path):
     diffusers = pytest.importorskip("diffusers", reason="needs the [bench] extra (torch + diffusers + transformers)")
     d, prompts = fixture_data("sd2_tiny")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(export(loaded["sd2_tiny"], "sd2_tiny", tmp_path / "o"))
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=0)  # __init__ sets 1
     object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)  # diffusers' clip_skip on transformers 5
     with torch.no_grad():
         latents = pipe(

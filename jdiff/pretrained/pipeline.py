@@ -275,7 +275,8 @@ def save(
     A `UNetCond` is written as a StableDiffusionPipeline: ``text_encoder`` (a `jdiff.pretrained.text.TextEncoder`)
     into ``text_encoder/`` (CLIPTextModel), the files of ``tokenizer_dir`` copied into ``tokenizer/``, ``vae_dir``
     (required) into ``vae/``, proj_in/proj_out as linear layers with ``linear_projection`` (SD 2.x) else as 1x1
-    convolutions, and a DDIMScheduler (steps_offset 0, set_alpha_to_one: jdiff's DDIM with "leading" spacing)."""
+    convolutions, and a DDIMScheduler as the published SD 1.5 / 2.1 ones (steps_offset 1, set_alpha_to_one false,
+    which `text_to_image` follows)."""
     from safetensors.numpy import save_file
 
     from jdiff.models import DiT, UNet, UNetCond
@@ -312,7 +313,7 @@ def save(
     scheduler = config_from_schedule(schedule, prediction, learned_variance=learned)
     if text is not None:
         del scheduler["variance_type"]
-        scheduler.update(_class_name="DDIMScheduler", clip_sample=False, set_alpha_to_one=True, steps_offset=0)
+        scheduler.update(_class_name="DDIMScheduler", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     vae = read_model_dir(vae_dir) if vae_dir is not None else None  # checks it is a readable model directory
     root = Path(path)
     _check_target(root, overwrite)

@@ -44,7 +44,9 @@ class GuidedUNet:
         return jnp.where(w > 1, uncond + w * (cond - uncond), cond)
 
 
+SD_STEPS_OFFSET = 1  # StableDiffusionPipeline.__init__ rewrites any other scheduler steps_offset to 1
 STATIC = ("unet", "text", "vae", "latent_scale", "sampler", "num_steps", "static_options", "spacing", "prediction")
+STATIC += ("steps_offset", "final_level")
 
 
 @functools.partial(jax.jit, static_argnames=(*STATIC, "clip_skip"))
@@ -67,6 +69,8 @@ def _txt2img(
     static_options,
     spacing,
     prediction,
+    steps_offset,
+    final_level,
     clip_skip,
 ):
     cond = text.apply({"params": params["text"]}, ids, skip=clip_skip)
@@ -83,11 +87,30 @@ def _txt2img(
         prediction=prediction,
         params=unet_params,
         spacing=spacing,
+        steps_offset=steps_offset,
+        final_level=final_level,
         x_init=x_init,
     )
     scaling, shift = latent_scale
     images = vae.apply({"params": params["vae"]}, latents / scaling + shift, method="decode")
     return jnp.clip(images, -1.0, 1.0), latents
+
+
+def grid_options(
+    scheduler: Mapping[str, Any], sampler: str, spacing: str, num_steps: int, num_timesteps: int
+) -> tuple[int, str]:
+    """(steps_offset, final_level) of `jdiff.sample` that StableDiffusionPipeline runs with this scheduler config:
+    steps_offset 1 on "leading" (its ``__init__`` rewrites the config's to 1); for "ddim", DDIMScheduler.step's
+    last step goes from timestep steps_offset to steps_offset - T // N, which is timestep 0 when T // N == 1 and
+    otherwise its final alpha: alphas_cumprod[0] (final_level "first") unless ``set_alpha_to_one`` (default
+    true: "clean")."""
+    steps_offset = SD_STEPS_OFFSET if spacing == "leading" else 0
+    if sampler != "ddim":
+        return steps_offset, "clean"
+    valid = isinstance(num_steps, (int, np.integer)) and 1 <= num_steps <= num_timesteps
+    lands_on_zero = valid and steps_offset == num_timesteps // num_steps
+    to_one = bool(scheduler.get("set_alpha_to_one", True))
+    return steps_offset, "first" if lands_on_zero or not to_one else "clean"
 
 
 def _prompt_list(value: Any, name: str) -> list[str]:
@@ -127,7 +150,10 @@ def text_to_image(
       rng: PRNG key of the start latents (unless ``x_init``) and of stochastic samplers.
       x_init: (N, h, w, c) start latents x_T in place of x_T ~ N(0, I).
       spacing: timestep spacing; None: the scheduler config's timestep_spacing ("leading" when it has none, the
-        default of DDIMScheduler and PNDMScheduler).
+        default of DDIMScheduler and PNDMScheduler). "leading" runs with steps_offset 1, the value
+        StableDiffusionPipeline.__init__ writes into every scheduler config; with sampler "ddim" the last step
+        ends where the config's ``set_alpha_to_one`` (default true) says: alpha 1, or with false the first
+        training level alphas_cumprod[0] (`jdiff.sampling.make_grid`'s final_level), as DDIMScheduler.
       clip_skip: text-encoder layers left out from the end for the prompts' states (diffusers' ``clip_skip``;
         0: the last layer).
       return_latents: also return the final latents (N, h, w, c).
@@ -166,6 +192,7 @@ def text_to_image(
     from jdiff.sampling.base import get_sampler, split_options
 
     smp = get_sampler(sampler)
+    steps_offset, final_level = grid_options(p.scheduler, smp.name, spacing, num_steps, p.schedule.num_timesteps)
     static_opts, traced_opts = split_options(smp.name, dict(options or {}))
     params = {"unet": p.params, "text": p.text_encoder.params, "vae": p.vae.params}
     images, latents = _txt2img(
@@ -186,6 +213,8 @@ def text_to_image(
         static_options=tuple(sorted(static_opts.items())),
         spacing=spacing,
         prediction=p.prediction,
+        steps_offset=steps_offset,
+        final_level=final_level,
         clip_skip=clip_skip,
     )
     return (images, latents) if return_latents else images

@@ -1,8 +1,8 @@
 """`jdiff.sample` and `jdiff.ddim_invert`: validation on the host, then one jitted `lax.scan`.
 
-Static (a change recompiles): model_fn, shape, sampler, num_steps, prediction, spacing, the sampler's static
-options (e.g. ddpm's variance), rho, trajectory interval, and whether params / labels / guidance / clipping /
-thresholding / x_init / sample_keys are given.
+Static (a change recompiles): model_fn, shape, sampler, num_steps, prediction, spacing, steps_offset,
+final_level, the sampler's static options (e.g. ddpm's variance), rho, trajectory interval, and whether params /
+labels / guidance / clipping / thresholding / x_init / sample_keys are given.
 Traced (a change never recompiles): params, the schedule's values, rng, the sampler's traced options (e.g.
 ddim's eta), guidance_scale, labels, null_label, clip range, threshold percentile, x_init, sample_keys.
 """
@@ -20,7 +20,7 @@ from jax import lax
 from jdiff.forward import FLOW_PREDICTIONS, check_prediction
 from jdiff.sampling.base import SAMPLERS, Noise, Step, get_sampler, split_options
 from jdiff.sampling.denoiser import Guidance, make_denoiser
-from jdiff.sampling.timesteps import SPACINGS, default_spacing, level_fn, make_grid
+from jdiff.sampling.timesteps import FINAL_LEVELS, SPACINGS, check_steps_offset, default_spacing, level_fn, make_grid
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -128,6 +128,8 @@ def _scan_steps(sampler, denoise, grid, carry, rng, sample_keys, opts, start, le
         "num_steps",
         "prediction",
         "spacing",
+        "steps_offset",
+        "final_level",
         "static_options",
         "rho",
         "trajectory_every",
@@ -150,11 +152,13 @@ def _sample_jit(
     num_steps,
     prediction,
     spacing,
+    steps_offset,
+    final_level,
     static_options,
     rho,
     trajectory_every,
 ):
-    grid = make_grid(schedule, spacing, num_steps, rho=rho)
+    grid = make_grid(schedule, spacing, num_steps, rho=rho, steps_offset=steps_offset, final_level=final_level)
     level = level_fn(schedule)
     denoise = make_denoiser(
         model_fn,
@@ -208,6 +212,8 @@ def sample(
     null_label: Optional[int] = None,
     params: Any = None,
     spacing: Optional[str] = None,
+    steps_offset: int = 0,
+    final_level: str = "clean",
     clip_x0: Optional[tuple[float, float]] = None,
     dynamic_threshold: Optional[float] = None,
     karras_rho: float = 7.0,
@@ -247,6 +253,11 @@ def sample(
         2022 eq. 5, fractional t), "flow" (diffusers' FlowMatchEulerDiscreteScheduler grid) or "flow_sigmas"
         (diffusers' use_flow_sigmas grid of DPMSolverMultistep / UniPCMultistep); see
         `jdiff.sampling.timesteps.flow_times`. None (default): "flow" for a flow schedule, else "linspace".
+      steps_offset: int >= 0 added to every "leading" timestep (diffusers' `steps_offset`; StableDiffusionPipeline
+        sets 1); 0 for the other spacings.
+      final_level: where the last step goes: "clean" (abar = 1; the output is x0) or, for "ddim" only, "first":
+        the schedule's first training level abar = alphas_cumprod[0] (diffusers' DDIMScheduler with
+        set_alpha_to_one=False; the output is x at that level, not x0).
       clip_x0: (lo, hi) to clip the predicted x0 to (e.g. (-1, 1) for images), or None.
       dynamic_threshold: Imagen's percentile p in (0, 1) (e.g. 0.995), or None.
       karras_rho: rho of the Karras spacing.
@@ -279,6 +290,14 @@ def sample(
             f"schedule use a sampler of {able} with spacing 'linspace', 'leading', 'trailing' or 'flow' (or any "
             "sampler with spacing 'flow_sigmas', which stops short of the terminal level)."
         )
+    check_steps_offset(spacing, num_steps, schedule.num_timesteps, steps_offset)
+    if final_level not in FINAL_LEVELS:
+        raise ValueError(f"Unknown final_level {final_level!r}; allowed values: {list(FINAL_LEVELS)}.")
+    if final_level != "clean" and smp.name != "ddim":
+        raise ValueError(
+            f"final_level {final_level!r} applies to sampler 'ddim' only (diffusers' set_alpha_to_one=False); "
+            f"sampler {smp.name!r} ends at final_level 'clean'."
+        )
     if clip_x0 is not None:
         if len(clip_x0) != 2 or not clip_x0[0] < clip_x0[1]:
             raise ValueError(f"clip_x0 must be (lo, hi) with lo < hi, or None; got {clip_x0!r}.")
@@ -306,6 +325,7 @@ def sample(
     rng = None if sample_keys is not None else rng
     traced = (params, schedule, rng, traced_options, guidance, clip_x0, dynamic_threshold, x_init, sample_keys)
     static = dict(shape=shape, sampler=smp, num_steps=int(num_steps), prediction=prediction, spacing=spacing)
+    static.update(steps_offset=int(steps_offset), final_level=final_level)
     static.update(static_options=static_options, rho=float(karras_rho), trajectory_every=return_trajectory_every)
     return _sample_jit(model_fn, *traced, **static)
 

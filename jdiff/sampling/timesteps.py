@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jdiff import flow
@@ -21,13 +22,15 @@ Array = jax.Array
 
 SPACINGS = ("linspace", "leading", "trailing", "karras", "flow", "flow_sigmas")
 FLOW_SPACINGS = ("flow", "flow_sigmas")
+FINAL_LEVELS = ("clean", "first")
 
 
 class Grid(NamedTuple):
     """Per-step data of a sampling run of N steps; every field has shape (N,), float32.
 
     Step i goes from level i (model timestep `t[i]`, x = alpha[i] x0 + sigma[i] eps) to level i+1, the
-    last step to the clean level (alpha = 1, sigma = 0, t = -1).
+    last step to the final level: the clean level (alpha = 1, sigma = 0, t = -1), or with
+    final_level="first" the schedule's first training level t = 0 (`make_grid`).
     """
 
     t: Array
@@ -38,19 +41,36 @@ class Grid(NamedTuple):
     sigma_next: Array
 
 
-def discrete_timesteps(spacing: str, num_steps: int, num_timesteps: int) -> Array:
+def check_steps_offset(spacing: str, num_steps: int, num_timesteps: int, steps_offset: int) -> None:
+    """ValueError unless steps_offset is an int >= 0, 0 for a spacing other than "leading", and keeps the
+    largest leading timestep (N-1) (T // N) + steps_offset within T-1."""
+    if not isinstance(steps_offset, (int, np.integer)) or isinstance(steps_offset, bool) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be an int >= 0, got {steps_offset!r}.")
+    if steps_offset and spacing != "leading":
+        raise ValueError(f"steps_offset applies to spacing 'leading' only (as diffusers'), got spacing {spacing!r}.")
+    top = (num_steps - 1) * (num_timesteps // num_steps) + steps_offset
+    if top > num_timesteps - 1:
+        raise ValueError(
+            f"steps_offset={steps_offset} puts the first of {num_steps} leading timesteps at {top}, beyond T-1="
+            f"{num_timesteps - 1}; use fewer steps or a smaller offset."
+        )
+
+
+def discrete_timesteps(spacing: str, num_steps: int, num_timesteps: int, steps_offset: int = 0) -> Array:
     """N integer timesteps in [0, T-1], decreasing (Lin et al. 2024, Table 2):
 
-    linspace: round(linspace(T-1, 0, N));  leading: (N-1-i) * (T // N);  trailing: round(T - i T/N) - 1.
-    Returns int32 (N,).
+    linspace: round(linspace(T-1, 0, N));  leading: (N-1-i) * (T // N) + steps_offset;
+    trailing: round(T - i T/N) - 1. steps_offset (static, "leading" only) is diffusers' `steps_offset`
+    (StableDiffusionPipeline sets 1). Returns int32 (N,).
     """
     n, big_t = num_steps, num_timesteps
+    check_steps_offset(spacing, n, big_t, steps_offset)
     i = lax.iota(jnp.float32, n)
     if spacing == "linspace":
         step = (big_t - 1) / max(n - 1, 1)
         t = jnp.round((big_t - 1) - i * step)
     elif spacing == "leading":
-        t = (n - 1 - i) * (big_t // n)
+        t = (n - 1 - i) * (big_t // n) + steps_offset
     elif spacing == "trailing":
         t = jnp.round(big_t - i * (big_t / n)) - 1
     else:
@@ -95,9 +115,26 @@ def flow_times(schedule: Schedule, spacing: str, num_steps: int) -> Array:
     return flow.shift_time(u, k)
 
 
-def make_grid(schedule: Schedule, spacing: str, num_steps: int, *, rho: float = 7.0) -> Grid:
-    """The sampling grid of `num_steps` levels for `spacing` (see module docstring and `flow_times`)."""
+def make_grid(
+    schedule: Schedule,
+    spacing: str,
+    num_steps: int,
+    *,
+    rho: float = 7.0,
+    steps_offset: int = 0,
+    final_level: str = "clean",
+) -> Grid:
+    """The sampling grid of `num_steps` levels for `spacing` (see module docstring and `flow_times`).
+
+    steps_offset: added to every "leading" timestep (`discrete_timesteps`). final_level: where the last step
+    goes: "clean" (alpha = 1, sigma = 0, t = -1; the output is x0) or "first", the schedule's first training
+    level t = 0 (alpha^2 = alphas_cumprod[0]; the output is x at that level), which is diffusers'
+    DDIMScheduler with set_alpha_to_one=False (its final alpha_prod_t_prev = alphas_cumprod[0]).
+    """
     big_t = schedule.num_timesteps
+    if final_level not in FINAL_LEVELS:
+        raise ValueError(f"Unknown final_level {final_level!r}; allowed values: {list(FINAL_LEVELS)}.")
+    check_steps_offset(spacing, num_steps, big_t, steps_offset)
     if spacing in FLOW_SPACINGS:
         s = flow_times(schedule, spacing, num_steps)
         alpha, sigma = flow.to_vp(s)
@@ -111,12 +148,16 @@ def make_grid(schedule: Schedule, spacing: str, num_steps: int, *, rho: float = 
         alpha = 1.0 / jnp.sqrt(1.0 + s**2)
         sigma = s * alpha
     else:
-        ti = discrete_timesteps(spacing, num_steps, big_t)
+        ti = discrete_timesteps(spacing, num_steps, big_t, steps_offset)
         t = ti.astype(jnp.float32)
         alpha = schedule.sqrt_alphas_cumprod[ti]
         sigma = schedule.sqrt_one_minus_alphas_cumprod[ti]
-    nxt = lambda a, last: jnp.concatenate([a[1:], jnp.full((1,), last, a.dtype)])
-    return Grid(t, alpha, sigma, nxt(t, -1.0), nxt(alpha, 1.0), nxt(sigma, 0.0))
+    nxt = lambda a, last: jnp.concatenate([a[1:], jnp.reshape(last, (1,)).astype(a.dtype)])
+    if final_level == "first":
+        ends = (0.0, schedule.sqrt_alphas_cumprod[0], schedule.sqrt_one_minus_alphas_cumprod[0])
+    else:
+        ends = (-1.0, 1.0, 0.0)
+    return Grid(t, alpha, sigma, *(nxt(a, e) for a, e in zip((t, alpha, sigma), ends)))
 
 
 def level_fn(schedule: Schedule):
