@@ -264,36 +264,39 @@ def config_from_unet(model: UNet, sample_shape: tuple[int, int, int]) -> dict:
 RES = {"norm_0": "norm1", "conv_0": "conv1", "emb_proj": "time_emb_proj", "norm_1": "norm2", "conv_1": "conv2"}
 
 
+def block_prefix(top: str, n: int) -> str:
+    """The diffusers module path of a jdiff U-Net top-level module (UNet2DModel and UNet2DConditionModel name
+    their blocks alike) for a U-Net of ``n`` levels: jdiff's up level ``l`` is diffusers' ``up_blocks[n - 1 - l]``."""
+    m = re.fullmatch(r"(down|up)_(\d+)_(res|attn)_(\d+)", top)
+    if m:
+        side, lvl, kind, i = m.groups()
+        block = f"down_blocks.{lvl}" if side == "down" else f"up_blocks.{n - 1 - int(lvl)}"
+        return f"{block}.{'resnets' if kind == 'res' else 'attentions'}.{i}"
+    m = re.fullmatch(r"(down|up)_(\d+)_resample", top)
+    if m:
+        side, lvl = m.groups()
+        if side == "down":
+            return f"down_blocks.{lvl}.downsamplers.0"
+        return f"up_blocks.{n - 1 - int(lvl)}.upsamplers.0"
+    m = re.fullmatch(r"mid_res_(\d)", top)
+    if m:
+        return f"mid_block.resnets.{m.group(1)}"
+    fixed = {
+        "mid_attn": "mid_block.attentions.0",
+        "time_embed": "time_embedding",
+        "label_embed": "class_embedding",
+        "norm_out": "conv_norm_out",
+    }
+    return fixed.get(top, top)  # conv_in, conv_out
+
+
 def _translate(n: int):
     """jdiff UNet parameter path -> (diffusers names, layout kind) for a UNet of ``n`` levels (jdiff's up level
     ``l`` is diffusers' ``up_blocks[n - 1 - l]``)."""
 
-    def prefix(top: str) -> str:
-        m = re.fullmatch(r"(down|up)_(\d+)_(res|attn)_(\d+)", top)
-        if m:
-            side, lvl, kind, i = m.groups()
-            block = f"down_blocks.{lvl}" if side == "down" else f"up_blocks.{n - 1 - int(lvl)}"
-            return f"{block}.{'resnets' if kind == 'res' else 'attentions'}.{i}"
-        m = re.fullmatch(r"(down|up)_(\d+)_resample", top)
-        if m:
-            side, lvl = m.groups()
-            if side == "down":
-                return f"down_blocks.{lvl}.downsamplers.0"
-            return f"up_blocks.{n - 1 - int(lvl)}.upsamplers.0"
-        m = re.fullmatch(r"mid_res_(\d)", top)
-        if m:
-            return f"mid_block.resnets.{m.group(1)}"
-        fixed = {
-            "mid_attn": "mid_block.attentions.0",
-            "time_embed": "time_embedding",
-            "label_embed": "class_embedding",
-            "norm_out": "conv_norm_out",
-        }
-        return fixed.get(top, top)  # conv_in, conv_out
-
     def translate(path: tuple[str, ...]):
         *mods, leaf = path
-        base = prefix(mods[0])
+        base = block_prefix(mods[0], n)
         sub = {"dense_0": "linear_1", "dense_1": "linear_2", "norm": "group_norm", "shortcut": "conv_shortcut"}
         rest = [RES.get(m, sub.get(m, m)) for m in mods[1:] if m != "table"]
         kind = "same"

@@ -22,7 +22,7 @@ from jdiff.models.layers import num_groups
 from jdiff.models.unet_cond import UNetCond
 from jdiff.pretrained.files import PretrainedError, check_config_keys
 from jdiff.pretrained.mapping import build_links, check_repeats, leaf_suffix, params_from_tensors, tensors_from_params
-from jdiff.pretrained.unet2d import RES, sample_hw
+from jdiff.pretrained.unet2d import RES, block_prefix, sample_hw
 
 CLASS = "UNet2DConditionModel"
 DOWN, ATTN_DOWN, UP, ATTN_UP = "DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"
@@ -216,24 +216,6 @@ def _translate(n: int, linear_projection: bool):
     """jdiff UNetCond parameter path -> (diffusers names, layout kind) (jdiff's up level ``l`` is diffusers'
     ``up_blocks[n - 1 - l]``)."""
 
-    def prefix(top: str) -> str:
-        m = re.fullmatch(r"(down|up)_(\d+)_(res|attn)_(\d+)", top)
-        if m:
-            side, lvl, kind, i = m.groups()
-            block = f"down_blocks.{lvl}" if side == "down" else f"up_blocks.{n - 1 - int(lvl)}"
-            return f"{block}.{'resnets' if kind == 'res' else 'attentions'}.{i}"
-        m = re.fullmatch(r"(down|up)_(\d+)_resample", top)
-        if m:
-            side, lvl = m.groups()
-            return (
-                f"down_blocks.{lvl}.downsamplers.0" if side == "down" else f"up_blocks.{n - 1 - int(lvl)}.upsamplers.0"
-            )
-        m = re.fullmatch(r"mid_res_(\d)", top)
-        if m:
-            return f"mid_block.resnets.{m.group(1)}"
-        fixed = {"mid_attn": "mid_block.attentions.0", "time_embed": "time_embedding", "norm_out": "conv_norm_out"}
-        return fixed.get(top, top)  # conv_in, conv_out
-
     def translate(path: tuple[str, ...]):
         *mods, leaf = path
         rest = []
@@ -258,7 +240,7 @@ def _translate(n: int, linear_projection: bool):
                 kind = "dense_1x1"
             else:
                 kind = "dense"
-        return ((".".join([prefix(mods[0]), *rest, leaf_suffix(leaf)]),),), kind
+        return ((".".join([block_prefix(mods[0], n), *rest, leaf_suffix(leaf)]),),), kind
 
     return translate
 
