@@ -112,6 +112,69 @@ def test_ddim_steps_offset_and_final_level_equal_diffusers_step_in_float64(n):
     assert np.abs(np.asarray(clean, np.float64) - x).max() > 1e-2  # offset 0 and alpha 1 are really different
 
 
+def _plms_float64(x_T, n):
+    """diffusers' PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1).step_plms written out
+    in float64 with its timesteps (the first one repeated) and its counter / ets / cur_sample bookkeeping."""
+    abar = np.cumprod(1.0 - np.asarray(SD.betas, np.float64))
+    ratio = 1000 // n
+    ts = np.arange(n) * ratio + 1
+    ts = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]
+    ets, counter, cur, x = [], 0, None, x_T.copy()
+    for t in ts:
+        out = np.sin(x) * (0.5 + t / 1000.0)
+        prev = t - ratio
+        if counter != 1:
+            ets = ets[-3:] + [out]
+        else:
+            prev, t = t, t + ratio
+        if len(ets) == 1 and counter == 0:
+            cur = x
+        elif len(ets) == 1 and counter == 1:
+            out, x, cur = (out + ets[-1]) / 2, cur, None
+        elif len(ets) == 2:
+            out = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            out = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            out = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+        a, a_prev = abar[t], abar[prev] if prev >= 0 else abar[0]
+        denom = a * np.sqrt(1 - a_prev) + np.sqrt(a * (1 - a) * a_prev)
+        x = np.sqrt(a_prev / a) * x - (a_prev - a) * out / denom
+        counter += 1
+    return x, len(ts)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 20])
+def test_pndm_equals_diffusers_plms_step_in_float64(n):
+    x_T = np.asarray(jax.random.normal(jax.random.key(1), (8, 3)), np.float64)
+    want, calls = _plms_float64(x_T, n)
+    assert jdiff.SAMPLERS["pndm"].nfe(n) == calls  # N + 1 model calls (N = 1: one)
+    kw = dict(sampler="pndm", num_steps=n, spacing="leading", steps_offset=1, final_level="first")
+    got = jdiff.sample(_toy_eps, SD, x_T.shape, jax.random.key(0), x_init=jnp.asarray(x_T, jnp.float32), **kw)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+
+
+def test_pndm_equals_diffusers_pndm_scheduler():
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    x_T = np.asarray(jax.random.normal(jax.random.key(1), (8, 3)), np.float64)
+    for n in (3, 10):
+        sch = diffusers.PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+        sch.set_timesteps(n)
+        x = torch.tensor(x_T)
+        for t in sch.timesteps:
+            x = sch.step(torch.sin(x) * (0.5 + float(t) / 1000.0), t, x).prev_sample
+        want = x.numpy()  # diffusers keeps alphas_cumprod in float32
+        np.testing.assert_allclose(_plms_float64(x_T, n)[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("sampler", ALL)
 @pytest.mark.parametrize("spacing", ["linspace", "trailing", "karras"])
 def test_single_point_data_is_recovered_exactly(sampler, spacing):

@@ -100,12 +100,15 @@ def grid_options(
     scheduler: Mapping[str, Any], sampler: str, spacing: str, num_steps: int, num_timesteps: int
 ) -> tuple[int, str]:
     """(steps_offset, final_level) of `jdiff.sample` that StableDiffusionPipeline runs with this scheduler config:
-    steps_offset 1 on "leading" (its ``__init__`` rewrites the config's to 1); for "ddim", DDIMScheduler.step's
+    steps_offset 1 on "leading" (its ``__init__`` rewrites the config's to 1); for "ddim" (and "pndm", which ends
+    as PNDMScheduler does, the same way), DDIMScheduler.step's
     last step goes from timestep steps_offset to steps_offset - T // N, which is timestep 0 when T // N == 1 and
     otherwise its final alpha: alphas_cumprod[0] (final_level "first") unless ``set_alpha_to_one`` (default
     true: "clean")."""
+    from jdiff.sampling.base import get_sampler
+
     steps_offset = SD_STEPS_OFFSET if spacing == "leading" else 0
-    if sampler != "ddim":
+    if not get_sampler(sampler).final_level_first:  # ddim, pndm: their last step is a DDIM transfer
         return steps_offset, "clean"
     valid = isinstance(num_steps, (int, np.integer)) and 1 <= num_steps <= num_timesteps
     lands_on_zero = valid and steps_offset == num_timesteps // num_steps

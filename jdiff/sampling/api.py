@@ -54,11 +54,19 @@ def _check_common(schedule, shape, num_steps, spacing, prediction, labels, guida
         raise ValueError(f"Unknown spacing {spacing!r}; allowed values: {list(SPACINGS)}.")
     check_prediction(prediction)
     b = shape[0]
-    if labels is not None and jnp.shape(labels) != (b,):
-        raise ValueError(f"labels must have shape ({b},) (the batch size of shape), got {jnp.shape(labels)}.")
+    if labels is not None and (jnp.ndim(labels) not in (1, 2) or jnp.shape(labels)[0] != b):
+        raise ValueError(
+            f"labels must have shape ({b},) (class labels) or ({b}, L) (token ids), the batch size of shape; got "
+            f"{jnp.shape(labels)}."
+        )
     if guidance_scale is not None:
         if labels is None or null_label is None:
             raise ValueError("guidance_scale needs labels=(B,) ints and null_label=<the model's null class>.")
+        if jnp.shape(null_label) != jnp.shape(labels)[1:]:
+            raise ValueError(
+                f"null_label must have the shape of one example's labels, {jnp.shape(labels)[1:]} (a class, or the "
+                f"empty caption's token ids), got {jnp.shape(null_label)}."
+            )
         g = _concrete(guidance_scale)
         if g is not None and (g.shape != () or not np.isfinite(g)):
             raise ValueError(f"guidance_scale must be a finite scalar or None, got {guidance_scale!r}.")
@@ -246,8 +254,9 @@ def sample(
         model, called with x/(alpha + sigma) and t = T s; `jdiff.flow`) or "edm", "edm_vp", "edm_ve".
       guidance_scale: classifier-free guidance scale w (Ho & Salimans 2022), uncond + w (cond - uncond):
         1 is purely conditional. Needs labels and null_label; one model call on a batch of 2B.
-      labels: (B,) int class labels passed to the model as y.
-      null_label: the model's "no class" label for the unconditional half of guidance.
+      labels: (B,) int class labels passed to the model as y, or a text model's (B, L) token ids.
+      null_label: the model's "no class" label for the unconditional half of guidance (for token ids: the
+        empty caption's ids, shape (L,)).
       params: optional first argument of model_fn (traced).
       spacing: timestep selection for N < T: "linspace", "leading", "trailing", "karras" (Karras et al.
         2022 eq. 5, fractional t), "flow" (diffusers' FlowMatchEulerDiscreteScheduler grid) or "flow_sigmas"
@@ -255,7 +264,8 @@ def sample(
         `jdiff.sampling.timesteps.flow_times`. None (default): "flow" for a flow schedule, else "linspace".
       steps_offset: int >= 0 added to every "leading" timestep (diffusers' `steps_offset`; StableDiffusionPipeline
         sets 1); 0 for the other spacings.
-      final_level: where the last step goes: "clean" (abar = 1; the output is x0) or, for "ddim" only, "first":
+      final_level: where the last step goes: "clean" (abar = 1; the output is x0) or, for "ddim" and "pndm"
+        (samplers with final_level_first), "first":
         the schedule's first training level abar = alphas_cumprod[0] (diffusers' DDIMScheduler with
         set_alpha_to_one=False; the output is x at that level, not x0).
       clip_x0: (lo, hi) to clip the predicted x0 to (e.g. (-1, 1) for images), or None.
@@ -293,9 +303,10 @@ def sample(
     check_steps_offset(spacing, num_steps, schedule.num_timesteps, steps_offset)
     if final_level not in FINAL_LEVELS:
         raise ValueError(f"Unknown final_level {final_level!r}; allowed values: {list(FINAL_LEVELS)}.")
-    if final_level != "clean" and smp.name != "ddim":
+    if final_level != "clean" and not smp.final_level_first:
+        first = sorted(n for n, v in SAMPLERS.items() if v.final_level_first)
         raise ValueError(
-            f"final_level {final_level!r} applies to sampler 'ddim' only (diffusers' set_alpha_to_one=False); "
+            f"final_level {final_level!r} applies to samplers {first} only (diffusers' set_alpha_to_one=False); "
             f"sampler {smp.name!r} ends at final_level 'clean'."
         )
     if clip_x0 is not None:

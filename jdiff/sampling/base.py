@@ -79,7 +79,9 @@ class Sampler:
     opts maps each declared option to its value: a Python value for a static option (it fixes the compiled
     program), a float32 / int32 scalar array for a traced one (a change never recompiles).
     nfe(N): model evaluations for N steps. stochastic: it may draw noise after x_T. zero_terminal_snr: it
-    works with a schedule whose last abar is 0. validate(opts): optional cross-option check on the host
+    works with a schedule whose last abar is 0. final_level_first: its last step is a DDIM transfer that may end
+    at the first training level instead of abar = 1 (`jdiff.sample`'s final_level "first", diffusers'
+    set_alpha_to_one=False). validate(opts): optional cross-option check on the host
     (raises ValueError; a traced option may be a tracer when `jdiff.sample` runs under an outer jit).
     Compiled programs are cached per Sampler object (hashed by identity), so re-registering a name recompiles.
     """
@@ -91,6 +93,7 @@ class Sampler:
     zero_terminal_snr: bool
     options: Mapping[str, Spec] = dataclasses.field(default_factory=dict)
     validate: Optional[Callable[[dict], None]] = None
+    final_level_first: bool = False
     init: Callable[[Array], Any] = lambda x: x
     output: Callable[[Any], Array] = lambda carry: carry
 

@@ -33,5 +33,13 @@ def ddim_step(denoise, x, s, noise, opts):
 
 
 DDIM = register(
-    Sampler(name="ddim", step=ddim_step, nfe=lambda n: n, stochastic=True, zero_terminal_snr=True, options={"eta": ETA})
+    Sampler(
+        name="ddim",
+        step=ddim_step,
+        nfe=lambda n: n,
+        stochastic=True,
+        zero_terminal_snr=True,
+        options={"eta": ETA},
+        final_level_first=True,
+    )
 )
