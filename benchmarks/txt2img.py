@@ -76,7 +76,17 @@ def diffusers_pipeline(config: str):
     unet = UNet2DConditionModel(
         sample_size=64, cross_attention_dim=768, down_block_types=down, up_block_types=up, attention_head_dim=8
     )
-    text = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu"))  # CLIP ViT-L/14's text tower (the defaults)
+    text = CLIPTextModel(  # CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14's text_config)
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
     vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,

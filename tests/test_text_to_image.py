@@ -266,7 +266,6 @@ def test_sample_py_text_flags_usage_errors(tmp_path, capsys):
     sd = ["--pretrained", str(FIX / "sd_tiny")]
     for argv, words in [
         (["--pretrained", str(FIX / "ddpm_unet"), "--prompt", "a cat"], "--prompt applies to text-to-image"),
-        (["--workdir", str(tmp_path), "--negative-prompt", "x"], "--negative-prompt applies to --pretrained"),
         (sd, "give --prompt TEXT or --prompts-file FILE"),
         ([*sd, "--prompt", "a", "--labels", "1"], "--labels does not apply"),
         ([*sd, "--prompts-file", str(prompts_file)], "holds no prompt"),
@@ -336,3 +335,33 @@ def test_export_runs_in_stable_diffusion_pipeline(loaded, tmp_path):
             clip_skip=1,
         ).images
     close(latents.numpy().transpose(0, 2, 3, 1), d["latents"], atol=1e-6 * np.abs(d["latents"]).max())
+
+
+def test_pndm_txt2img_matches_stable_diffusion_pipeline_with_its_default_scheduler(loaded):
+    """SD 1.5's default scheduler, PNDMScheduler(skip_prk_steps=True): jdiff's `pndm` in text_to_image equals
+    StableDiffusionPipeline with it (sd_tiny, 7 steps, guidance 7.5, the fixture's start latents)."""
+    torch = pytest.importorskip("torch", reason="needs the [bench] extra (torch + diffusers + transformers)")
+    diffusers = pytest.importorskip("diffusers", reason="needs the [bench] extra (torch + diffusers + transformers)")
+    d, prompts = fixture_data("sd_tiny")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        FIX / "sd_tiny", safety_checker=None, torch_dtype=torch.float32
+    )
+    pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    with torch.no_grad():
+        theirs = pipe(
+            prompt=prompts["txt2img"],
+            num_inference_steps=7,
+            guidance_scale=7.5,
+            latents=torch.from_numpy(d["x_T"].transpose(0, 3, 1, 2).copy()),
+            output_type="latent",
+        ).images.numpy()
+    _, ours = text_to_image(
+        loaded["sd_tiny"],
+        prompts["txt2img"],
+        sampler="pndm",
+        num_steps=7,
+        rng=jax.random.key(0),
+        x_init=d["x_T"],
+        return_latents=True,
+    )
+    close(ours, theirs.transpose(0, 2, 3, 1), atol=1e-6 * np.abs(theirs).max())

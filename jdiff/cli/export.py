@@ -64,8 +64,10 @@ def _main(argv: Sequence[str], flag) -> int:
 
     from jdiff import run as jrun
     from jdiff._logs import quiet_absl
-    from jdiff.models import abstract_params
+    from jdiff.models import CLIPText, UNetCond, abstract_params, is_text_model
+    from jdiff.models.text_unet import TEXT_PARAMS
     from jdiff.pretrained import PretrainedError, PretrainedWarning, named_schedule, save
+    from jdiff.pretrained.text import TextEncoder
 
     try:
         run = jrun.open_run(args.workdir)
@@ -76,7 +78,7 @@ def _main(argv: Sequence[str], flag) -> int:
     if d.prediction not in ("eps", "v", "x0"):
         fail(PROG, f"prediction {d.prediction!r} has no diffusers prediction_type (supported: eps, v, x0)", 2)
     try:
-        model = jrun.build_model(config, run.num_classes)
+        model = jrun.build_run_model(run)
         schedule = named_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
         shape = tuple(run.image_shape)
         abstract = abstract_params(model, (1, *shape), with_labels=run.num_classes is not None)
@@ -91,6 +93,13 @@ def _main(argv: Sequence[str], flag) -> int:
         fail(PROG, e, 1)
     check_stop()
     vae = getattr(config.data, "vae", None) or None
+    text = {}
+    if is_text_model(model):  # a StableDiffusionPipeline: the U-Net, its text encoder and the run's tokenizer
+        text = dict(
+            text_encoder=TextEncoder(CLIPText(**model.text_fields()), params[TEXT_PARAMS]),
+            tokenizer_dir=os.path.join(args.workdir, jrun.TOKENIZER_DIR),
+        )
+        model, params = UNetCond(**model.unet_fields()), params["unet"]
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PretrainedWarning)
@@ -98,6 +107,7 @@ def _main(argv: Sequence[str], flag) -> int:
                 args.out,
                 model,
                 params,
+                **text,
                 sample_shape=shape,
                 schedule=schedule,
                 prediction=d.prediction,

@@ -209,6 +209,8 @@ def _run_samples(args, batch: int) -> Iterator[np.ndarray]:
     except jrun.RunError as e:
         fail(PROG, e, 1)
     cfg = run.config
+    if cfg.model.is_text():
+        fail(PROG, f"{args.workdir} is a text model: sample it with sample.py --prompt, then fid.py --samples", 2)
     sampler = args.sampler or cfg.sampling.sampler
     settings = jrun.Settings(
         sampler=sampler,
@@ -222,7 +224,7 @@ def _run_samples(args, batch: int) -> Iterator[np.ndarray]:
     devices = jax.devices()
     vae = _run_vae(cfg)
     try:
-        model = jrun.build_model(cfg, run.num_classes)
+        model = jrun.build_run_model(run)
         gen = jrun.Generator.from_run(
             run,
             settings,

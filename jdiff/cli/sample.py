@@ -197,8 +197,6 @@ def _main(argv: Sequence[str]) -> int:
     if args.pretrained is not None:
         _fill_defaults(args, None)
         return _sample_pretrained(args, text_flags)
-    if text_flags:
-        fail(PROG, f"{text_flags[0]} applies to --pretrained text-to-image (Stable Diffusion) pipelines only", 2)
     args.num = args.num or 64
     args.params = args.params or "ema"
     if args.timestep_convention is not None:
@@ -212,6 +210,7 @@ def _main(argv: Sequence[str]) -> int:
     except jrun.RunError as e:
         fail(PROG, e, 1)
     config = run.config
+    prompts = _run_prompts(args, text_flags, config)
     _fill_defaults(args, run.derived.get("sampler"))
     out_dir = args.out or os.path.join(args.workdir, "samples")
     out_shape = tuple(run.derived.get("decoded_shape", run.image_shape))  # a latent run (data.vae) writes images
@@ -226,12 +225,22 @@ def _main(argv: Sequence[str]) -> int:
     cache_dir = _compilation_cache(args)
     try:
         settings, options, drawn = _settings(args, args.guidance)
-        y = jrun.labels_for(args.num, run.num_classes, labels)
+        y = None if prompts else jrun.labels_for(args.num, run.num_classes, labels)
         batch = jrun.auto_batch(args.num, len(devices), args.batch_size)
-        model = jrun.build_model(config, run.num_classes)
+        model = jrun.build_run_model(run)
         prediction = config.diffusion.prediction
         vae = _run_vae(config, run.derived.get("vae_fingerprint"))
         gen = jrun.Generator.from_run(run, settings, batch=batch, devices=devices, model=model, vae=vae)
+        if prompts:  # a text run: token ids of the prompts, cycled over the samples
+            y = jrun.tokens_for(gen.tokenizer, args.num, prompts)
+        if gen.settings.guidance is not None and config.data.label_dropout == 0:
+            what = "caption" if prompts else "label"
+            print(
+                f"warning: {args.workdir} was trained without {what} dropout (data.label_dropout 0): its "
+                f"unconditional prediction was never trained, so guidance {gen.settings.guidance:g} extrapolates "
+                "from an untrained input",
+                file=sys.stderr,
+            )
         drawn["spacing"] = gen.settings.spacing  # None resolved to the schedule's default
         print(
             f"{config.model.name} ({args.params} params) from {args.workdir}: {args.num} samples "
@@ -252,9 +261,48 @@ def _main(argv: Sequence[str]) -> int:
             )
     except (jrun.CheckpointError, OSError) as e:
         fail(PROG, e, 1)
-    return _write_samples(
-        args, gen, params, y, labels, run.num_classes, out_dir, dict(drawn, params=args.params), prediction, options
-    )
+    meta = dict(drawn, params=args.params)
+    if prompts:
+        meta["prompts"] = np.asarray([prompts[i % len(prompts)] for i in range(args.num)])
+    columns = len(prompts) if prompts else run.num_classes
+    return _write_samples(args, gen, params, y, labels, columns, out_dir, meta, prediction, options)
+
+
+def _run_prompts(args, text_flags: list[str], config) -> list[str]:
+    """The prompts of sample.py on a text run (--prompt / --prompts-file), [] for a label run; one line and exit
+    2 for text flags on a label run, label flags on a text run, or a text run without prompts."""
+
+    if not config.model.is_text():
+        if text_flags:
+            fail(
+                PROG,
+                f"{text_flags[0]} applies to text models (a text run or a --pretrained SD pipeline); "
+                f"{args.workdir} is {config.model.name}, conditioned on labels",
+                2,
+            )
+        return []
+    for flag, given in (("--labels", args.labels), ("--class", args.class_)):
+        if given is not None:
+            fail(PROG, f"{flag} does not apply to the text model of {args.workdir} (use --prompt)", 2)
+    for flag, given in (("--negative-prompt", args.negative_prompt), ("--clip-skip", args.clip_skip)):
+        if given is not None:
+            fail(PROG, f"{flag} applies to --pretrained SD pipelines; a text run's guidance uses the empty caption", 2)
+    return _prompts(args, f"{args.workdir} is a text model ({config.model.name})")
+
+
+def _prompts(args, what: str) -> list[str]:
+    """The prompts of --prompt and --prompts-file, in order; one line and exit 2 when there are none."""
+    from jdiff.pretrained.text import read_prompts_file
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        try:
+            prompts += read_prompts_file(args.prompts_file)
+        except ValueError as e:
+            fail(PROG, e, 2)
+    if not prompts:
+        fail(PROG, f"{what}: give --prompt TEXT or --prompts-file FILE", 2)
+    return prompts
 
 
 def _check_out(args, out_dir: str, out_shape: Sequence[int]) -> None:
@@ -408,19 +456,11 @@ def _sample_text(args, pre) -> int:
     cycled over --num); writes the PNG grid and the .npz (images in [-1, 1], prompts, settings)."""
     from jdiff import run as jrun
     from jdiff.pretrained import text_to_image
-    from jdiff.pretrained.text import read_prompts_file
 
     for flag, given in (("--labels", args.labels), ("--class", args.class_), ("--trajectory", args.trajectory or None)):
         if given is not None:
             fail(PROG, f"{flag} does not apply to a text-to-image pipeline (use --prompt)", 2)
-    prompts = list(args.prompt or [])
-    if args.prompts_file is not None:
-        try:
-            prompts += read_prompts_file(args.prompts_file)
-        except ValueError as e:
-            fail(PROG, e, 2)
-    if not prompts:
-        fail(PROG, f"{args.pretrained} is a text-to-image pipeline: give --prompt TEXT or --prompts-file FILE", 2)
+    prompts = _prompts(args, f"{args.pretrained} is a text-to-image pipeline")
     num = args.num = args.num or len(prompts)
     prompts = [prompts[i % len(prompts)] for i in range(num)]
     guidance = args.guidance if args.guidance is not None else pre.guidance

@@ -36,6 +36,15 @@ PRESETS: dict[str, dict[str, object]] = {
         "sampling.steps": 18,
         "sampling.spacing": "karras",
     },
+    # Text-to-image on the embedded digits: captions from templates naming the digit ("a handwritten seven",
+    # jdiff.data.captions), a CLIP text encoder trained from scratch with a BPE tokenizer learned from the
+    # captions, the cross-attention U-Net (unet_text_small); 10% caption dropout for classifier-free guidance.
+    "digits_text": {
+        "model.name": "unet_text_small",
+        "data.captions": "digits",
+        "run.workdir": "runs/digits_text",
+        "sampling.guidance_scale": 2.0,
+    },
     # Flow matching (rectified flow, SD3's recipe) on the default digits data and model: the linear interpolant
     # x_s = (1 - s) x0 + s eps, velocity prediction, logit-normal s (SD3 defaults 0, 1), the flow schedule with
     # shift 1; previews with Euler on diffusers' FlowMatchEuler grid.

@@ -131,7 +131,23 @@ class DataConfig(_Section):
     random_flip: bool = setting(False, "random horizontal flips")
     class_conditional: bool = setting(True, "condition on labels when the dataset has them", fixed=True)
     label_dropout: float = setting(
-        0.1, "probability of replacing a label by the null label (classifier-free guidance)", ge=0.0, le=1.0
+        0.1,
+        "probability of replacing a label by the null label, or a caption by the empty one (classifier-free guidance)",
+        ge=0.0,
+        le=1.0,
+    )
+    captions: Optional[str] = setting(
+        None,
+        "train on captions (a text model, e.g. unet_text_small): digits (templates naming the digit) or folder "
+        "(metadata.jsonl or a .txt beside each image)",
+        fixed=True,
+        choices=("digits", "folder"),
+    )
+    tokenizer: Optional[str] = setting(
+        None,
+        "CLIP tokenizer directory for the captions (none: the text_encoder's, else a BPE tokenizer learned from the "
+        "captions); kept in the run directory",
+        fixed=True,
     )
     levels: Optional[int] = setting(
         None, "values per pixel channel of the data, for the VLB decoder and bits/dim (none: 17 digits, else 256)", ge=2
@@ -175,6 +191,15 @@ class ModelConfig(_Section):
         "nothing_saveable", "what a rematerialised block keeps (jax.checkpoint_policies)", choices=_remat_policies
     )
     fields: dict = setting({}, "module field overrides of the model, set one with --model.FIELD VALUE", fixed=True)
+    text_encoder: Optional[str] = setting(
+        None,
+        "text models: initialise the text encoder from a diffusers StableDiffusionPipeline directory (its text_encoder "
+        "and tokenizer) or a CLIPTextModel directory (none: from scratch)",
+        fixed=True,
+    )
+    freeze_text: bool = setting(
+        False, "text models: keep the text encoder fixed (needs model.text_encoder)", fixed=True
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -187,6 +212,14 @@ class ModelConfig(_Section):
             raise ConfigError(f"unknown model field(s) {bad} for {self.name!r}; allowed: {', '.join(sorted(allowed))}")
         for k, v in self.fields.items():
             _check_like(f"model.{k}", v, allowed[k])
+        if self.freeze_text and not self.text_encoder:
+            raise ConfigError("model.freeze_text keeps a loaded text encoder fixed: set model.text_encoder")
+
+    def is_text(self) -> bool:
+        """Whether the model is conditioned on text (`jdiff.models.is_text_model`)."""
+        from jdiff.models import is_text_model, model_class
+
+        return is_text_model(model_class(self.name))
 
 
 def _check_like(name: str, value: Any, default: Any) -> None:
@@ -364,6 +397,22 @@ class TrainConfig:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
 
     def __post_init__(self):
+        text = self.model.is_text()
+        if text and not self.data.captions:
+            raise ConfigError(f"model {self.model.name} is conditioned on text: set data.captions (digits or folder)")
+        if self.data.captions and not text:
+            raise ConfigError(
+                f"data.captions needs a text model (unet_text_small, unet_text_sd15); {self.model.name} takes labels"
+            )
+        if (self.model.text_encoder or self.data.tokenizer) and not text:
+            raise ConfigError(
+                f"model.text_encoder / data.tokenizer are for text models; {self.model.name} takes labels"
+            )
+        if text and (self.run.eval_every or self.run.fid_every):
+            raise ConfigError(
+                "run.eval_every / run.fid_every are not available for text models (held-out captions are not wired "
+                "into them); set them to 0 and evaluate with sample.py --prompt"
+            )
         if self.diffusion.loss == "hybrid" and not self.learned_variance():
             raise ConfigError(
                 f"diffusion.loss hybrid needs a learned variance: set --model.learn_sigma true ({self.model.name})"

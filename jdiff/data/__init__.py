@@ -17,6 +17,7 @@ the consumer of ``iterate_batches`` unchanged, so a training loop can catch it,
 save a checkpoint and stop.
 """
 
+from jdiff.data.captions import CaptionedSource
 from jdiff.data.image_ops import DataError
 from jdiff.data.latent_cache import LatentCacheSource
 from jdiff.data.pipeline import batch_at, iterate_batches, make_source
@@ -27,6 +28,7 @@ from jdiff.data.tfds_source import TfdsSource
 __all__ = [
     "ArraySource",
     "BatchIterator",
+    "CaptionedSource",
     "DataError",
     "DigitsSource",
     "ImageFolderSource",

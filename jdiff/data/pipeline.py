@@ -197,7 +197,11 @@ def iterate_batches(
 
         def make_batch(step: int):
             local = _gather(source, step, local_rows, global_batch_size, seed, random_flip)
-            return {k: jax.make_array_from_process_local_data(shardings[k], local[k], shapes[k]) for k in shapes}
+            out = {k: jax.make_array_from_process_local_data(shardings[k], local[k], shapes[k]) for k in shapes}
+            for k in sorted(set(local) - set(shapes)):  # more per-example arrays (a text run's "tokens"): label's rows
+                shape = (global_batch_size, *local[k].shape[1:])
+                out[k] = jax.make_array_from_process_local_data(shardings["label"], local[k], shape)
+            return out
 
     if transform is not None:
         raw = make_batch

@@ -267,6 +267,7 @@ class ImageFolderSource:
             warnings.warn(f"skipping {summary}", stacklevel=2)
         check_upscale(int(image_size), max(min(size) for size, _ in checks if size), f"the images in {str(path)!r}")
         self.files = tuple(f for f, good in zip(files, ok) if good)
+        self.root = root if root.is_dir() else root.parent
         self._labels = np.asarray(labels, np.int32)[np.asarray(ok)]
         self.image_size = int(image_size)
         self.image_shape = (self.image_size, self.image_size, self.channels)

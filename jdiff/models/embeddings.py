@@ -95,13 +95,15 @@ def check_labels(y: jax.Array, num_classes: int, batch: int | None = None) -> No
         )
 
 
-def drop_labels(key: jax.Array, y: jax.Array, prob: float, null_label: int) -> jax.Array:
-    """Replace each label by ``null_label`` with probability ``prob`` (CFG training,
-    Ho & Salimans 2022, Alg. 1). Pure: ``(key, (B,) int) -> (B,) int``.
+def drop_labels(key: jax.Array, y: jax.Array, prob: float, null_label: Any) -> jax.Array:
+    """Replace each example's condition by the null one with probability ``prob`` (CFG training,
+    Ho & Salimans 2022, Alg. 1). Pure: ``(key, (B, ...) int) -> (B, ...) int``: labels (B,) with the null label
+    an int, or caption token ids (B, L) with the empty caption's ids (L,) (caption dropout).
     A Python number ``prob <= 0`` returns ``y`` itself (no random draw)."""
     if isinstance(prob, (int, float)) and prob <= 0:
         return y
-    drop = jax.random.bernoulli(key, prob, jnp.shape(y))
+    drop = jax.random.bernoulli(key, prob, jnp.shape(y)[:1])
+    drop = drop.reshape(drop.shape + (1,) * (jnp.ndim(y) - 1))
     return jnp.where(drop, jnp.asarray(null_label, jnp.result_type(y)), y)
 
 

@@ -15,8 +15,11 @@ The model protocol: every registered class is a ``flax.linen.Module`` with the f
 
 and is called as ``model.apply({"params": p}, x, t, y=None, train=False, rngs={"dropout": k})``: ``x`` NHWC
 float (B, H, W, C), ``t`` (B,) float timesteps, ``y`` (B,) int32 labels or None, ``train`` enabling
-dropout; the output is float32 NHWC. `make_registry` checks the protocol (`check_model_class`) when a class is
-registered, so the rest of jdiff reads these fields directly.
+dropout; the output is float32 NHWC. A text-conditioned model (class attribute ``conditioning = "text"``,
+`jdiff.models.text_unet.TextUNet`) takes ``y`` as (B, L) int32 token ids instead, has num_classes None and the
+field ``max_length`` (L); the unconditional input of classifier-free guidance is the empty caption's ids.
+`make_registry` checks the protocol (`check_model_class`) when a class is registered, so the rest of jdiff reads
+these fields directly.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 
+from jdiff.models.clip import CLIP_VIT_L
 from jdiff.models.dit import DiT
+from jdiff.models.text_unet import TextUNet
 from jdiff.models.unet import UNet
+from jdiff.models.unet_cond import SD15
 
 PROTOCOL_FIELDS = ("num_classes", "learn_sigma", "dtype", "remat", "remat_policy")
+CONDITIONINGS = ("label", "text")  # the class attribute `conditioning` (default "label")
 CALL_PARAMETERS = ("x", "t", "y", "train")  # __call__(self, x, t, y=None, train=False)
 
 
@@ -53,6 +60,12 @@ def check_model_class(cls: type) -> None:
     missing = [f for f in PROTOCOL_FIELDS if f not in _fields(cls)]
     if missing:
         raise TypeError(f"model {cls.__name__} lacks the protocol field(s) {missing} (needs {list(PROTOCOL_FIELDS)})")
+    kind = getattr(cls, "conditioning", "label")
+    if kind not in CONDITIONINGS or (kind == "text" and "max_length" not in _fields(cls)):
+        raise TypeError(
+            f"model {cls.__name__}: conditioning={kind!r} must be one of {CONDITIONINGS}; a text model needs the "
+            "field max_length"
+        )
     params = list(inspect.signature(cls.__call__).parameters.values())[1:]
     names = tuple(p.name for p in params[: len(CALL_PARAMETERS)])
     defaults_ok = len(params) >= 4 and params[2].default is None and params[3].default is False
@@ -116,6 +129,43 @@ def _build() -> Mapping[str, _Entry]:
     reg["dit_tiny"] = _Entry(
         DiT, dict(patch_size=2, hidden_size=128, depth=4, num_heads=4, num_classes=None, learn_sigma=False), (8, 8, 1)
     )
+    # Text-to-image (`TextUNet`: CLIP text encoder + cross-attention U-Net). CPU-sized for 8x8 grey digits
+    # with captions (preset digits_text); vocab_size is set from the run's tokenizer.
+    reg["unet_text_small"] = _Entry(
+        TextUNet,
+        dict(
+            block_out_channels=(32, 64),
+            cross_attention=(True, True),
+            heads=4,
+            layers_per_block=1,
+            norm_groups=8,
+            text_hidden=64,
+            text_layers=2,
+            text_heads=4,
+            max_length=16,
+        ),
+        (8, 8, 1),
+    )
+    # Stable Diffusion 1.5's UNet with CLIP ViT-L/14's text encoder: 859,520,964 + 123,060,480 parameters.
+    clip_l = dict(CLIP_VIT_L)
+    reg["unet_text_sd15"] = _Entry(
+        TextUNet,
+        dict(
+            block_out_channels=SD15["block_out_channels"],
+            cross_attention=SD15["cross_attention"],
+            heads=SD15["heads"],
+            layers_per_block=2,
+            norm_groups=32,
+            vocab_size=clip_l["vocab_size"],
+            text_hidden=clip_l["hidden"],
+            text_layers=clip_l["layers"],
+            text_heads=clip_l["heads"],
+            text_intermediate=clip_l["intermediate"],
+            text_act=clip_l["act"],
+            max_length=77,
+        ),
+        (64, 64, 4),
+    )
     return make_registry(reg)
 
 
@@ -131,6 +181,11 @@ def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model name {name!r}; allowed: {', '.join(list_models())}")
     return _REGISTRY[name]
+
+
+def model_class(name: str) -> type:
+    """The module class of config ``name``."""
+    return _entry(name).cls
 
 
 def model_config(name: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdiff.models.text_unet import is_text_model
+
 
 def tree_size(tree: Any) -> int:
     """Total element count of a pytree's leaves: arrays, numpy arrays or ``jax.ShapeDtypeStruct``
@@ -16,18 +18,21 @@ def tree_size(tree: Any) -> int:
     return sum(math.prod(getattr(a, "shape", ())) for a in jax.tree.leaves(tree))
 
 
-def _abstract_inputs(input_shape: Sequence[int], with_labels: bool):
+def _abstract_inputs(model: nn.Module, input_shape: Sequence[int], with_labels: bool):
+    """x, t and y of a batch; a text model (`jdiff.models.text_unet`) always takes token ids y (B, max_length)."""
     b = input_shape[0]
     x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((b,), jnp.float32)
     y = jax.ShapeDtypeStruct((b,), jnp.int32) if with_labels else None
+    if is_text_model(model):
+        y = jax.ShapeDtypeStruct((b, model.max_length), jnp.int32)
     return x, t, y
 
 
 def abstract_params(model: nn.Module, input_shape: Sequence[int], *, with_labels: bool = False) -> Any:
     """``jax.eval_shape`` of ``model.init``: the params pytree of ShapeDtypeStructs (no memory used).
     ``input_shape`` is NHWC (B, H, W, C)."""
-    x, t, y = _abstract_inputs(input_shape, with_labels)
+    x, t, y = _abstract_inputs(model, input_shape, with_labels)
 
     def init(x, t, y):
         rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
@@ -71,7 +76,7 @@ def forward_flops(
     executable instead (after fusion; slow for big models). Divide by the batch size
     for per-image FLOPs.
     """
-    x, t, y = _abstract_inputs(input_shape, with_labels)
+    x, t, y = _abstract_inputs(model, input_shape, with_labels)
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), params_or_abstract)
 
     def fwd(params, x, t, y):

@@ -44,6 +44,23 @@ class Tokenizer:
     pad_id: int
     max_length: int
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are 0 .. vocab_size - 1 (the text encoder's embedding rows)."""
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def save(self, path: str | Path) -> None:
+        """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, model_max_length) to the
+        directory ``path``: `load_tokenizer` and transformers' CLIPTokenizer read them back."""
+        import json
+
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(d / "tokenizer.json"))
+        tokens = {k: self.backend.id_to_token(getattr(self, k.replace("_token", "_id"))) for k in CLIP_SPECIAL}
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, **tokens}
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids of ``prompts`` as transformers' ``tokenizer(prompts, padding="max_length",
         max_length=max_length, truncation=True)``; a prompt with more than ``max_length - 2`` tokens is cut to
@@ -68,6 +85,53 @@ class Tokenizer:
         return out
 
 
+def _clip_backend(bpe: Any) -> Any:
+    """A tokenizers.Tokenizer around the BPE model `bpe` with CLIP's text pipeline, as transformers' CLIPTokenizer
+    (tokenizers backend) builds it: NFC, whitespace runs to one space, lower case; CLIP's split pattern, then
+    byte-level symbols."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend(bpe)
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def train_tokenizer(captions: Sequence[str], max_length: int, vocab_size: int = 8192) -> Tokenizer:
+    """A CLIP-style byte-level BPE `Tokenizer` learned from ``captions`` with the tokenizers library's BpeTrainer
+    (Sennrich et al. 2016): the 256 byte symbols, the two special tokens, and merges up to ``vocab_size`` entries
+    (a small caption set ends with every word a single token); deterministic for the same captions. For a text
+    encoder trained from scratch; `Tokenizer.save` writes it for `load_tokenizer` and diffusers' CLIPTokenizer."""
+    try:
+        from tokenizers import pre_tokenizers, trainers
+        from tokenizers.models import BPE
+    except ImportError:
+        raise PretrainedError(f"the tokenizer needs the tokenizers package: {EXTRA}") from None
+    if not captions:
+        raise ValueError("captions must hold at least one caption to learn a tokenizer from")
+    specials = [CLIP_SPECIAL["bos_token"], CLIP_SPECIAL["eos_token"]]
+    backend = _clip_backend(BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    backend.train_from_iterator(sorted(set(captions)), trainer)
+    ids = [backend.token_to_id(t) for t in specials]
+    return Tokenizer(backend, ids[0], ids[1], ids[1], max_length)
+
+
 def _token(value: Any) -> Optional[str]:
     return value.get("content") if isinstance(value, dict) else value
 
@@ -76,7 +140,6 @@ def load_tokenizer(path: str | Path, text_max_length: int) -> Tokenizer:
     """The CLIP `Tokenizer` of a pipeline's ``tokenizer/`` directory; ``text_max_length``: the text encoder's
     positions, used when tokenizer_config.json has no usable model_max_length."""
     try:
-        from tokenizers import Regex, decoders, normalizers, pre_tokenizers
         from tokenizers import Tokenizer as Backend
         from tokenizers.models import BPE
     except ImportError:
@@ -107,17 +170,7 @@ def load_tokenizer(path: str | Path, text_max_length: int) -> Tokenizer:
         if any(len(m) != 2 for m in merges):
             raise PretrainedError(f"tokenizer merges {d / 'merges.txt'}: every line must hold two symbols")
         bpe = BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False)
-        backend = Backend(bpe)  # as transformers' CLIPTokenizer (tokenizers backend) builds it
-        backend.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(SPLIT), behavior="removed", invert=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False),
-            ]
-        )
-        backend.decoder = decoders.ByteLevel()
+        backend = _clip_backend(bpe)
         backend.add_special_tokens(sorted({special["bos_token"], special["eos_token"]}))
     ids = {}
     for key, token in special.items():

@@ -187,6 +187,13 @@ def config_from_unet_cond(model: UNetCond, sample_shape: tuple[int, int, int], l
     hgt, wid, c_in = (int(v) for v in sample_shape)
     n = len(model.block_out_channels)
     heads = list(model.level_heads())
+    eff = {w: num_groups(w, model.norm_groups) for w in sorted(set(model.block_out_channels))}
+    if any(g != model.norm_groups for g in eff.values()):
+        raise PretrainedError(
+            f"UNetCond norm_groups={model.norm_groups} cannot be expressed in diffusers: jdiff uses {eff} groups for "
+            "these widths, diffusers one norm_num_groups for all (needs every width a multiple of norm_groups with "
+            ">= 4 channels per group)"
+        )
     return {
         "_class_name": CLASS,
         "sample_size": hgt if hgt == wid else [hgt, wid],

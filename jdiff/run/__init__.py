@@ -6,9 +6,27 @@ Training (`jdiff.training`) imports this package; nothing here imports `jdiff.tr
 for sampling never does.
 """
 
-from jdiff.run.build import build_model, build_schedule, build_source, model_num_classes
+from jdiff.run.build import (
+    TOKENIZER_DIR,
+    TextSetup,
+    build_model,
+    build_run_model,
+    build_schedule,
+    build_source,
+    captioned_source,
+    model_num_classes,
+    run_tokenizer,
+)
 from jdiff.run.checkpoint import Checkpointer, CheckpointError, load_for_inference, load_params, restore_subtree
-from jdiff.run.generate import CompileStats, Generator, Settings, auto_batch, enable_compilation_cache, labels_for
+from jdiff.run.generate import (
+    CompileStats,
+    Generator,
+    Settings,
+    auto_batch,
+    enable_compilation_cache,
+    labels_for,
+    tokens_for,
+)
 from jdiff.run.images import NpzStream, image_grid, sample_path, save_png, upscale_for, write_trajectory
 from jdiff.run.mesh import (
     batch_sharding,
@@ -21,7 +39,12 @@ from jdiff.run.mesh import (
 from jdiff.run.rundir import RunError, RunInfo, check_same_run, load_run_config, open_run, save_run_config, workdir_lock
 
 __all__ = [
+    "TextSetup",
+    "TOKENIZER_DIR",
+    "captioned_source",
+    "run_tokenizer",
     "build_model",
+    "build_run_model",
     "build_schedule",
     "build_source",
     "model_num_classes",
@@ -36,6 +59,7 @@ __all__ = [
     "auto_batch",
     "enable_compilation_cache",
     "labels_for",
+    "tokens_for",
     "image_grid",
     "save_png",
     "sample_path",

@@ -206,11 +206,11 @@ def load_params(
     Raises CheckpointError (one line) for a missing/corrupted checkpoint.
     """
     from jdiff.models import abstract_params
-    from jdiff.run.build import build_model, build_schedule
+    from jdiff.run.build import build_run_model, build_schedule
 
     if which not in ("ema", "params"):
         raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
-    model = model or build_model(run.config, run.num_classes)
+    model = model or build_run_model(run)
     if abstract is None:
         abstract = abstract_params(model, (1, *run.image_shape), with_labels=model.num_classes is not None)
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])

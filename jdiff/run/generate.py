@@ -59,6 +59,14 @@ def labels_for(num: int, num_classes: Optional[int], labels: Optional[Sequence[i
     return np.resize(base, num).astype(np.int32)
 
 
+def tokens_for(tokenizer: Any, num: int, prompts: Sequence[str]) -> np.ndarray:
+    """(num, L) int32 token ids of `prompts` cycled to `num` (a text model's conditions; see `labels_for`)."""
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+    ids = tokenizer(list(prompts))
+    return ids[np.resize(np.arange(len(ids)), num)]
+
+
 def auto_batch(num: int, num_devices: int, limit: Optional[int] = None) -> int:
     """The global batch for `num` samples on `num_devices`: min(limit, num rounded up to a multiple of the
     device count). A `limit` the user chose must itself split over the devices (the same rule as training's
@@ -131,14 +139,20 @@ class Generator:
         devices: Optional[Sequence[Any]] = None,
         decode: Optional[Callable[[Any, jax.Array], jax.Array]] = None,
         decode_params: Any = None,
+        tokenizer: Any = None,
     ):
         if settings.spacing is None:
             settings = dataclasses.replace(settings, spacing=default_spacing(schedule))
         s = settings
         self.mesh = make_mesh(devices)
         check_batch_size(batch, self.mesh.devices.size)
-        if s.guidance is not None and not num_classes:
-            raise ValueError("guidance needs a class-conditional model; this one is unconditional")
+        # a text model's conditions are token ids (B, L); its "no text" is the empty caption's ids
+        self.tokenizer = tokenizer
+        null = num_classes if tokenizer is None else tokenizer([""])[0]
+        self._conditioned = conditioned = bool(num_classes) or tokenizer is not None
+        self._condition_shape = (batch,) if tokenizer is None else (batch, tokenizer.max_length)
+        if s.guidance is not None and not conditioned:
+            raise ValueError("guidance needs a class-conditional or text model; this one is unconditional")
         # The registry checks the options here; traced ones are arguments of the program, so another value
         # (a new --eta) reuses it from the persistent cache.
         static_options, self._traced = split_options(s.sampler, s.options)
@@ -146,7 +160,7 @@ class Generator:
         self.shape = (batch, *image_shape)
         self._rows, self._rep = batch_sharding(self.mesh), replicated(self.mesh)
         self._schedule = jax.device_put(schedule, self._rep)
-        guided = bool(num_classes) and s.guidance is not None
+        guided = conditioned and s.guidance is not None
         self._decode_params = None if decode is None else jax.device_put(decode_params, self._rep)
         if decode is None:
             self.output_shape = tuple(int(d) for d in image_shape)
@@ -179,7 +193,7 @@ class Generator:
                 spacing=s.spacing,
                 labels=labels,
                 guidance_scale=guidance if guided else None,
-                null_label=num_classes if guided else None,
+                null_label=null if guided else None,
                 clip_x0=(-1.0, 1.0) if s.clip and decode is None else None,
                 return_trajectory_every=s.trajectory_every,
             )
@@ -203,14 +217,16 @@ class Generator:
         devices: Optional[Sequence[Any]] = None,
         model: Any = None,
         vae: Any = None,
+        tokenizer: Any = None,
     ) -> "Generator":
         """The Generator of a trained model: `run` is a training run (`jdiff.run.RunInfo`, see `open_run`) or a
         diffusers checkpoint (`jdiff.pretrained.Pretrained`, see `jdiff.pretrained.load`), whose model,
         schedule, sample shape, label count, prediction and VAE (latent models: samples are decoded) it uses.
-        For a RunInfo, `model` (default: `build_model` of its config) and `vae` (default: the autoencoder of
-        its config's data.vae, loaded) may be passed when the caller holds them already."""
+        For a RunInfo, `model` (default: `build_run_model`) and `vae` (default: the autoencoder of
+        its config's data.vae, loaded) and, for a text run, `tokenizer` (default: the one saved in its workdir) may
+        be passed when the caller holds them already. A text run's conditions are token ids (`tokens_for`)."""
         from jdiff.pretrained.pipeline import Pretrained
-        from jdiff.run.build import build_model, build_schedule
+        from jdiff.run.build import build_run_model, build_schedule, run_tokenizer
         from jdiff.run.rundir import RunInfo
 
         if isinstance(run, RunInfo):
@@ -219,7 +235,9 @@ class Generator:
                 from jdiff.pretrained.autoencoder import load_autoencoder_dir
 
                 vae = load_autoencoder_dir(c.data.vae)
-            model = build_model(c, run.num_classes) if model is None else model
+            if c.model.is_text() and tokenizer is None:
+                tokenizer = run_tokenizer(run.workdir, run.derived.get("text_fields"))
+            model = build_run_model(run) if model is None else model
             schedule, shape, num_classes = build_schedule(c), run.image_shape, run.num_classes
             prediction = c.diffusion.prediction
         elif isinstance(run, Pretrained):
@@ -238,6 +256,7 @@ class Generator:
             devices=devices,
             decode=None if vae is None else vae.decode_latents,
             decode_params=None if vae is None else vae.params,
+            tokenizer=tokenizer,
         )
 
     def _args(self, params: Any, seed: int, index: int, labels: Optional[np.ndarray]):
@@ -258,7 +277,7 @@ class Generator:
         `params` may be abstract (jax.ShapeDtypeStruct leaves), so this runs before weights are loaded; a bad
         request raises ValueError here."""
         params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._rep), params)
-        labels = np.zeros((self.batch,), np.int32) if self.num_classes else None
+        labels = np.zeros(self._condition_shape, np.int32) if self._conditioned else None
         args = self._args(params, 0, 0, labels)
         hits, saved = [], []
         on_event = lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None
@@ -291,7 +310,8 @@ class Generator:
     ):
         """Yields, batch by batch, (start, images (n, H, W, C) float32 of samples start..start+n-1, trajectory
         of batch 0 (None for later batches or without trajectory_every), seconds spent). Only one batch is held
-        at a time. `labels`: (num,) ints (see `labels_for`); the last batch is padded with its own labels."""
+        at a time. `labels`: (num,) ints (see `labels_for`), or a text model's (num, L) token ids (`tokens_for`);
+        the last batch is padded with its own labels."""
         from tqdm.auto import tqdm
 
         b = self.batch
@@ -300,7 +320,7 @@ class Generator:
             y = None
             if labels is not None:
                 y = labels[i * b : (i + 1) * b]
-                y = np.resize(y, b) if len(y) < b else y
+                y = np.resize(y, (b, *y.shape[1:])) if len(y) < b else y  # whole rows repeated
             t0 = time.perf_counter()
             x, traj = self(params, i, y, seed=seed)
             n = min(b, num - i * b)

@@ -38,7 +38,8 @@ class Denoised(NamedTuple):
 
 
 class Guidance(NamedTuple):
-    """Traced conditioning inputs: labels (B,) int32 or None, null_label () int32, scale () float32."""
+    """Traced conditioning inputs: labels (B,) int32 or None, null_label () int32, scale () float32; for a text
+    model labels are token ids (B, L) and null_label the empty caption's ids (L,)."""
 
     labels: Optional[Array]
     null_label: Optional[Array]
@@ -90,7 +91,7 @@ def make_denoiser(
             x_in, t_in = x / (alpha + sigma), flow_time_scale * sigma / (alpha + sigma)
         tb = jnp.broadcast_to(jnp.reshape(t_in, (-1,)), (b,)).astype(jnp.float32)  # one level, or one per example
         if guidance.scale is not None:
-            null = jnp.full((b,), guidance.null_label, jnp.int32)
+            null = jnp.broadcast_to(guidance.null_label, guidance.labels.shape).astype(jnp.int32)
             xx = jnp.concatenate([x_in, x_in])
             out = call(xx, jnp.concatenate([tb, tb]), jnp.concatenate([guidance.labels, null]))
             cond, uncond = out[:b], out[b:]

@@ -282,6 +282,8 @@ class DistillSetup(Setup):
         c, d = self.config, self.distill
         if c.optim.grad_accum != 1:
             raise ConfigError("distillation runs with optim.grad_accum 1 (its losses call the model several times)")
+        if c.model.is_text():
+            raise ConfigError(f"distillation of text models ({c.model.name}) is not supported; distil a label model")
         image_shape = self.image_shape
         dim = int(np.prod(image_shape))
         loss_fn = LOSSES[d.method](c, d, self.schedule, dim)

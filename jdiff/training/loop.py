@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import numpy as np
 
 from jdiff.config import TrainConfig
 from jdiff.models import tree_size
@@ -36,6 +37,7 @@ from jdiff.run import (
     save_run_config,
     workdir_lock,
 )
+from jdiff.run.build import TOKENIZER_DIR
 from jdiff.signals import SignalCatcher, StopFlag, signal_point
 from jdiff.training.evaluate import evaluate_bpd
 from jdiff.training.fid import evaluate_fid
@@ -147,10 +149,14 @@ class Loop:
             )
             devices = jax.local_devices()
             batch = auto_batch(c.sampling.num_samples, len(devices))
+            tokenizer = None if s.text is None else s.text.tokenizer
             self._generator = Generator.from_run(  # latent runs (data.vae) decode through the run's VAE
-                s.run_info(), settings, batch=batch, devices=devices, model=s.model, vae=s.vae
+                s.run_info(), settings, batch=batch, devices=devices, model=s.model, vae=s.vae, tokenizer=tokenizer
             )
-        labels = labels_for(c.sampling.num_samples, s.num_classes)
+        if s.text is None:
+            labels = labels_for(c.sampling.num_samples, s.num_classes)
+        else:  # a text run: the captions of the first training examples
+            labels = s.source.tokenize(s.source.captions(np.arange(c.sampling.num_samples) % len(s.source)))
         seed = c.run.seed + PREVIEW_SEED_SALT
         images, _, _ = self._generator.draw(ema, c.sampling.num_samples, seed=seed, labels=labels)
         grid = image_grid(images, columns=c.sampling.columns, upscale=c.sampling.upscale)
@@ -266,6 +272,8 @@ def train(
             stack.enter_context(workdir_lock(workdir))
             check_same_run(workdir, config, s.derived())  # never written over another run's config.json
             save_run_config(workdir, config, s.derived())
+            if s.text is not None:  # sample.py and export read the run's tokenizer from here
+                s.text.tokenizer.save(os.path.join(workdir, TOKENIZER_DIR))
         ckpt = stack.enter_context(
             Checkpointer(workdir, keep=config.run.keep_checkpoints, async_save=config.run.async_checkpoint)
         )

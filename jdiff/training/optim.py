@@ -31,8 +31,20 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm(grad_clip) (if > 0) followed by AdamW with `lr_schedule(config)`."""
+def make_optimizer(config: OptimConfig, frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) (if > 0) followed by AdamW with `lr_schedule(config)`. The parameter
+    subtrees named in `frozen` (top-level keys, e.g. a fixed text encoder's "text_encoder") get no update and no
+    optimizer state (optax.multi_transform with set_to_zero)."""
+    tx = _adamw(config)
+    if not frozen:
+        return tx
+    labels = lambda params: {
+        k: jax.tree.map(lambda _: "frozen" if k in frozen else "train", v) for k, v in params.items()
+    }
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _adamw(config: OptimConfig) -> optax.GradientTransformation:
     adam = optax.adamw(
         lr_schedule(config),
         b1=config.adam_b1,

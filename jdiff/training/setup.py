@@ -7,11 +7,13 @@ import functools
 from typing import Any, Optional, Sequence
 
 import jax
+import numpy as np
 import optax
 
 import jdiff
 from jdiff._logs import one_line
 from jdiff.config import ConfigError, TrainConfig
+from jdiff.models.text_unet import TEXT_PARAMS
 from jdiff.run import (
     Checkpointer,
     CheckpointError,
@@ -20,11 +22,13 @@ from jdiff.run import (
     build_model,
     build_schedule,
     build_source,
+    captioned_source,
     check_batch_size,
     make_mesh,
     model_num_classes,
     replicated,
 )
+from jdiff.run.build import TextSetup
 from jdiff.run.mesh import FSDP_RULES, fsdp_sharding, per_device_bytes
 from jdiff.training.evaluate import check_evaluation
 from jdiff.training.loss import LossFn, make_loss
@@ -58,6 +62,7 @@ class Setup:
     image_shape: tuple[int, int, int]
     vae: Any = None  # a `jdiff.pretrained.autoencoder.Autoencoder` when training on its latents (data.vae)
     encode: Any = None  # (step, device batch) -> the batch with images replaced by latents (data.vae)
+    text: Optional[TextSetup] = None  # a text model's tokenizer, text fields and text encoder to load
     init_fn: Any = dataclasses.field(init=False, repr=False)
     abstract_state: Any = dataclasses.field(init=False, repr=False)
     step_fn: Any = dataclasses.field(init=False, repr=False)
@@ -77,6 +82,10 @@ class Setup:
             ) from None
         init_fn, abstract, state_sharding = sharded_init(init, shapes, self.model, self.mesh, c.run.fsdp_min_size)
         parts = {"model": self.model, "loss_fn": self.loss_fn, "tx": self.tx, "lr_schedule": self.lr_schedule}
+        if self.text is not None:
+            parts["null_condition"] = self.text.tokenizer([""])[0]
+            if self.text.encoder_dir:
+                init_fn = with_text_encoder(init_fn, self.text.encoder_dir, state_sharding)
         step = functools.partial(train_step, **{**train_step_args(c), **parts})  # this Setup's parts, as they are
         object.__setattr__(self, "init_fn", init_fn)
         object.__setattr__(self, "abstract_state", abstract)
@@ -90,6 +99,7 @@ class Setup:
             "dataset_size": len(self.source),
             **({"decoded_shape": list(self.decoded_shape())} if self.vae is not None else {}),
             **({"vae_fingerprint": self.vae.fingerprint} if self.vae is not None else {}),
+            **({"text_fields": dict(self.text.fields)} if self.text is not None else {}),
             "jdiff_version": jdiff.__version__,
         }
 
@@ -120,6 +130,8 @@ class Setup:
             "image": jax.ShapeDtypeStruct((b, *self.image_shape), jax.numpy.float32, sharding=rows),
             "label": jax.ShapeDtypeStruct((b,), jax.numpy.int32, sharding=rows),
         }
+        if self.text is not None:
+            batch["tokens"] = jax.ShapeDtypeStruct((b, self.model.max_length), jax.numpy.int32, sharding=rows)
         acc = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), init_accumulator())
         return self.abstract_state, batch, self.schedule, acc
 
@@ -169,7 +181,10 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
             f"data.dataset {config.data.dataset} is a latent cache: set data.vae to the VAE it was encoded with "
             "(previews and sample.py decode through it)"
         )
-    model = with_remat(build_model(config, num_classes), config)
+    text = None
+    if config.model.is_text():
+        source, text = captioned_source(config, source)
+    model = with_remat(build_model(config, num_classes, None if text is None else text.fields), config)
     return Setup(
         config,
         mesh,
@@ -181,6 +196,7 @@ def setup(config: TrainConfig, devices: Optional[Sequence[Any]] = None) -> Setup
         image_shape=image_shape,
         vae=vae,
         encode=encode,
+        text=text,
     )
 
 
@@ -191,7 +207,7 @@ def train_step_args(config: TrainConfig) -> dict[str, Any]:
     is the step of a config without a Setup."""
     return dict(
         loss_fn=make_loss(config.diffusion, config.data.pixel_levels()),
-        tx=make_optimizer(config.optim),
+        tx=make_optimizer(config.optim, frozen=(TEXT_PARAMS,) if config.model.freeze_text else ()),
         lr_schedule=lr_schedule(config.optim),
         ema_decay=config.optim.ema_decay,
         ema_warmup=config.optim.ema_warmup,
@@ -281,6 +297,28 @@ def sharded_init(init: Any, shapes: Any, model: Any, mesh: Any, min_size: int) -
     state_sharding = fsdp_sharding(shapes, mesh, min_size=min_size, rules=rules)
     abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, state_sharding)
     return jax.jit(init, out_shardings=state_sharding), abstract, state_sharding
+
+
+def with_text_encoder(init_fn: Any, encoder_dir: str, state_sharding: Any) -> Any:
+    """init_fn whose state holds the CLIPTextModel weights of `encoder_dir` as the text encoder's parameters (and
+    their EMA), in the state's shardings (model.text_encoder)."""
+    from jdiff.pretrained.files import PretrainedError
+    from jdiff.pretrained.text import load_text_encoder
+
+    def init():
+        state = init_fn()
+        try:
+            enc = load_text_encoder(encoder_dir)
+        except PretrainedError as e:
+            raise ConfigError(f"model.text_encoder: {one_line(e)}") from None
+        host = jax.tree.map(np.asarray, enc.params)
+        # one transfer per tree: params and EMA must not share buffers (the step donates both)
+        put = lambda tree, sh: {**tree, TEXT_PARAMS: jax.device_put(host, sh[TEXT_PARAMS])}
+        return state.replace(
+            params=put(state.params, state_sharding.params), ema_params=put(state.ema_params, state_sharding.ema_params)
+        )
+
+    return init
 
 
 def with_remat(model: Any, config: TrainConfig) -> Any:

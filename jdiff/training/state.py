@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jdiff.losses import HISTORY_PER_T, importance_probs, update_loss_history
+from jdiff.models.text_unet import dummy_condition
 
 
 class TrainState(struct.PyTreeNode):
@@ -87,6 +88,6 @@ def init_train_state(
     p_key, d_key = jax.random.split(init_key)
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32) if model.num_classes is not None else None
+    y = dummy_condition(model)
     params = model.init({"params": p_key, "dropout": d_key}, x, t, y)["params"]
     return create_state(params, tx, train_key, history_steps=history_steps)

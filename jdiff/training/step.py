@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff.models import drop_labels
+from jdiff.models import drop_labels, is_text_model
 from jdiff.schedules import Schedule
 from jdiff.training.loss import LossFn
 from jdiff.training.optim import ema_update
@@ -28,6 +28,7 @@ def train_step(
     ema_decay: float,
     ema_warmup: bool = True,
     label_dropout: float = 0.0,
+    null_condition: Any = None,
     grad_accum: int = 1,
     param_sharding: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -36,16 +37,20 @@ def train_step(
     Args:
       state: the current state (step s); its `loss_history`, when present, gives the importance-sampling
         probabilities of t and records this step's losses.
-      batch: {"image": float32 (B, H, W, C) in [-1, 1], "label": int32 (B,)}.
+      batch: {"image": float32 (B, H, W, C) in [-1, 1], "label": int32 (B,)}, and for a text model "tokens":
+        int32 (B, L), the captions' token ids.
       model: a registered model (`jdiff.models.registry`), called as model.apply({"params": p}, x, t, y,
-        train=True, rngs={"dropout": k}); labels are used when model.num_classes is not None.
+        train=True, rngs={"dropout": k}); y is the labels when model.num_classes is not None, the tokens for a
+        text model (`jdiff.models.is_text_model`), else None.
       schedule: noise schedule (traced data).
       loss_fn: (model_fn, schedule, x0, rng, t_probs) -> (loss, aux with "mse"; with t_probs also "t" and
         "per_example"), e.g. `jdiff.training.loss.make_loss(config.diffusion, levels)`.
       tx: the optimizer; `state.opt_state` is its state.
       lr_schedule: the learning rate `tx` follows, reported as the "lr" metric (None: reported as NaN).
       ema_decay, ema_warmup: the parameter EMA (`jdiff.training.optim.ema_update`).
-      label_dropout: probability of replacing a label by the null label (classifier-free guidance).
+      label_dropout: probability of replacing a label by the null label, or a caption by the empty caption
+        (classifier-free guidance).
+      null_condition: a text model's empty-caption token ids (L,) (its tokenizer of "").
       grad_accum: K micro-batches per update (`loss_and_grads`).
       param_sharding: shardings of the parameters (a pytree like state.params; None: unconstrained); the
         gradients (and their sum over micro-batches) are kept in them.
@@ -62,7 +67,11 @@ def train_step(
     diff_key, dropout_key, label_key = jax.random.split(key, 3)
     x0 = batch["image"].astype(jnp.float32)
     labels = None
-    if model.num_classes is not None:
+    if is_text_model(model):
+        if null_condition is None:
+            raise ValueError("a text model's train_step needs null_condition, the empty caption's token ids")
+        labels = drop_labels(label_key, batch["tokens"].astype(jnp.int32), label_dropout, null_condition)
+    elif model.num_classes is not None:
         labels = drop_labels(label_key, batch["label"].astype(jnp.int32), label_dropout, model.num_classes)
     history = state.loss_history  # importance-sampled t, or None
     t_probs = None if history is None else history.probs()
