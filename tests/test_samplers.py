@@ -425,7 +425,7 @@ def test_params_are_passed_to_model_fn():
         (dict(steps_offset=-1, spacing="leading"), "steps_offset must be an int >= 0"),
         (dict(num_steps=1000, steps_offset=1, spacing="leading"), "beyond T-1=999"),
         (dict(final_level="x0"), "final_level"),
-        (dict(sampler="euler", final_level="first"), "applies to sampler 'ddim' only"),
+        (dict(sampler="euler", final_level="first"), r"applies to samplers \['ddim', 'pndm'\] only"),
     ],
 )
 def test_bad_input_is_rejected_before_tracing(kwargs, match):

@@ -75,6 +75,13 @@ def _main(argv: Sequence[str], flag) -> int:
         fail(PROG, e, 1)
     config = run.config
     d = config.diffusion
+    if config.model.is_text() and not config.data.vae:
+        fail(
+            PROG,
+            "a pixel-space text model has no diffusers pipeline: StableDiffusionPipeline needs a VAE "
+            "(train with --data.vae)",
+            2,
+        )
     if d.prediction not in ("eps", "v", "x0"):
         fail(PROG, f"prediction {d.prediction!r} has no diffusers prediction_type (supported: eps, v, x0)", 2)
     try:

@@ -109,7 +109,8 @@ def _clip_backend(bpe: Any) -> Any:
 def train_tokenizer(captions: Sequence[str], max_length: int, vocab_size: int = 8192) -> Tokenizer:
     """A CLIP-style byte-level BPE `Tokenizer` learned from ``captions`` with the tokenizers library's BpeTrainer
     (Sennrich et al. 2016): the 256 byte symbols, the two special tokens, and merges up to ``vocab_size`` entries
-    (a small caption set ends with every word a single token); deterministic for the same captions. For a text
+    (a small caption set ends with every word a single token); the same ids in every process for the same
+    captions. For a text
     encoder trained from scratch; `Tokenizer.save` writes it for `load_tokenizer` and diffusers' CLIPTokenizer."""
     try:
         from tokenizers import pre_tokenizers, trainers
@@ -128,8 +129,22 @@ def train_tokenizer(captions: Sequence[str], max_length: int, vocab_size: int = 
         show_progress=False,
     )
     backend.train_from_iterator(sorted(set(captions)), trainer)
-    ids = [backend.token_to_id(t) for t in specials]
-    return Tokenizer(backend, ids[0], ids[1], ids[1], max_length)
+    # The trainer's merges are reproducible, its token ids are not (they follow a hash map's order, which changes
+    # from process to process): number the tokens canonically (specials, the initial symbols sorted, then the
+    # merges' products in merge order) so every process of a run, and a resumed run, has the same ids; every byte
+    # has a symbol, alone and word-final, so no character of a prompt is dropped.
+    import json
+
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merged = list(dict.fromkeys(a + b for a, b in merges))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    symbols = set(model["vocab"]) | set(alphabet) | {c + "</w>" for c in alphabet}
+    base = sorted(symbols - set(merged) - set(specials))
+    vocab = {t: i for i, t in enumerate([*specials, *base, *merged])}
+    backend = _clip_backend(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False))
+    backend.add_special_tokens(specials)
+    return Tokenizer(backend, 0, 1, 1, max_length)
 
 
 def _token(value: Any) -> Optional[str]:

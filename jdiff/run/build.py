@@ -117,10 +117,13 @@ def text_encoder_dirs(path: str) -> tuple[str, Optional[str]]:
     return enc, tok if os.path.isdir(tok) else None
 
 
-def build_text(config: TrainConfig, captions: Optional[list] = None) -> TextSetup:
-    """The tokenizer and text fields of a text run: data.tokenizer, else the text encoder's tokenizer, else a BPE
-    tokenizer learned from `captions` (the training captions, `jdiff.pretrained.text.train_tokenizer`). With
-    model.text_encoder the encoder's architecture comes from its config.json. ConfigError (one line) otherwise."""
+def build_text(
+    config: TrainConfig, captions: Optional[list] = None, saved_tokenizer: Optional[str] = None
+) -> TextSetup:
+    """The tokenizer and text fields of a text run: the run directory's `saved_tokenizer` (a resumed run), else
+    data.tokenizer, else the text encoder's tokenizer, else a BPE tokenizer learned from `captions` (the training
+    captions, `jdiff.pretrained.text.train_tokenizer`). With model.text_encoder the encoder's architecture comes
+    from its config.json. ConfigError (one line) otherwise."""
     from jdiff.models import model_config
     from jdiff.pretrained.files import PretrainedError, read_json
     from jdiff.pretrained.text import load_tokenizer, text_encoder_from_config, train_tokenizer
@@ -134,7 +137,7 @@ def build_text(config: TrainConfig, captions: Optional[list] = None) -> TextSetu
             fields = dict(vocab_size=m.vocab_size, max_length=m.max_length, text_hidden=m.hidden, text_layers=m.layers)
             fields.update(text_heads=m.heads, text_intermediate=m.intermediate, text_act=m.act)
         max_length = fields.get("max_length", {**model_config(config.model.name), **config.model.fields}["max_length"])
-        tok_dir = config.data.tokenizer or tok_dir
+        tok_dir = saved_tokenizer or config.data.tokenizer or tok_dir
         if tok_dir:
             tokenizer = load_tokenizer(tok_dir, max_length)
         elif captions is None:
@@ -159,7 +162,10 @@ def captioned_source(config: TrainConfig, source: Any) -> Any:
         captions = caption_fn(source, config.data.captions)
     except ValueError as e:
         raise ConfigError(f"data.captions {config.data.captions}: {one_line(e)}") from None
-    text = build_text(config, None if config.data.tokenizer else captions(range(len(source))))
+    saved = os.path.join(config.run.workdir, TOKENIZER_DIR)  # a resumed run keeps the tokenizer it trained with
+    saved = saved if os.path.isfile(os.path.join(saved, "tokenizer.json")) else None
+    learn = not (saved or config.data.tokenizer)
+    text = build_text(config, captions(range(len(source))) if learn else None, saved_tokenizer=saved)
     return CaptionedSource(source, captions, text.tokenizer), text
 
 
